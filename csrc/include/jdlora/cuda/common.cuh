@@ -1,0 +1,196 @@
+// Device helpers shared by the CUDA kernels: element conversions, vector
+// loads, warp and block reductions, and the walk over the segments that a
+// block's tile of sorted positions touches.
+//
+// Grids are sized from host-known values only (num_tokens, slices, widths),
+// never from metadata in device memory, so every launch can be captured in a
+// CUDA graph; blocks discover their work from the segment table and exit or
+// skip when there is none.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "jdlora/params.h"
+
+namespace jdlora::cuda {
+
+inline constexpr unsigned kFullMask = 0xffffffffu;
+
+// Most sorted positions one block handles per tile. Accumulators are held per
+// token in registers, so this bounds register use; 16 tokens already reuse
+// each weight element 16 times.
+inline constexpr int kMaxTileTokens = 16;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Elements per 16-byte access.
+template <typename T>
+inline constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+// VEC consecutive elements as fp32. With VEC * sizeof(T) == 16 the caller
+// guarantees 16-byte alignment and this is one 128-bit read-only load.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_f32(const T* __restrict__ p, float (&out)[VEC]) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = to_float(p[i]);
+  }
+}
+
+// VEC consecutive fp32 values from shared memory, as float4 reads when the
+// caller guarantees 16-byte alignment (VEC a multiple of 4).
+template <int VEC>
+__device__ __forceinline__ void load_shared(const float* p, float (&out)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(p + i);
+      out[i] = v.x;
+      out[i + 1] = v.y;
+      out[i + 2] = v.z;
+      out[i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = p[i];
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+__device__ __forceinline__ unsigned lanemask_lt() {
+  return (1u << (threadIdx.x & 31)) - 1u;
+}
+
+// Exclusive prefix sum of v over the block (blockDim.x a multiple of 32);
+// `total` receives the block sum. Every thread of the block must call it.
+// s_warp: 32 ints of shared scratch, free again on return.
+__device__ __forceinline__ int block_exclusive_sum(int v, int* s_warp, int& total) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFullMask, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) s_warp[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nwarps ? s_warp[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFullMask, w, o);
+      if (lane >= o) w += y;
+    }
+    s_warp[lane] = w;
+  }
+  __syncthreads();
+  const int before = warp > 0 ? s_warp[warp - 1] : 0;
+  total = s_warp[nwarps - 1];
+  __syncthreads();
+  return before + x - v;
+}
+
+// Largest j in [0, capacity] with seg_start[j] <= p, or 0 if there is none
+// (only possible with corrupt metadata). seg_start is non-decreasing, so the
+// samples that satisfy the test form a prefix; each round narrows the range
+// by a factor blockDim.x with one load per thread, instead of a dependent
+// chain of log2(capacity) loads. Every thread of the block must call it.
+__device__ __forceinline__ int find_segment(const SegmentTable& seg, int p) {
+  int lo = 0;
+  int len = seg.capacity + 1;
+  const int nt = static_cast<int>(blockDim.x);
+  while (true) {
+    const int step = (len + nt - 1) / nt;
+    const int i = static_cast<int>(threadIdx.x) * step;
+    const int hits = __syncthreads_count(i < len && seg.seg_start[lo + i] <= p);
+    if (hits == 0) return lo;
+    lo += (hits - 1) * step;
+    if (step == 1) return lo;
+    len = min(step, len - (hits - 1) * step);
+  }
+}
+
+// Calls f(group, pos, n) for each run of sorted positions [pos, pos + n) of
+// the tile [p0, p1) that lies in one segment; group is the segment's id, or
+// -1 for tokens without an adapter and for ids outside [0, capacity).
+// Block-uniform: every thread makes the same calls, so f may synchronise.
+template <typename F>
+__device__ __forceinline__ void for_each_run(const SegmentTable& seg, int p0, int p1, F&& f) {
+  int p = p0;
+  while (p < p1) {
+    // A fresh search per run skips the empty padding segments in one step.
+    const int j = find_segment(seg, p);
+    int end = p1;
+    int group = -1;
+    if (j < seg.capacity) {
+      end = min(p1, seg.seg_start[j + 1]);
+      if (end > p) {
+        group = seg.active_ids[j];
+        if (group < 0 || group >= seg.capacity) group = -1;
+      } else {
+        end = p + 1;  // corrupt table: step over the position
+      }
+    }
+    f(group, p, end - p);
+    p = end;
+  }
+}
+
+// Loads the token indices of sorted positions [pos, pos + n) (n <= 32) into
+// s_tok, dropping indices outside [0, num_tokens); returns how many remain.
+// With a mapping, s_slot receives each token's adapter slot, -1 when outside
+// [0, num_adapters). Every thread of the block must call it; it begins with a
+// barrier so the previous run's readers of s_tok are done.
+__device__ __forceinline__ int stage_tokens(const SegmentTable& seg, int pos, int n, int* s_tok,
+                                            int* s_count, const int32_t* mapping = nullptr,
+                                            int num_adapters = 0, int* s_slot = nullptr) {
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const int t = lane < n ? seg.token_indices_sorted[pos + lane] : -1;
+    const bool ok = t >= 0 && t < seg.num_tokens;
+    const unsigned valid = __ballot_sync(kFullMask, ok);
+    if (ok) {
+      const int k = __popc(valid & lanemask_lt());
+      s_tok[k] = t;
+      if (mapping != nullptr) {
+        const int a = mapping[t];
+        s_slot[k] = a >= 0 && a < num_adapters ? a : -1;
+      }
+    }
+    if (lane == 0) *s_count = __popc(valid);
+  }
+  __syncthreads();
+  return *s_count;
+}
+
+}  // namespace jdlora::cuda

@@ -1,0 +1,128 @@
+// Plain parameter blocks shared by the CPU and CUDA kernels.
+//
+// Nothing here depends on PyTorch: the torch bindings check tensors and fill
+// these structs, the kernels only read them. Every pointer is to device (or
+// host, for CPU kernels) memory owned by the caller. Matrices have a unit
+// stride in their last dimension; the other strides are in elements.
+#pragma once
+
+#include <cstdint>
+
+namespace jdlora {
+
+// Enough for fused q/k/v plus gate/up; kept small so a parameter block can be
+// passed by value to a CUDA kernel without a device allocation.
+inline constexpr int kMaxSlices = 8;
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Tokens grouped into contiguous segments of a sorted order: clusters for the
+// shared-basis ops, adapters for the uncompressed baseline. Segment j covers
+// sorted positions [seg_start[j], seg_start[j + 1]) and belongs to group
+// active_ids[j]; unused segments have id -1 and zero length. Positions
+// [seg_start[capacity], num_tokens) hold the tokens without an adapter.
+struct SegmentTable {
+  const int32_t* token_indices_sorted;  // [num_tokens]
+  const int32_t* active_ids;            // [capacity]
+  const int32_t* seg_start;             // [capacity + 1]
+  int32_t capacity;
+  int32_t num_tokens;
+};
+
+// One [N, rows, cols] weight stack: V (rows = r, cols = d_in), U or B
+// (rows = d_out, cols = r), A (rows = r, cols = d_in), S (rows = cols = r) or
+// a diagonal S (rows = 1, cols = r, stride_row unused).
+struct WeightStack {
+  const void* data;
+  int64_t stride_n;
+  int64_t stride_row;
+  int32_t rows;
+  int32_t cols;
+};
+
+struct StackList {
+  WeightStack stack[kMaxSlices];
+  int64_t col_offset[kMaxSlices];  // expand: first column of the slice in y
+  bool diagonal[kMaxSlices];       // core: sigma vector instead of r x r matrix
+  int32_t num_slices;
+};
+
+// A row-major activation: x [T, cols] or y [T, cols], model dtype.
+struct Activation {
+  void* data;
+  int64_t stride_t;
+  int32_t cols;
+};
+
+// The fp32 intermediate h or g: [S, T, r].
+struct Intermediate {
+  float* data;
+  int64_t stride_s;
+  int64_t stride_t;
+  int32_t r;
+};
+
+// Optional per-(slice, adapter) fp32 scale of the baseline shrink.
+struct Scales {
+  const float* data;  // nullptr: all ones
+  int64_t stride_s;
+  int64_t stride_a;
+};
+
+// x [T, d_in] -> h [S, T, r] with one stack per slice, grouped by seg.
+struct ShrinkParams {
+  Activation x;
+  StackList weights;
+  Intermediate h;
+  Scales scales;
+  SegmentTable seg;
+};
+
+// h [S, T, r] -> g [S, T, r], S_s gathered by token_lora_mapping.
+struct CoreParams {
+  Intermediate h;
+  Intermediate g;
+  StackList weights;
+  const int32_t* token_lora_mapping;  // [num_tokens]
+  int32_t num_tokens;
+};
+
+// y [T, :] += W_s[group] g[s] for each slice s, grouped by seg.
+struct ExpandParams {
+  Intermediate g;
+  StackList weights;
+  Activation y;
+  SegmentTable seg;
+};
+
+// y += U_s[c] S_s[a] V_s[c] x for each slice, grouped by cluster.
+struct FusedParams {
+  Activation x;
+  StackList shrink;  // V stacks
+  StackList core;    // S stacks
+  StackList expand;  // U stacks and column offsets
+  Activation y;
+  const int32_t* token_lora_mapping;
+  SegmentTable seg;
+  int32_t r;
+};
+
+// Counting sort of tokens by (cluster, adapter). Outputs follow
+// reference.build_batch_meta.
+struct BatchMetaParams {
+  const int32_t* token_lora_mapping;  // [num_tokens]
+  const int32_t* adapter_cluster;     // [num_adapters]
+  int32_t num_tokens;
+  int32_t num_adapters;
+  int32_t num_clusters;
+  int32_t* token_indices_sorted;      // [num_tokens]
+  int32_t* active_cluster_ids;        // [num_clusters]
+  int32_t* num_tokens_per_cluster;    // [num_clusters]
+  int32_t* cluster_token_start;       // [num_clusters + 1]
+  int32_t* active_lora_ids;           // [num_adapters]
+  int32_t* num_tokens_per_lora;       // [num_adapters]
+  int32_t* lora_token_start_loc;      // [num_adapters + 1]
+  bool* no_lora_flag;                 // [1]
+};
+
+}  // namespace jdlora

@@ -1,0 +1,104 @@
+"""Thin-matrix helpers shared by the compressors.
+
+Every product with the adapters' factors goes through :func:`project` and
+:func:`expand`; they turn a list of rank groups into one GEMM per group, so the
+cost of a pass is set by the bytes of the factors, not by Python loops.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+F64 = torch.float64
+
+
+def project(data: Sequence[torch.Tensor], X: torch.Tensor) -> list[torch.Tensor]:
+    """``[D_g @ X for each group]``: ``D_g: [g, rho, d]``, ``X: [d, m]`` -> ``[g, rho, m]``."""
+    return [torch.matmul(D, X) for D in data]
+
+
+def expand(data: Sequence[torch.Tensor], C: Sequence[torch.Tensor], d: int, m: int, like: torch.Tensor) -> torch.Tensor:
+    """``sum_i D_i^T C_i`` over all adapters of all groups: ``[d, m]``.
+
+    ``D_g: [g, rho, d]``, ``C_g: [g, rho, m]``; each group is one
+    ``[d, g rho] @ [g rho, m]`` product.
+    """
+    out = torch.zeros(d, m, dtype=like.dtype, device=like.device)
+    for D, c in zip(data, C):
+        if D.shape[0]:
+            out.addmm_(D.reshape(-1, d).t(), c.reshape(-1, m))
+    return out
+
+
+def eps_of(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def psd_sqrt(G: torch.Tensor) -> torch.Tensor:
+    """A factor ``L`` with ``L L^T = G`` for a batch of PSD matrices ``[..., k, k]``."""
+    lam, E = torch.linalg.eigh(G.to(F64))
+    return (E * lam.clamp_min(0).sqrt().unsqueeze(-2)).to(G.dtype)
+
+
+def orth_complement(Y: torch.Tensor, X: torch.Tensor | None, rtol: float) -> torch.Tensor:
+    """Orthonormal basis of the part of ``span(Y)`` orthogonal to ``span(X)``.
+
+    ``X: [d, m]`` has orthonormal columns (or is ``None``). Directions whose
+    singular value is below ``rtol * ||Y||_2`` are dropped, so the result has
+    between 0 and ``Y.shape[1]`` columns and is orthogonal to ``X`` to working
+    precision (projected twice, then re-orthonormalised).
+    """
+    scale = torch.linalg.matrix_norm(Y, ord=2) if Y.numel() else Y.new_zeros(())
+    if Y.numel() == 0 or float(scale) == 0.0:
+        return Y.new_zeros(Y.shape[0], 0)
+    R = Y
+    if X is not None and X.shape[1]:
+        R = R - X @ (X.t() @ R)
+        R = R - X @ (X.t() @ R)
+    Us, s, _ = torch.linalg.svd(R, full_matrices=False)
+    keep = s > rtol * scale
+    Z = Us[:, keep]
+    if Z.shape[1] and X is not None and X.shape[1]:
+        Z = Z - X @ (X.t() @ Z)
+        Z, _ = torch.linalg.qr(Z)
+    return Z
+
+
+def orth_fill(Y: torch.Tensor, m: int, gen: torch.Generator, rtol: float) -> torch.Tensor:
+    """``[d, m]`` orthonormal columns spanning ``span(Y)`` first, then random directions."""
+    d = Y.shape[0]
+    Q = orth_complement(Y, None, rtol)[:, :m]
+    while Q.shape[1] < m:
+        extra = torch.randn(d, m - Q.shape[1], generator=gen, dtype=Y.dtype, device=Y.device)
+        Z = orth_complement(extra, Q, rtol)
+        Q = torch.cat([Q, Z], dim=1)
+    return Q
+
+
+def random_orthonormal(d: int, m: int, gen: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
+    Y = torch.randn(d, m, generator=gen, dtype=dtype, device=device)
+    return orth_fill(Y, m, gen, 100 * eps_of(dtype))
+
+
+def extend_basis(U: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """``U`` (orthonormalised) followed by random orthonormal columns, ``m`` in all."""
+    rtol = 100 * eps_of(U.dtype)
+    Q = orth_complement(U, None, rtol)
+    if Q.shape[1] == U.shape[1]:
+        # Keep U's own columns (not a rotation of them), so a warm start resumes exactly.
+        Q, R = torch.linalg.qr(U)
+        Q = Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones_like(torch.diagonal(R)))
+    while Q.shape[1] < m:
+        extra = torch.randn(U.shape[0], m - Q.shape[1], generator=gen, dtype=U.dtype, device=U.device)
+        Q = torch.cat([Q, orth_complement(extra, Q, rtol)], dim=1)
+    return Q[:, :m]
+
+
+def sym_pinv(G: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix (float64), small eigenvalues dropped."""
+    lam, E = torch.linalg.eigh(G.to(F64))
+    cut = rtol * lam.abs().max().clamp_min(torch.finfo(F64).tiny)
+    inv = torch.where(lam > cut, 1.0 / lam, torch.zeros_like(lam))
+    return (E * inv) @ E.t()

@@ -1,0 +1,90 @@
+"""Shared test data: token-to-adapter popularity patterns and random tables.
+
+Popularity patterns follow how a serving batch spreads over adapters:
+identical (one adapter), distinct (one adapter per token), uniform, zipf,
+skewed (one hot adapter plus stragglers and tokens without adapter), all -1,
+and the empty batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import jdlora_ops
+
+POPULARITY = ["identical", "distinct", "uniform", "zipf", "skewed", "all_none", "empty"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Max abs error allowed, relative to max(1, max |reference|): fp32 accumulation
+# everywhere, so the bound is set by rounding of inputs/outputs to the dtype.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def token_mapping(pattern: str, T: int, A: int, gen: torch.Generator) -> torch.Tensor:
+    """int32 [T] adapter slots in [-1, A) spread by ``pattern``."""
+    if pattern == "empty":
+        return torch.empty(0, dtype=torch.int32)
+    if pattern == "all_none":
+        return torch.full((T,), -1, dtype=torch.int32)
+    if pattern == "identical":
+        return torch.full((T,), int(torch.randint(A, (1,), generator=gen)), dtype=torch.int32)
+    if pattern == "distinct":
+        assert A >= T
+        return torch.randperm(A, generator=gen)[:T].to(torch.int32)
+    if pattern == "uniform":
+        return torch.randint(A, (T,), generator=gen, dtype=torch.int32)
+    if pattern == "zipf":
+        ranks = torch.arange(1, A + 1, dtype=torch.float64)
+        p = ranks.pow(-1.1)
+        draw = torch.multinomial(p / p.sum(), T, replacement=True, generator=gen)
+        slots = torch.randperm(A, generator=gen)[draw].to(torch.int32)
+        none = torch.rand(T, generator=gen) < 0.1
+        return torch.where(none, torch.full_like(slots, -1), slots)
+    if pattern == "skewed":
+        hot = int(torch.randint(A, (1,), generator=gen))
+        slots = torch.full((T,), hot, dtype=torch.int32)
+        u = torch.rand(T, generator=gen)
+        other = torch.randint(A, (T,), generator=gen, dtype=torch.int32)
+        slots = torch.where(u > 0.8, other, slots)
+        return torch.where(u > 0.95, torch.full_like(slots, -1), slots)
+    raise ValueError(pattern)
+
+
+@dataclass
+class Batch:
+    T: int
+    A: int
+    C: int
+    mapping: torch.Tensor
+    adapter_cluster: torch.Tensor
+    meta: jdlora_ops.BatchMeta
+
+
+def make_batch(pattern: str, T: int, seed: int, device="cpu", A: int | None = None, C: int = 6) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    A = A or max(T, 16) + 3
+    mapping = token_mapping(pattern, T, A, gen)
+    T = mapping.numel()
+    adapter_cluster = torch.randint(C, (A,), generator=gen, dtype=torch.int32)
+    mapping, adapter_cluster = mapping.to(device), adapter_cluster.to(device)
+    meta = jdlora_ops.BatchMeta.allocate(max(T, 1) + 5, A, C, device).build(mapping, adapter_cluster)
+    return Batch(T, A, C, mapping, adapter_cluster, meta)
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, gen=None, device="cpu"):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    out64 = out.detach().cpu().to(torch.float64)
+    ref64 = ref.detach().cpu().to(torch.float64)
+    assert out64.shape == ref64.shape, f"{what}: shape {tuple(out64.shape)} != {tuple(ref64.shape)}"
+    if ref64.numel() == 0:
+        return
+    scale = max(1.0, float(ref64.abs().max()))
+    err = float((out64 - ref64).abs().max())
+    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3e} > {TOL[dtype]:.1e} * {scale:.3g}"
