@@ -186,6 +186,14 @@ void set_offsets(const char* op, StackList& l, at::IntArrayRef offsets, at::Tens
                 " columns");
     l.col_offset[s] = offsets[s];
   }
+  // Slices are written concurrently on the GPU, so overlapping ranges would race.
+  for (size_t a = 0; a < stacks.size(); ++a)
+    for (size_t b = a + 1; b < stacks.size(); ++b) {
+      const int64_t a0 = offsets[a], a1 = a0 + stacks[a].size(1);
+      const int64_t b0 = offsets[b], b1 = b0 + stacks[b].size(1);
+      TORCH_CHECK(a1 <= b0 || b1 <= a0, op, ": slices ", a, " and ", b, " write overlapping columns [",
+                  a0, ", ", a1, ") and [", b0, ", ", b1, ") of y; slice ranges must be disjoint");
+    }
 }
 
 // S stacks: each [A, r, r] (full) or [A, r] (diagonal).
@@ -384,6 +392,7 @@ CoreParams jd_core_params(const at::Tensor& h, at::TensorList S_stacks,
   p.weights = stack_list(S_stacks);
   p.token_lora_mapping = i32(token_lora_mapping);
   p.num_tokens = to_i32(op, "num_tokens", T);
+  p.num_adapters = to_i32(op, "num_adapters", S_stacks[0].size(0));
   return p;
 }
 
@@ -448,6 +457,7 @@ FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
   p.y = activation(y);
   p.token_lora_mapping = i32(token_lora_mapping);
   p.r = static_cast<int32_t>(r);
+  p.num_adapters = to_i32(op, "num_adapters", S_stacks[0].size(0));
   return p;
 }
 

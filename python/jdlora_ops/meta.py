@@ -102,7 +102,7 @@ class BatchMeta:
         """Fill the buffers for a batch of ``T = len(token_lora_mapping)`` tokens.
 
         ``token_lora_mapping`` (int32 ``[T]``, values in ``[-1, A)``) is copied
-        into this object's buffer unless it already is a view of it.
+        into this object's buffer (a no-op copy when it is a view of it).
         ``adapter_cluster`` (int32 ``[A]``) maps adapter slots to cluster slots
         in ``[0, C)``; pass zeros when only the uncompressed baseline ops are
         used. On the CPU invalid values raise before anything is written. On
@@ -128,8 +128,6 @@ class BatchMeta:
             self.num_tokens_per_cluster, self.cluster_token_start, self.active_lora_ids,
             self.num_tokens_per_lora, self.lora_token_start_loc, self.no_lora_flag,
         )
-        dst = self.token_lora_mapping[:T]
-        if T and token_lora_mapping.data_ptr() != dst.data_ptr():
-            dst.copy_(token_lora_mapping)
+        self.token_lora_mapping[:T].copy_(token_lora_mapping)
         self.num_tokens = T
         return self

@@ -85,6 +85,7 @@ struct CoreParams {
   StackList weights;
   const int32_t* token_lora_mapping;  // [num_tokens]
   int32_t num_tokens;
+  int32_t num_adapters;  // first dimension of the S stacks
 };
 
 // y [T, :] += W_s[group] g[s] for each slice s, grouped by seg.
@@ -105,6 +106,7 @@ struct FusedParams {
   const int32_t* token_lora_mapping;
   SegmentTable seg;
   int32_t r;
+  int32_t num_adapters;  // first dimension of the S stacks
 };
 
 // Counting sort of tokens by (cluster, adapter). Outputs follow

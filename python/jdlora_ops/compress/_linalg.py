@@ -45,24 +45,37 @@ def psd_sqrt(G: torch.Tensor) -> torch.Tensor:
 def orth_complement(Y: torch.Tensor, X: torch.Tensor | None, rtol: float) -> torch.Tensor:
     """Orthonormal basis of the part of ``span(Y)`` orthogonal to ``span(X)``.
 
-    ``X: [d, m]`` has orthonormal columns (or is ``None``). Directions whose
-    singular value is below ``rtol * ||Y||_2`` are dropped, so the result has
-    between 0 and ``Y.shape[1]`` columns and is orthogonal to ``X`` to working
-    precision (projected twice, then re-orthonormalised).
+    ``X: [d, m]`` has orthonormal columns (or is ``None``). Directions of the
+    projected ``Y`` whose singular value is below ``rtol * ||Y||_F`` are
+    dropped, so the result has between 0 and ``Y.shape[1]`` columns. Two rounds
+    of projection and Gram-eigendecomposition orthonormalisation (cheap for a
+    thin ``Y``; the second round restores orthogonality lost in the first) keep
+    it orthonormal and orthogonal to ``X`` to working precision.
     """
-    scale = torch.linalg.matrix_norm(Y, ord=2) if Y.numel() else Y.new_zeros(())
-    if Y.numel() == 0 or float(scale) == 0.0:
+    if Y.numel() == 0:
         return Y.new_zeros(Y.shape[0], 0)
-    R = Y
-    if X is not None and X.shape[1]:
-        R = R - X @ (X.t() @ R)
-        R = R - X @ (X.t() @ R)
-    Us, s, _ = torch.linalg.svd(R, full_matrices=False)
-    keep = s > rtol * scale
-    Z = Us[:, keep]
-    if Z.shape[1] and X is not None and X.shape[1]:
-        Z = Z - X @ (X.t() @ Z)
-        Z, _ = torch.linalg.qr(Z)
+    scale = float(torch.linalg.vector_norm(Y.to(F64)))
+    if scale == 0.0:
+        return Y.new_zeros(Y.shape[0], 0)
+    Z = Y / scale
+    eps = eps_of(Y.dtype)
+    for round_ in range(2):
+        if X is not None and X.shape[1]:
+            Z = Z - X @ (X.t() @ Z)
+        G = (Z.t() @ Z).to(F64)
+        lam, E = torch.linalg.eigh(G)
+        lmax = float(lam[-1]) if lam.numel() else 0.0
+        if round_ == 0:
+            # Below rtol (relative to Y) a direction is rounding noise of the projection;
+            # below 100 eps of the largest Gram eigenvalue its eigenvector is not resolved.
+            cut = max(rtol * rtol, 100 * eps * lmax)
+        else:
+            cut = 0.25  # Z is orthonormal up to rounding now; only true rank loss drops further
+        keep = lam > cut
+        if not bool(keep.any()):
+            return Y.new_zeros(Y.shape[0], 0)
+        T = E[:, keep] / lam[keep].sqrt()
+        Z = Z @ T.to(Z.dtype)
     return Z
 
 

@@ -29,7 +29,7 @@ __device__ __forceinline__ float core_row(const T* __restrict__ srow, const floa
 // g == h (in place) safe. Grid: x = ceil(S * T / items per block).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kCoreThreads)
-    core_kernel(const __grid_constant__ CoreParams p, int num_adapters, int group_lanes) {
+    core_kernel(const __grid_constant__ CoreParams p, int group_lanes) {
   extern __shared__ float s_h[];  // [items per block][r + 1]
 
   const int r = p.h.r;
@@ -39,12 +39,12 @@ __global__ void __launch_bounds__(kCoreThreads)
   const int gi = static_cast<int>(threadIdx.x) / L;
   const int li = static_cast<int>(threadIdx.x) % L;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / L) + gi;
-  const int T = p.num_tokens;
-  const bool active = item < static_cast<int64_t>(p.weights.num_slices) * T;
-  const int s = active ? static_cast<int>(item / T) : 0;
-  const int t = active ? static_cast<int>(item % T) : 0;
+  const int num_tokens = p.num_tokens;
+  const bool active = item < static_cast<int64_t>(p.weights.num_slices) * num_tokens;
+  const int s = active ? static_cast<int>(item / num_tokens) : 0;
+  const int t = active ? static_cast<int>(item % num_tokens) : 0;
   int slot = active ? p.token_lora_mapping[t] : -1;
-  if (slot >= num_adapters) slot = -1;
+  if (slot >= p.num_adapters) slot = -1;
 
   float* hrow = s_h + gi * ldh;
   if (slot >= 0) {

@@ -19,7 +19,7 @@ inline constexpr int kFusedThreads = 32 * kFusedWarps;
 // without repeating any work.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kFusedThreads)
-    fused_kernel(const __grid_constant__ FusedParams p, int num_adapters, int tile_tokens) {
+    fused_kernel(const __grid_constant__ FusedParams p, int tile_tokens) {
   extern __shared__ __align__(16) float s_hg[];  // h then g: [kMaxTileTokens][r] each
   __shared__ int s_tok[kMaxTileTokens];
   __shared__ int s_slot[kMaxTileTokens];
@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kFusedThreads)
 
   for_each_run(p.seg, p0, p1, [&](int group, int pos, int len) {
     if (group < 0) return;  // tokens without an adapter: nothing to add
-    const int n = stage_tokens(p.seg, pos, len, s_tok, &s_count, p.token_lora_mapping, num_adapters,
+    const int n = stage_tokens(p.seg, pos, len, s_tok, &s_count, p.token_lora_mapping, p.num_adapters,
                                s_slot);
 
     const T* Vc = static_cast<const T*>(V.data) + group * V.stride_n;

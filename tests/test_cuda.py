@@ -1,0 +1,475 @@
+"""CUDA kernels against the float64 reference and against the CPU kernels.
+
+Skipped without a CUDA device. Covers every op over popularity x T x d x r x
+dtype, multi-slice calls (3 slices, widths d, d/4, d/4 like q/k/v with GQA)
+with strided and misaligned activations, corrupt metadata (skipped, never
+read out of bounds), large adapter/cluster tables, and one CUDA graph that
+captures build_batch_meta + jd_fused + lora ops and is replayed on new inputs
+written into the same buffers.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import jdlora_ops
+from jdlora_ops import reference as R
+
+from conftest import DTYPES, POPULARITY, assert_close, make_batch, randn, token_mapping
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEV = "cuda"
+TOKENS = [1, 7, 133]
+DIMS = [111, 4096]
+RANKS = [8, 16, 64, 128]
+META_FIELDS = [
+    "token_indices_sorted", "active_cluster_ids", "num_tokens_per_cluster", "cluster_token_start",
+    "active_lora_ids", "num_tokens_per_lora", "lora_token_start_loc", "no_lora_flag",
+]
+
+
+def dtype_id(d: torch.dtype) -> str:
+    return str(d).split(".")[-1]
+
+
+def grid(fn, dims=True):
+    fn = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)(fn)
+    fn = pytest.mark.parametrize("r", RANKS)(fn)
+    if dims:
+        fn = pytest.mark.parametrize("d", DIMS)(fn)
+    fn = pytest.mark.parametrize("T", TOKENS)(fn)
+    return pytest.mark.parametrize("pattern", POPULARITY)(fn)
+
+
+def grid_no_d(fn):
+    return grid(fn, dims=False)
+
+
+def seed_of(*parts) -> int:
+    # crc32, not hash(): str hashes change from one interpreter run to the next.
+    return zlib.crc32(repr(parts).encode()) % (2**31)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_meta(meta: jdlora_ops.BatchMeta, T: int, want: dict[str, torch.Tensor], what: str = "") -> None:
+    for name in META_FIELDS:
+        got, exp = getattr(meta, name).cpu(), want[name].cpu()
+        if name == "token_indices_sorted":
+            got, exp = got[:T], exp[:T]
+        assert torch.equal(got, exp), f"{what} {name}: {got} != {exp}"
+
+
+def widths_of(d: int) -> list[int]:
+    """Output widths of 3 slices, like q/k/v of a GQA layer scaled to d."""
+    return [d, max(1, d // 4), max(1, d // 4)]
+
+
+# --- build_batch_meta -------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", POPULARITY)
+@pytest.mark.parametrize("T", TOKENS + [1000])
+def test_build_batch_meta(pattern, T):
+    seed = seed_of("meta", pattern, T)
+    b = make_batch(pattern, T, seed, device=DEV)
+    assert_meta(b.meta, b.T, R.build_batch_meta(b.mapping, b.adapter_cluster, b.C), "reference")
+    cpu = make_batch(pattern, T, seed, device="cpu")
+    assert_meta(b.meta, b.T, {name: getattr(cpu.meta, name) for name in META_FIELDS}, "cpu op")
+    assert torch.equal(b.meta.mapping().cpu(), b.mapping.cpu())
+
+
+# Serving-size tables: thousands of adapter slots, hundreds of clusters, a
+# prefill-size batch; 20000 slots need more than the default 48 KiB of shared
+# memory; 1 slot / 1 cluster is the smallest table.
+@pytest.mark.parametrize("T,A,C", [(8192, 4000, 300), (5000, 20000, 64), (3, 1, 1)])
+@pytest.mark.parametrize("pattern", ["identical", "uniform", "zipf", "skewed", "all_none"])
+def test_build_batch_meta_large(T, A, C, pattern):
+    b = make_batch(pattern, T, seed_of("meta-large", pattern, T, A, C), device=DEV, A=A, C=C)
+    assert_meta(b.meta, b.T, R.build_batch_meta(b.mapping, b.adapter_cluster, C))
+
+
+def test_build_batch_meta_reuses_buffers():
+    """A second, smaller batch overwrites every table entry of the first."""
+    A, C = 50, 7
+    meta = jdlora_ops.BatchMeta.allocate(200, A, C, DEV)
+    for i, (pattern, T) in enumerate([("uniform", 200), ("identical", 9), ("all_none", 4), ("empty", 0)]):
+        g = gen(seed_of("reuse", i))
+        mapping = token_mapping(pattern, T, A, g)
+        cl = torch.randint(C, (A,), generator=g, dtype=torch.int32)
+        meta.build(mapping.to(DEV), cl.to(DEV))
+        assert_meta(meta, mapping.numel(), R.build_batch_meta(mapping, cl, C), pattern)
+
+
+def test_build_batch_meta_out_of_range_values():
+    """Slots outside [-1, A) and slots whose cluster is outside [0, C) count as no adapter."""
+    T, A, C = 40, 10, 4
+    g = gen(7)
+    mapping = torch.randint(-3, A + 3, (T,), generator=g, dtype=torch.int32)
+    cl = torch.randint(C, (A,), generator=g, dtype=torch.int32)
+    cl[2], cl[5] = C, -2
+    clean = mapping.clone()
+    bad = (mapping < 0) | (mapping >= A)
+    clean[bad] = -1
+    clean[(clean == 2) | (clean == 5)] = -1
+    meta = jdlora_ops.BatchMeta.allocate(T, A, C, DEV).build(mapping.to(DEV), cl.to(DEV))
+    assert_meta(meta, T, R.build_batch_meta(clean, cl, C))
+
+
+# --- every op over the grid, one slice ----------------------------------------
+
+
+@grid
+def test_jd_shrink(pattern, T, d, r, dtype):
+    b = make_batch(pattern, T, seed_of("shrink", pattern, T, d, r), device=DEV)
+    g = gen(1)
+    x = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    h = torch.full((1, b.T, r), float("nan"), device=DEV)  # every row must be written
+    jdlora_ops.jd_shrink(x, V, b.meta, out=h)
+    assert_close(h, R.jd_shrink(x, [V], b.mapping, b.adapter_cluster), dtype, "h")
+
+
+@grid_no_d
+def test_jd_core(pattern, T, r, dtype):
+    b = make_batch(pattern, T, seed_of("core", pattern, T, r), device=DEV)
+    g = gen(2)
+    h = randn(2, b.T, r, gen=g, device=DEV)
+    S_full = randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    S_diag = randn(b.A, r, dtype=dtype, gen=g, device=DEV)
+    out = torch.full_like(h, float("nan"))
+    jdlora_ops.jd_core(h, [S_full, S_diag], b.meta, out=out)
+    assert_close(out, R.jd_core(h, [S_full, S_diag], b.mapping), dtype, "g")
+
+
+@grid
+def test_jd_expand(pattern, T, d, r, dtype):
+    b = make_batch(pattern, T, seed_of("expand", pattern, T, d, r), device=DEV)
+    g = gen(3)
+    gin = randn(1, b.T, r, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    ref = R.jd_expand(gin, [U], [0], b.mapping, b.adapter_cluster, y)
+    jdlora_ops.jd_expand(gin, U, b.meta, y)
+    assert_close(y, ref, dtype, "y")
+
+
+@grid
+def test_jd_fused(pattern, T, d, r, dtype):
+    b = make_batch(pattern, T, seed_of("fused", pattern, T, d, r), device=DEV)
+    g = gen(4)
+    x = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    S = randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    ref = R.jd_fused(x, [V], [S], [U], [0], b.mapping, b.adapter_cluster, y)
+    jdlora_ops.jd_fused(x, V, S, U, b.meta, y)
+    assert_close(y, ref, dtype, "y")
+
+
+@grid
+def test_lora_shrink(pattern, T, d, r, dtype):
+    b = make_batch(pattern, T, seed_of("lshrink", pattern, T, d, r), device=DEV)
+    g = gen(5)
+    x = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    A = randn(b.A, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    scales = (torch.rand(b.A, generator=g) + 0.5).to(DEV)
+    h = torch.full((1, b.T, r), float("nan"), device=DEV)
+    jdlora_ops.lora_shrink(x, A, scales, b.meta, out=h)
+    assert_close(h, R.lora_shrink(x, [A], scales, b.mapping), dtype, "h")
+
+
+@grid
+def test_lora_expand(pattern, T, d, r, dtype):
+    b = make_batch(pattern, T, seed_of("lexpand", pattern, T, d, r), device=DEV)
+    g = gen(6)
+    h = randn(1, b.T, r, gen=g, device=DEV)
+    B = randn(b.A, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    ref = R.lora_expand(h, [B], [0], b.mapping, y)
+    jdlora_ops.lora_expand(h, B, b.meta, y)
+    assert_close(y, ref, dtype, "y")
+
+
+# --- multi-slice, strided and misaligned activations -------------------------
+
+
+class SliceCase:
+    """Three slices of one layer: shared d_in, widths d, d/4, d/4, rank r.
+
+    ``layout`` is how x and y sit in memory: "contiguous"; "strided" (column
+    slices of wider tensors, aligned, so rows have a stride > width); or
+    "misaligned" (column slices starting one element in, so 16-byte vector
+    loads cannot be used and the one-element path runs). y's slices sit at
+    offsets with gaps between them.
+    """
+
+    def __init__(self, pattern, T, d, r, dtype, layout, seed):
+        self.b = make_batch(pattern, T, seed, device=DEV)
+        self.T, self.d, self.r, self.dtype = self.b.T, d, r, dtype
+        g = gen(seed)
+        A, C, T = self.b.A, self.b.C, self.b.T
+        self.widths = widths_of(d)
+        self.offsets, col = [], 3
+        for w in self.widths:
+            self.offsets.append(col)
+            col += w + 5
+        ycols = col
+        self.x = self._activation(randn(T, d, dtype=dtype, gen=g), layout, g)
+        self.y = self._activation(randn(T, ycols, dtype=dtype, gen=g), layout, g)
+        self.V = [randn(C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV) for _ in self.widths]
+        self.S = [randn(A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV),
+                  randn(A, r, dtype=dtype, gen=g, device=DEV),
+                  randn(A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)]
+        self.U = [randn(C, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV) for w in self.widths]
+        self.Af = [randn(A, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV) for _ in self.widths]
+        self.Bf = [randn(A, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV) for w in self.widths]
+        self.scales = (torch.rand(len(self.widths), A, generator=g) + 0.5).to(DEV)
+        self.h = randn(len(self.widths), T, r, gen=g, device=DEV)
+
+    @staticmethod
+    def _activation(values: torch.Tensor, layout: str, g: torch.Generator) -> torch.Tensor:
+        T, n = values.shape
+        if layout == "contiguous":
+            return values.to(DEV)
+        lead = 8 if layout == "strided" else 1
+        big = randn(T, n + 24, dtype=values.dtype, gen=g, device=DEV)
+        view = big[:, lead : lead + n]
+        view.copy_(values.to(DEV))
+        assert view.stride(0) == n + 24 and view.stride(1) == 1
+        return view
+
+
+LAYOUTS = ["contiguous", "strided", "misaligned"]
+
+
+def slice_grid(fn):
+    fn = pytest.mark.parametrize("layout", LAYOUTS)(fn)
+    fn = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)(fn)
+    fn = pytest.mark.parametrize("d,r", [(111, 16), (4096, 16), (256, 128)])(fn)
+    fn = pytest.mark.parametrize("T", [7, 133])(fn)
+    return pytest.mark.parametrize("pattern", ["distinct", "zipf", "skewed", "all_none"])(fn)
+
+
+@slice_grid
+def test_multi_slice_shrink_core(pattern, T, d, r, dtype, layout):
+    c = SliceCase(pattern, T, d, r, dtype, layout, seed_of("ms-sc", pattern, T, d, r, layout))
+    b = c.b
+    h = torch.full((3, c.T, r), float("nan"), device=DEV)
+    jdlora_ops.jd_shrink(c.x, c.V, b.meta, out=h)
+    assert_close(h, R.jd_shrink(c.x, c.V, b.mapping, b.adapter_cluster), dtype, "jd_shrink h")
+    jdlora_ops.lora_shrink(c.x, c.Af, c.scales, b.meta, out=h)
+    assert_close(h, R.lora_shrink(c.x, c.Af, c.scales, b.mapping), dtype, "lora_shrink h")
+    # Core in place (out=h), mixed full and diagonal slices.
+    ref = R.jd_core(c.h, c.S, b.mapping)
+    jdlora_ops.jd_core(c.h, c.S, b.meta, out=c.h)
+    assert_close(c.h, ref, dtype, "jd_core g (in place)")
+
+
+@slice_grid
+def test_multi_slice_expand_fused(pattern, T, d, r, dtype, layout):
+    c = SliceCase(pattern, T, d, r, dtype, layout, seed_of("ms-ef", pattern, T, d, r, layout))
+    b = c.b
+    y0 = c.y.clone()
+    ref = R.jd_expand(c.h, c.U, c.offsets, b.mapping, b.adapter_cluster, c.y)
+    jdlora_ops.jd_expand(c.h, c.U, b.meta, c.y, c.offsets)
+    assert_close(c.y, ref, dtype, "jd_expand y")
+
+    c.y.copy_(y0)
+    ref = R.lora_expand(c.h, c.Bf, c.offsets, b.mapping, c.y)
+    jdlora_ops.lora_expand(c.h, c.Bf, b.meta, c.y, c.offsets)
+    assert_close(c.y, ref, dtype, "lora_expand y")
+
+    c.y.copy_(y0)
+    ref = R.jd_fused(c.x, c.V, c.S, c.U, c.offsets, b.mapping, b.adapter_cluster, c.y)
+    jdlora_ops.jd_fused(c.x, c.V, c.S, c.U, b.meta, c.y, c.offsets)
+    assert_close(c.y, ref, dtype, "jd_fused y")
+    # Columns outside the slices (the gaps) are untouched.
+    cols = torch.ones(c.y.shape[1], dtype=torch.bool)
+    for off, w in zip(c.offsets, c.widths):
+        cols[off : off + w] = False
+    assert torch.equal(c.y[:, cols.to(DEV)], y0[:, cols.to(DEV)])
+
+
+# --- CUDA against the CPU kernels -------------------------------------------
+
+
+def run_all_ops(device: str, pattern: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every op on `device` with the same inputs (made on the CPU from one seed)."""
+    T, d, r = 133, 4096, 16
+    b = make_batch(pattern, T, seed_of("vs-cpu", pattern), device=device)
+    g = gen(seed_of("vs-cpu-data", pattern))
+    widths = [256, 64, 64]
+    x = randn(b.T, d, dtype=dtype, gen=g, device=device)
+    y = randn(b.T, sum(widths), dtype=dtype, gen=g, device=device)
+    V = [randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=device) for _ in widths]
+    S = [randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=device),
+         randn(b.A, r, dtype=dtype, gen=g, device=device),
+         randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=device)]
+    U = [randn(b.C, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=device) for w in widths]
+    Af = [randn(b.A, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=device) for _ in widths]
+    Bf = [randn(b.A, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=device) for w in widths]
+    scales = (torch.rand(3, b.A, generator=g) + 0.5).to(device)
+    out = {}
+    out["jd_shrink"] = jdlora_ops.jd_shrink(x, V, b.meta)
+    out["jd_core"] = jdlora_ops.jd_core(out["jd_shrink"], S, b.meta)
+    out["jd_expand"] = jdlora_ops.jd_expand(out["jd_core"], U, b.meta, y.clone())
+    out["jd_fused"] = jdlora_ops.jd_fused(x, V, S, U, b.meta, y.clone())
+    out["lora_shrink"] = jdlora_ops.lora_shrink(x, Af, scales, b.meta)
+    out["lora_expand"] = jdlora_ops.lora_expand(out["lora_shrink"], Bf, b.meta, y.clone())
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("pattern", POPULARITY)
+def test_matches_cpu_ops(pattern, dtype):
+    cuda, cpu = run_all_ops(DEV, pattern, dtype), run_all_ops("cpu", pattern, dtype)
+    for name in cuda:
+        assert_close(cuda[name], cpu[name], dtype, name)
+
+
+# --- corrupt metadata is skipped ----------------------------------------------
+
+
+def test_corrupt_segment_tables_are_skipped():
+    """Ids outside [0, capacity) and token indices outside [0, T) are skipped on CUDA."""
+    T, d, r, dtype = 64, 256, 16, torch.float32
+    b = make_batch("uniform", T, seed_of("corrupt"), device=DEV)
+    g = gen(11)
+    x = randn(T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    ref_h = R.jd_shrink(x, [V], b.mapping, b.adapter_cluster)
+    m = b.meta
+    ids = m.active_cluster_ids.clone()
+    start = m.cluster_token_start.cpu()
+    sorted_idx = m.sorted_indices().clone()
+    # Segment 0's id out of range: its tokens get zero h rows and no y update.
+    ids[0] = b.C + 7
+    seg0 = sorted_idx[int(start[0]) : int(start[1])].cpu().long()
+    h = torch.full((1, T, r), float("nan"), device=DEV)
+    torch.ops.jdlora_ops.jd_shrink(x, [V], sorted_idx, ids, m.cluster_token_start, h)
+    want = ref_h.clone()
+    want[0, seg0] = 0
+    assert_close(h, want, dtype, "h with a bad cluster id")
+
+    y = randn(T, d, dtype=dtype, gen=g, device=DEV)
+    gin = randn(1, T, r, gen=g, device=DEV)
+    want_y = R.jd_expand(gin, [U], [0], b.mapping, b.adapter_cluster, y)
+    want_y[seg0] = y.cpu().double()[seg0]
+    torch.ops.jdlora_ops.jd_expand(gin, [U], [0], sorted_idx, ids, m.cluster_token_start, y)
+    assert_close(y, want_y, dtype, "y with a bad cluster id")
+
+    # Token indices out of range are skipped; nothing faults.
+    bad_sorted = sorted_idx.clone()
+    bad_sorted[::5] = T + 1000
+    bad_sorted[1::5] = -3
+    torch.ops.jdlora_ops.jd_shrink(x, [V], bad_sorted, m.active_cluster_ids, m.cluster_token_start, h)
+    torch.ops.jdlora_ops.jd_expand(gin, [U], [0], bad_sorted, m.active_cluster_ids, m.cluster_token_start, y)
+    torch.cuda.synchronize()
+
+
+def test_out_of_range_slots_are_skipped():
+    """Slots >= the number of S rows (or < -1) give zero g rows and add nothing in jd_fused."""
+    T, d, r, dtype = 48, 128, 16, torch.float32
+    b = make_batch("uniform", T, seed_of("slots"), device=DEV)
+    g = gen(12)
+    h = randn(1, T, r, gen=g, device=DEV)
+    S = randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    bad = b.mapping.clone()
+    bad[::3] = b.A + 4
+    bad[1::7] = -9
+    clean = torch.where((bad < 0) | (bad >= b.A), torch.full_like(bad, -1), bad)
+    out = torch.full_like(h, float("nan"))
+    torch.ops.jdlora_ops.jd_core(h, [S], bad, out)
+    assert_close(out, R.jd_core(h, [S], clean), dtype, "g")
+
+    # jd_fused with the batch's (valid) segments but a corrupt per-token mapping.
+    x = randn(T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y = randn(T, d, dtype=dtype, gen=g, device=DEV)
+    # Tokens whose slot is corrupt keep y; the others get the full update.
+    ref = R.jd_fused(x, [V], [S], [U], [0], clean, b.adapter_cluster, y)
+    m = b.meta
+    torch.ops.jdlora_ops.jd_fused(x, [V], [S], [U], [0], bad, m.sorted_indices(), m.active_cluster_ids,
+                                  m.cluster_token_start, y)
+    assert_close(y, ref, dtype, "y")
+
+
+# --- CUDA graph -----------------------------------------------------------------
+
+
+def test_cuda_graph_replay():
+    """Capture build_batch_meta + jd_fused + lora_shrink + lora_expand once, then
+    write new mappings and activations into the captured buffers and replay:
+    the results must follow the new inputs (grids never depend on metadata)."""
+    T, A, C, d, r, dtype = 48, 64, 5, 256, 16, torch.bfloat16
+    widths = [256, 64, 64]
+    offsets = [0, 256, 320]
+    g = gen(21)
+    V = [randn(C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV) for _ in widths]
+    S = [randn(A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV),
+         randn(A, r, dtype=dtype, gen=g, device=DEV),
+         randn(A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)]
+    U = [randn(C, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV) for w in widths]
+    Af = [randn(A, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV) for _ in widths]
+    Bf = [randn(A, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV) for w in widths]
+    scales = (torch.rand(3, A, generator=g) + 0.5).to(DEV)
+    adapter_cluster = torch.randint(C, (A,), generator=g, dtype=torch.int32).to(DEV)
+
+    # Static buffers: the graph reads and writes only these.
+    meta = jdlora_ops.BatchMeta.allocate(T, A, C, DEV)
+    mapping = meta.token_lora_mapping[:T]  # build() reads it in place, no copy
+    x = torch.empty(T, d, dtype=dtype, device=DEV)
+    y_jd = torch.empty(T, sum(widths), dtype=dtype, device=DEV)
+    y_lora = torch.empty_like(y_jd)
+    h = torch.empty(3, T, r, dtype=torch.float32, device=DEV)
+
+    def write_inputs(pattern: str, seed: int):
+        gg = gen(seed)
+        m = token_mapping(pattern, T, A, gg)
+        xv = randn(T, d, dtype=dtype, gen=gg)
+        y0 = randn(T, sum(widths), dtype=dtype, gen=gg)
+        mapping.copy_(m.to(DEV))
+        x.copy_(xv.to(DEV))
+        y_jd.copy_(y0.to(DEV))
+        y_lora.copy_(y0.to(DEV))
+        return m, xv, y0
+
+    def step():
+        meta.build(mapping, adapter_cluster)
+        jdlora_ops.jd_fused(x, V, S, U, meta, y_jd, offsets)
+        jdlora_ops.lora_shrink(x, Af, scales, meta, out=h)
+        jdlora_ops.lora_expand(h, Bf, meta, y_lora, offsets)
+
+    write_inputs("identical", 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for pattern, seed in [("zipf", 2), ("distinct", 3), ("all_none", 4), ("skewed", 5)]:
+        m, xv, y0 = write_inputs(pattern, seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_meta(meta, T, R.build_batch_meta(m, adapter_cluster, C), pattern)
+        ref = R.jd_fused(xv, V, S, U, offsets, m, adapter_cluster, y0)
+        assert_close(y_jd, ref, dtype, f"{pattern}: jd_fused y")
+        ref_h = R.lora_shrink(xv, Af, scales, m)
+        assert_close(h, ref_h, dtype, f"{pattern}: lora_shrink h")
+        assert_close(y_lora, R.lora_expand(ref_h, Bf, offsets, m, y0), dtype, f"{pattern}: lora_expand y")
