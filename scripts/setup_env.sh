@@ -24,7 +24,7 @@ python -m pip install -q --disable-pip-version-check --upgrade "pip>=23.2"
 # torch first and pinned: the build links against exactly this version.
 python -m pip install -q --disable-pip-version-check "torch==2.14.1"
 python -m pip install -q --disable-pip-version-check \
-  "setuptools>=68" wheel "pybind11>=2.12" "nvidia-cutlass==4.2.0.0" ninja \
+  "setuptools>=77" wheel "pybind11>=2.12" "nvidia-cutlass==4.2.0.0" ninja \
   numpy "safetensors>=0.4" tqdm matplotlib pytest pytest-benchmark "peft>=0.13" "transformers>=4.45"
 
 # A CUDA toolkit whose nvcc is on the PATH as a wrapper script: point CUDA_HOME

@@ -1,6 +1,13 @@
-// Launchers of the CUDA kernels: pick the element type and the vector width,
-// size the grid from host-known values, enqueue. See jdlora/cuda/launchers.h.
+// Launchers of the CUDA kernels: the tensor-core path where a call qualifies
+// (tc_kernels.cu), else the simple kernels of this file, which pick the
+// element type and the vector width, size the grid from host-known values and
+// enqueue. See jdlora/cuda/launchers.h and jdlora/cuda/tc_launchers.h.
+//
+// JDLORA_CUDA_SIMPLE=1 in the environment when the library loads routes every
+// call to the simple kernels: a second, independent implementation to compare
+// against when a fast kernel is in doubt.
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "jdlora/cuda/batch_meta.cuh"
@@ -9,9 +16,18 @@
 #include "jdlora/cuda/fused.cuh"
 #include "jdlora/cuda/launchers.h"
 #include "jdlora/cuda/shrink.cuh"
+#include "jdlora/cuda/tc_launchers.h"
 
 namespace jdlora::cuda {
 namespace {
+
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
+}
+
+// Read once, when the library is loaded.
+const bool kSimpleOnly = env_flag("JDLORA_CUDA_SIMPLE");
 
 // Dynamic shared memory a kernel gets without opting in.
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
@@ -142,9 +158,15 @@ cudaError_t build_batch_meta_cuda(const BatchMetaParams& p, cudaStream_t stream)
   return cudaSuccess;
 }
 
-void jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) { shrink(p, dtype, stream); }
+void jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_shrink_cuda(p, dtype, stream)) return;
+  shrink(p, dtype, stream);
+}
 
-void lora_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) { shrink(p, dtype, stream); }
+void lora_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_shrink_cuda(p, dtype, stream)) return;
+  shrink(p, dtype, stream);
+}
 
 void jd_core_cuda(const CoreParams& p, DType dtype, cudaStream_t stream) {
   const int r = p.h.r;
@@ -167,11 +189,18 @@ void jd_core_cuda(const CoreParams& p, DType dtype, cudaStream_t stream) {
   });
 }
 
-void jd_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) { expand(p, dtype, stream); }
+void jd_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_expand_cuda(p, dtype, stream)) return;
+  expand(p, dtype, stream);
+}
 
-void lora_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) { expand(p, dtype, stream); }
+void lora_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_expand_cuda(p, dtype, stream)) return;
+  expand(p, dtype, stream);
+}
 
 void jd_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_fused_cuda(p, dtype, stream)) return;
   const int S = p.shrink.num_slices;
   const int tile = tile_tokens(p.seg.num_tokens, S);
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seg.num_tokens, tile)), static_cast<unsigned>(S));

@@ -43,6 +43,7 @@ from .collection import ModuleFactors, resolve_weights
 
 __all__ = ["JDResult", "jd_full", "jd_diag", "check_rank"]
 
+START = 2
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -140,6 +141,7 @@ def _half_step(
     rtol: float,
     active: int,
     keep: int,
+    omega: float = 1.0,
 ):
     """One subspace-iteration + Rayleigh-Ritz half-step (see the module docstring).
 
@@ -166,9 +168,49 @@ def _half_step(
     H = _weighted_gram(K2, w, width, X.device)
     lam, W = torch.linalg.eigh(H)
     keep = min(keep, width)
-    lam, W = lam.flip(0)[:keep], W.flip(1)[:, :keep]
-    Wd = W.to(X.dtype)
-    return basis @ Wd, [torch.matmul(q, Wd) for q in QB], lam
+    lam, W = lam.flip(0), W.flip(1)
+    r = Pr[0].shape[2] if Pr else 0
+    f_old = float(torch.diagonal(H)[:r].sum())
+    coef, f = W[:, :keep], float(lam[:r].sum())
+    if omega != 1.0 and width >= keep + r:
+        coef, f = _overrelax(W, H, r, keep, omega, f_old, coef, f)
+    Wd = coef.to(X.dtype)
+    return basis @ Wd, [torch.matmul(q, Wd) for q in QB], f
+
+
+def _overrelax(W, H, r, keep, omega, f_old, coef, f):
+    """Over-relaxed Rayleigh-Ritz step, in the coordinates of the union basis.
+
+    The plain step moves ``span(e_1..e_r)`` (the current ``U``) to the top-``r``
+    Ritz space ``W[:, :r]``. Alternating half-steps approach the optimum along
+    a slowly turning path, so going ``omega`` times as far along the Grassmann
+    geodesic shortens the tail a lot. The longer step is taken only if it keeps
+    ``f`` at or above its value at the current ``U``, so the objective still
+    never decreases.
+    """
+    Wr = W[:, :r]
+    M = Wr[:r, :]  # U_old^T U_ritz
+    s_min = torch.linalg.svdvals(M)[-1]
+    if float(s_min) < 1e-6:
+        return coef, f
+    Y = Wr[r:, :] @ torch.linalg.inv(M)  # tangent direction, orthogonal to U_old
+    Qy, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+    theta = (torch.atan(S) * omega).clamp(max=torch.pi / 2)
+    Ut = torch.zeros(W.shape[0], r, dtype=W.dtype, device=W.device)
+    Ut[:r] = Vh.t() * torch.cos(theta)
+    Ut[r:] = Qy * torch.sin(theta)
+    f_t = float(torch.trace(Ut.t() @ H @ Ut))
+    if not f_t >= f_old:
+        return coef, f
+    # The rest of the block: the best remaining directions orthogonal to Ut.
+    R = W[:, r:]
+    R = R - Ut @ (Ut.t() @ R)
+    R = R - Ut @ (Ut.t() @ R)
+    Ur, sr, _ = torch.linalg.svd(R, full_matrices=False)
+    Ur = Ur[:, sr > 1e-8]
+    lam_r, E = torch.linalg.eigh(Ur.t() @ H @ Ur)
+    rest = (Ur @ E.flip(1))[:, : keep - r]
+    return torch.cat([Ut, rest], dim=1), f_t
 
 
 def _relaxed_ritz(X: torch.Tensor, QX: list[torch.Tensor], grams: list[torch.Tensor], w: list[torch.Tensor]):
@@ -256,6 +298,7 @@ def jd_full(
     oversample: int | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     carry: int = 0,
+    overrelax: float = 1.5,
 ) -> JDResult:
     """JD-Full of one module: shared orthonormal ``U``, ``V``, full ``Sigma_i``.
 
@@ -304,9 +347,10 @@ def jd_full(
             converged = True
             break
         it += 1
-        Ux, QX, _ = _half_step(Bt, Ux, QX, [p_[..., :r] for p_ in Px], w_g, rtol, mU, kU)
-        Vx, Px, lam = _half_step(A, Vx, Px, [q[..., :r] for q in QX], w_g, rtol, mV, kV)
-        history.append(total - float(lam[:r].sum()))
+        om = overrelax if it > START else 1.0
+        Ux, QX, _ = _half_step(Bt, Ux, QX, [p_[..., :r] for p_ in Px], w_g, rtol, mU, kU, om)
+        Vx, Px, f = _half_step(A, Vx, Px, [q[..., :r] for q in QX], w_g, rtol, mV, kV, om)
+        history.append(total - f)
         if history[-2] - history[-1] <= tol * total:
             converged = True
             break

@@ -1,0 +1,242 @@
+// Launchers of the tensor-core kernels: check that a call qualifies, pick the
+// tile, the cluster size and the shrink step from host-known sizes, launch.
+// See jdlora/cuda/tc_launchers.h for the dispatch rules.
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "jdlora/cuda/tc_kernels.cuh"
+#include "jdlora/cuda/tc_launchers.h"
+
+namespace jdlora::cuda {
+namespace {
+
+using tc::DecodeTile;
+using tc::Kernel;
+using tc::PrefillTile;
+using tc::SmemLayout;
+using tc::TcArgs;
+
+// Dynamic shared memory a kernel gets without opting in.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+
+// Bytes of one shrink stage (x tile + weight tile) to aim for: three stages
+// then keep about 50-70 KB in flight per block, and two blocks fit on an SM.
+constexpr int kShrinkStageBytes = 24 * 1024;
+
+struct DeviceInfo {
+  int sms = 0;
+  int major = 0;
+  int smem_optin = 0;
+};
+
+// Read once per process for every device (function-local static: thread-safe).
+const DeviceInfo& device_info() {
+  static const std::vector<DeviceInfo> infos = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+    std::vector<DeviceInfo> v(static_cast<size_t>(n));
+    for (int d = 0; d < n; ++d) {
+      cudaDeviceGetAttribute(&v[d].sms, cudaDevAttrMultiProcessorCount, d);
+      cudaDeviceGetAttribute(&v[d].major, cudaDevAttrComputeCapabilityMajor, d);
+      cudaDeviceGetAttribute(&v[d].smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d);
+    }
+    return v;
+  }();
+  static const DeviceInfo none{};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= static_cast<int>(infos.size())) return none;
+  return infos[static_cast<size_t>(dev)];
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// 16-byte accesses of 2-byte elements: 8 elements per vector.
+bool rank_ok(int r) { return r >= 8 && r <= tc::kMaxRank && r % 8 == 0; }
+
+bool activation_ok(const Activation& a) { return aligned16(a.data) && a.stride_t % 8 == 0 && a.cols % 8 == 0; }
+
+bool stack_ok(const WeightStack& w) {
+  return aligned16(w.data) && w.stride_n % 8 == 0 && w.stride_row % 8 == 0 && w.cols % 8 == 0;
+}
+
+bool stacks_ok(const StackList& l, bool rows_by_8) {
+  for (int s = 0; s < l.num_slices; ++s) {
+    if (!stack_ok(l.stack[s])) return false;
+    if (rows_by_8 && l.stack[s].rows % 8 != 0) return false;
+  }
+  return true;
+}
+
+// y columns written by 16-byte vectors: every slice starts on a vector.
+bool y_ok(const Activation& y, const StackList& l) {
+  if (!aligned16(y.data) || y.stride_t % 8 != 0) return false;
+  for (int s = 0; s < l.num_slices; ++s)
+    if (l.col_offset[s] % 8 != 0) return false;
+  return true;
+}
+
+bool intermediate_ok(const Intermediate& g) {
+  return aligned16(g.data) && g.stride_s % 4 == 0 && g.stride_t % 4 == 0;
+}
+
+bool full_cores_vectorizable(const StackList& l) {
+  for (int s = 0; s < l.num_slices; ++s)
+    if (!l.diagonal[s] && !stack_ok(l.stack[s])) return false;
+  return true;
+}
+
+// fp16/bf16 and the tile by batch size; f(type tag, tile) returns whether it launched.
+template <typename F>
+bool dispatch(DType dtype, int num_tokens, F&& f) {
+  auto by_tile = [&](auto tag) {
+    if (num_tokens >= kPrefillMinTokens) return f(tag, PrefillTile{});
+    return f(tag, DecodeTile{});
+  };
+  switch (dtype) {
+    case DType::kFloat16: return by_tile(std::type_identity<__half>{});
+    case DType::kBFloat16: return by_tile(std::type_identity<__nv_bfloat16>{});
+    default: return false;
+  }
+}
+
+// Cluster size: the smallest power of two that puts about two blocks on every
+// multiprocessor, at most 8 (the portable limit), at most one 64-wide step of
+// d_in per block. 1 below sm_90.
+int pick_cluster(const DeviceInfo& dev, int64_t blocks, int d_in) {
+  if (dev.major < 9) return 1;
+  const int max_split = static_cast<int>(ceil_div(d_in, 64));
+  int cl = 1;
+  while (cl < 8 && cl * 2 <= max_split && blocks * cl < 2 * static_cast<int64_t>(dev.sms)) cl *= 2;
+  return cl;
+}
+
+// d_in step of shrink: as wide as the stage budget allows (fewer, larger
+// copies per block), no wider than twice the block's share of d_in.
+template <typename Cfg>
+int pick_k_tile(int r, int elem, int k_share) {
+  int k = 256;
+  while (k > 64 && ((Cfg::M + r) * (k + 8) * elem > kShrinkStageBytes || k / 2 >= k_share)) k /= 2;
+  return k;
+}
+
+template <typename Cfg>
+bool fits(const DeviceInfo& dev, const SmemLayout& L) {
+  return L.total + sizeof(tc::WindowPlan<Cfg::M>) <= static_cast<size_t>(dev.smem_optin);
+}
+
+template <typename Params, typename Kern>
+void launch(Kern kernel, dim3 grid, size_t smem, int cl, cudaStream_t stream, const Params& p, const TcArgs& a) {
+  if (smem > kDefaultSharedBytes &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+          cudaSuccess)
+    return;  // the error stays for cudaGetLastError
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(128);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (cl > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cl);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  cudaLaunchKernelEx(&cfg, kernel, p, a);
+}
+
+}  // namespace
+
+bool tc_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
+  const int r = p.h.r;
+  if (!rank_ok(r) || !activation_ok(p.x) || !stacks_ok(p.weights, false)) return false;
+  const DeviceInfo& dev = device_info();
+  if (dev.major < 8) return false;
+  return dispatch(dtype, p.seg.num_tokens, [&](auto tag, auto cfg) {
+    using T = typename decltype(tag)::type;
+    using Cfg = decltype(cfg);
+    static_assert(Cfg::kThreads == 128, "launch() uses 128 threads");
+    const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
+    const int S = p.weights.num_slices;
+    const int d_in = p.x.cols;
+    TcArgs a{};
+    a.cl = pick_cluster(dev, windows * S, d_in);
+    a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, a.cl)));
+    a.r_pad = round_up(r, 16);
+    const SmemLayout L =
+        tc::smem_layout(Kernel::kShrink, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+    if (!fits<Cfg>(dev, L)) return false;
+    const dim3 grid(static_cast<unsigned>(windows * a.cl), static_cast<unsigned>(S));
+    launch(tc::tc_shrink_kernel<T, Cfg>, grid, L.total, a.cl, stream, p, a);
+    return true;
+  });
+}
+
+bool tc_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
+  const int r = p.g.r;
+  if (!rank_ok(r) || !intermediate_ok(p.g) || !stacks_ok(p.weights, true) || !y_ok(p.y, p.weights))
+    return false;
+  const DeviceInfo& dev = device_info();
+  if (dev.major < 8) return false;
+  return dispatch(dtype, p.seg.num_tokens, [&](auto tag, auto cfg) {
+    using T = typename decltype(tag)::type;
+    using Cfg = decltype(cfg);
+    const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
+    int64_t col_tiles = 0;
+    for (int s = 0; s < p.weights.num_slices; ++s) col_tiles += ceil_div(p.weights.stack[s].rows, Cfg::kNTile);
+    if (col_tiles == 0) return true;  // nothing to add
+    // Several column tiles per block once the grid has about four blocks per
+    // SM: the window plan is then built once for all of them and their copies
+    // pipeline; at most 8 so that small batches keep their parallelism.
+    int64_t per_block = windows * col_tiles / (4 * static_cast<int64_t>(dev.sms > 0 ? dev.sms : 1));
+    per_block = per_block < 1 ? 1 : (per_block > 8 ? 8 : per_block);
+    TcArgs a{};
+    a.cl = 1;
+    a.k_tile = 64;
+    a.r_pad = round_up(r, 16);
+    a.span = Cfg::kNTile * static_cast<int>(per_block);
+    int64_t spans = 0;
+    for (int s = 0; s < p.weights.num_slices; ++s) spans += ceil_div(p.weights.stack[s].rows, a.span);
+    const SmemLayout L =
+        tc::smem_layout(Kernel::kExpand, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+    if (!fits<Cfg>(dev, L)) return false;
+    const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(spans));
+    launch(tc::tc_expand_kernel<T, Cfg>, grid, L.total, 1, stream, p, a);
+    return true;
+  });
+}
+
+bool tc_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
+  const int r = p.r;
+  if (!rank_ok(r) || !activation_ok(p.x) || !stacks_ok(p.shrink, false) || !stacks_ok(p.expand, true) ||
+      !y_ok(p.y, p.expand))
+    return false;
+  const DeviceInfo& dev = device_info();
+  if (dev.major < 8) return false;
+  return dispatch(dtype, p.seg.num_tokens, [&](auto tag, auto cfg) {
+    using T = typename decltype(tag)::type;
+    using Cfg = decltype(cfg);
+    const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
+    const int S = p.shrink.num_slices;
+    const int d_in = p.x.cols;
+    TcArgs a{};
+    a.cl = pick_cluster(dev, windows * S, d_in);
+    a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, a.cl)));
+    a.r_pad = round_up(r, 16);
+    a.s_vec = full_cores_vectorizable(p.core) ? 1 : 0;
+    const SmemLayout L =
+        tc::smem_layout(Kernel::kFused, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+    if (!fits<Cfg>(dev, L)) return false;
+    const dim3 grid(static_cast<unsigned>(windows * a.cl), static_cast<unsigned>(S));
+    launch(tc::tc_fused_kernel<T, Cfg>, grid, L.total, a.cl, stream, p, a);
+    return true;
+  });
+}
+
+}  // namespace jdlora::cuda

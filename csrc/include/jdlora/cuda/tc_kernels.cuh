@@ -1,0 +1,621 @@
+// Tensor-core segmented GEMMs for fp16/bf16: shrink (jd_shrink, lora_shrink),
+// expand (jd_expand, lora_expand) and the fused shrink -> core -> expand.
+//
+// Work decomposition. A block owns a window of M consecutive sorted positions
+// (tokens grouped by cluster or adapter) and reads the segment table itself,
+// so grids depend only on host-known sizes (graph safe) and no problem-size or
+// pointer arrays are needed in device memory. The window's positions split
+// into runs, one per segment it touches. Runs partition the window's rows, so
+// one accumulator tile serves all of them: step (tile, run) multiplies the
+// rows of that run (the others masked to zero in the A fragments) by the
+// run's weights and adds into the same accumulators. A window with 1 run (a
+// prefill cluster) and one with 16 runs of one token (16 distinct adapters,
+// the BGMV case) go through the same code, and in the latter the weight tiles
+// of successive runs stream through the copy pipeline back to back.
+//
+// Shrink reduces over d_in; on sm_90 the blocks of a thread-block cluster
+// split d_in (split-K) and sum their partial h tiles through distributed
+// shared memory, which keeps the sum deterministic and needs no workspace and
+// no zeroing pass. Fused uses the same cluster to split d_out afterwards.
+//
+// Tiles: DecodeTile (M = 16) for small batches, where the time goes into
+// reading weights; PrefillTile (M = 64) for large ones, where each weight
+// tile is reused by more tokens.
+#pragma once
+
+#include <climits>
+
+#include "jdlora/cuda/common.cuh"
+#include "jdlora/cuda/core.cuh"
+#include "jdlora/cuda/tc_primitives.cuh"
+
+namespace jdlora::cuda::tc {
+
+template <int M_>
+struct Tile {
+  static constexpr int M = M_;
+  static constexpr int kThreads = 128;
+  static constexpr int kWarpsM = M / 16;          // warps along the tokens
+  static constexpr int kWarpsN = 4 / kWarpsM;     // warps along the output columns
+  static constexpr int kStages = 3;
+  static constexpr int kNTile = M == 16 ? 128 : 64;  // y columns per expand step
+  static constexpr int kShrinkFrags = 16 / kWarpsN;  // 8-column tiles of h per warp at r = 128
+  static constexpr int kExpandFrags = kNTile / 8 / kWarpsN;
+};
+using DecodeTile = Tile<16>;
+using PrefillTile = Tile<64>;
+
+inline constexpr int kMaxRank = 128;
+
+// Per-call settings, all from host-known sizes.
+struct TcArgs {
+  int cl;      // blocks per cluster: split of d_in (shrink, fused) and of d_out (fused)
+  int k_tile;  // d_in elements per shrink step: 64, 128 or 256
+  int r_pad;   // r rounded up to 16, the MMA depth of expand
+  int span;    // expand: y columns per block, a multiple of kNTile
+  int s_vec;   // fused: full S rows allow 16-byte loads
+};
+
+// Dynamic shared memory of the kernels (byte offsets, each 16-byte aligned).
+// Shrink and expand rings alias in the fused kernel: its phases are separated
+// by barriers.
+struct SmemLayout {
+  size_t x_ring, w_ring, u_ring, y_ring, h_tile, g_tile, total;
+};
+
+enum class Kernel : int { kShrink = 0, kExpand = 1, kFused = 2 };
+
+__host__ __device__ inline size_t align16(size_t v) { return (v + 15) & ~static_cast<size_t>(15); }
+
+// Row strides (elements) pad every row by 16 bytes (8 for fp32 tiles: 32
+// bytes): fragment reads of 8 rows x 4 lanes then hit 32 distinct banks.
+__host__ __device__ inline SmemLayout smem_layout(Kernel kind, int M, int stages, int n_tile, int r,
+                                                  int r_pad, int k_tile, int elem) {
+  const size_t xs = k_tile + 8, us = r_pad + 8, ys = n_tile + 8, hs = r_pad + 8;
+  SmemLayout L{};
+  L.x_ring = 0;
+  L.w_ring = align16(stages * M * xs * elem);
+  const size_t shrink_ring = L.w_ring + align16(stages * r * xs * elem);
+  L.u_ring = 0;
+  L.y_ring = align16(stages * n_tile * us * elem);
+  const size_t expand_ring = L.y_ring + align16(stages * M * ys * elem);
+  size_t ring = expand_ring;
+  if (kind == Kernel::kShrink) ring = shrink_ring;
+  if (kind == Kernel::kFused) ring = shrink_ring > expand_ring ? shrink_ring : expand_ring;
+  const size_t tile = align16(M * hs * sizeof(float));
+  L.h_tile = ring;
+  L.g_tile = ring + (kind == Kernel::kExpand ? 0 : tile);
+  L.total = L.g_tile + (kind == Kernel::kShrink ? 0 : tile);
+  return L;
+}
+
+// ---------------------------------------------------------------------------
+// The window plan: which token each row holds and which run it belongs to.
+
+template <int M>
+struct WindowPlan {
+  int tok[M];        // token index of row i (position p0 + i); -1: past the batch or out of range
+  int run_of[M];     // run of row i; -1: no adapter, a group id out of range, or no token
+  int slot[M];       // adapter slot of row i's token (fused); -1 when out of range
+  int run_group[M];  // group (cluster or adapter slot) of each run
+  int seg[M];
+  int starts[M + 1];
+  unsigned run_flags[(M + 31) / 32];
+  int num_runs;
+};
+
+// Fills `pl` for the window at sorted position p0. Three dependent rounds of
+// loads (segment of p0, then the next M segment starts and the tokens, then
+// the group ids) instead of one search per run, so a window of 16 one-token
+// adapters costs about as much to plan as a window of one cluster. With a
+// valid table active segments are non-empty, so the M starts after p0's
+// segment cover the window; a corrupt table gives wrong runs but every index
+// stays in range. Block-uniform.
+template <int M>
+__device__ __forceinline__ void build_plan(const SegmentTable& seg, int p0, WindowPlan<M>& pl,
+                                           const int32_t* mapping = nullptr, int num_adapters = 0) {
+  const int tid = threadIdx.x;
+  const int T = seg.num_tokens;
+  const int cap = seg.capacity;
+  const int j0 = find_segment(seg, p0);
+  if (tid <= M) pl.starts[tid] = j0 + tid <= cap ? seg.seg_start[j0 + tid] : INT_MAX;
+  int tok = -1;
+  if (tid < M) {
+    if (p0 + tid < T) {
+      tok = seg.token_indices_sorted[p0 + tid];
+      if (tok < 0 || tok >= T) tok = -1;
+    }
+    pl.tok[tid] = tok;
+    if (mapping != nullptr) {
+      int a = tok >= 0 ? mapping[tok] : -1;
+      if (a < 0 || a >= num_adapters) a = -1;
+      pl.slot[tid] = a;
+    }
+  }
+  __syncthreads();
+
+  int j = -1;
+  int group = -1;
+  if (tid < M && p0 + tid < T) {
+    const int p = p0 + tid;
+    int c = 0;
+    for (int k = 1; k <= M; ++k) c += pl.starts[k] <= p ? 1 : 0;
+    j = j0 + c;
+    if (j < cap) {
+      group = seg.active_ids[j];
+      if (group < 0 || group >= cap) group = -1;
+    }
+  }
+  if (tid < M) pl.seg[tid] = j;
+  __syncthreads();
+
+  // A run starts where the segment changes; only runs with a valid group are
+  // numbered (the others contribute nothing and are never loaded).
+  const bool starts_run = tid < M && group >= 0 && (tid == 0 || pl.seg[tid - 1] != j);
+  constexpr int kFlagWords = (M + 31) / 32;
+  if (tid < 32 * kFlagWords) {
+    const unsigned b = __ballot_sync(kFullMask, starts_run);
+    if ((tid & 31) == 0) pl.run_flags[tid >> 5] = b;
+  }
+  __syncthreads();
+  if (tid < M) {
+    int upto = 0;  // run starts at rows <= tid
+    for (int w = 0; w < (tid >> 5); ++w) upto += __popc(pl.run_flags[w]);
+    // (2 << lane) - 1 wraps to all ones for lane 31 (unsigned arithmetic).
+    upto += __popc(pl.run_flags[tid >> 5] & ((2u << (tid & 31)) - 1u));
+    const int run = group >= 0 ? upto - 1 : -1;
+    if (starts_run) pl.run_group[run] = group;
+    pl.run_of[tid] = tok >= 0 ? run : -1;
+  }
+  if (tid == 0) {
+    int n = 0;
+    for (int w = 0; w < kFlagWords; ++w) n += __popc(pl.run_flags[w]);
+    pl.num_runs = n;
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------
+// Shrink phase: h_tile[row, :r] = sum over d_in in [kbeg, kend) of
+// x[tok(row)] * W[group(run(row))] for every row of the window (0 for rows in
+// no run). Steps run k-tile major, run minor, so the x tile of a k-tile is
+// loaded once and reused by all runs.
+
+template <typename T, typename Cfg>
+__device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const T* __restrict__ x,
+                                             int64_t ldx, const WeightStack& W, int r, int kbeg,
+                                             int kend, int k_tile, T* x_ring, T* w_ring,
+                                             float* h_tile, int hs) {
+  constexpr int M = Cfg::M;
+  constexpr int S = Cfg::kStages;
+  constexpr int NF = Cfg::kShrinkFrags;
+  const int xs = k_tile + 8;
+  const int chunks = k_tile / 8;
+  const int nruns = pl.num_runs;
+  const int ktiles = kend > kbeg ? (kend - kbeg + k_tile - 1) / k_tile : 0;
+  const int nsteps = ktiles * nruns;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp % Cfg::kWarpsM;
+  const int wn = warp / Cfg::kWarpsM;
+  const int g = lane >> 2;
+  const int q4 = lane & 3;
+  const int row_a = wm * 16 + g;
+  const int row_b = row_a + 8;
+  const int run_a = pl.run_of[row_a];
+  const int run_b = pl.run_of[row_b];
+  const T* w_data = static_cast<const T*>(W.data);
+
+  float acc[NF][4];
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[f][e] = 0.f;
+
+  auto load = [&](int q) {
+    const int kt = q / nruns;
+    const int run = q - kt * nruns;
+    const int k0 = kbeg + kt * k_tile;
+    if (run == 0) {
+      T* dst = x_ring + (kt % S) * M * xs;
+      for (int idx = tid; idx < M * chunks; idx += Cfg::kThreads) {
+        const int row = idx / chunks;
+        const int col = k0 + (idx - row * chunks) * 8;
+        const bool ok = pl.run_of[row] >= 0 && col < kend;
+        cp_async16(dst + row * xs + (col - k0), ok ? x + pl.tok[row] * ldx + col : x, ok);
+      }
+    }
+    T* dst = w_ring + (q % S) * r * xs;
+    const T* wg = w_data + pl.run_group[run] * W.stride_n;
+    for (int idx = tid; idx < r * chunks; idx += Cfg::kThreads) {
+      const int row = idx / chunks;
+      const int col = k0 + (idx - row * chunks) * 8;
+      const bool ok = col < kend;
+      cp_async16(dst + row * xs + (col - k0), ok ? wg + row * W.stride_row + col : w_data, ok);
+    }
+  };
+
+  auto compute = [&](int q) {
+    const int kt = q / nruns;
+    const int run = q - kt * nruns;
+    const bool on_a = run_a == run;
+    const bool on_b = run_b == run;
+    if (!__any_sync(kFullMask, on_a || on_b)) return;
+    const T* xb = x_ring + (kt % S) * M * xs;
+    const T* wb = w_ring + (q % S) * r * xs;
+    for (int kk = 0; kk < k_tile; kk += 16) {
+      const int c = kk + 2 * q4;
+      uint32_t a[4];
+      a[0] = on_a ? load_pair(xb + row_a * xs + c) : 0u;
+      a[1] = on_b ? load_pair(xb + row_b * xs + c) : 0u;
+      a[2] = on_a ? load_pair(xb + row_a * xs + c + 8) : 0u;
+      a[3] = on_b ? load_pair(xb + row_b * xs + c + 8) : 0u;
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+        const int n8 = wn + f * Cfg::kWarpsN;
+        if (n8 * 8 < r) {
+          const T* wr = wb + (n8 * 8 + g) * xs + c;
+          mma_16816<T>(acc[f], a, load_pair(wr), load_pair(wr + 8));
+        }
+      }
+    }
+  };
+
+  run_pipeline<S>(nsteps, load, compute);
+
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+    const int n8 = wn + f * Cfg::kWarpsN;
+    if (n8 * 8 < r) {
+      const int col = n8 * 8 + 2 * q4;
+      *reinterpret_cast<float2*>(h_tile + row_a * hs + col) = make_float2(acc[f][0], acc[f][1]);
+      *reinterpret_cast<float2*>(h_tile + row_b * hs + col) = make_float2(acc[f][2], acc[f][3]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Expand phase: y[tok(row), y_col0 + c] += U[group(run(row))][c, :] . g_tile[row]
+// for c in [c0, c1) and every row in a run. g_tile is fp32 [M][r_pad + 8]
+// with columns r..r_pad zero; it enters the MMA as hi + lo halves. Steps run
+// column-tile major, run minor; the y tile of a column tile is loaded with its
+// first step, updated in shared memory with its last, and written back with
+// 16-byte coalesced stores.
+
+template <typename T, typename Cfg>
+__device__ __forceinline__ void expand_phase(const WindowPlan<Cfg::M>& pl, const float* g_tile, int gs,
+                                             int r, int r_pad, const WeightStack& U, int c0, int c1,
+                                             T* __restrict__ y, int64_t ldy, int64_t y_col0,
+                                             T* u_ring, T* y_ring) {
+  constexpr int M = Cfg::M;
+  constexpr int S = Cfg::kStages;
+  constexpr int N = Cfg::kNTile;
+  constexpr int NF = Cfg::kExpandFrags;
+  constexpr int kYChunks = N / 8;
+  const int us = r_pad + 8;
+  constexpr int ys = N + 8;
+  const int uchunks = r_pad / 8;
+  const int nruns = pl.num_runs;
+  const int ntiles = c1 > c0 ? (c1 - c0 + N - 1) / N : 0;
+  const int nsteps = ntiles * nruns;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp % Cfg::kWarpsM;
+  const int wn = warp / Cfg::kWarpsM;
+  const int g = lane >> 2;
+  const int q4 = lane & 3;
+  const int row_a = wm * 16 + g;
+  const int row_b = row_a + 8;
+  const int run_a = pl.run_of[row_a];
+  const int run_b = pl.run_of[row_b];
+  const T* u_data = static_cast<const T*>(U.data);
+
+  float acc[NF][4] = {};
+
+  auto load = [&](int q) {
+    const int jt = q / nruns;
+    const int run = q - jt * nruns;
+    const int n0 = c0 + jt * N;
+    T* dst = u_ring + (q % S) * N * us;
+    const T* ug = u_data + pl.run_group[run] * U.stride_n;
+    for (int idx = tid; idx < N * uchunks; idx += Cfg::kThreads) {
+      const int row = idx / uchunks;
+      const int k = (idx - row * uchunks) * 8;
+      const bool ok = n0 + row < c1 && k < r;
+      cp_async16(dst + row * us + k, ok ? ug + (n0 + row) * U.stride_row + k : u_data, ok);
+    }
+    if (run == 0) {
+      T* ydst = y_ring + (jt % S) * M * ys;
+      for (int idx = tid; idx < M * kYChunks; idx += Cfg::kThreads) {
+        const int row = idx / kYChunks;
+        const int col = (idx - row * kYChunks) * 8;
+        const bool ok = pl.run_of[row] >= 0 && n0 + col < c1;
+        cp_async16(ydst + row * ys + col, ok ? y + pl.tok[row] * ldy + y_col0 + n0 + col : y, ok);
+      }
+    }
+  };
+
+  auto compute = [&](int q) {
+    const int jt = q / nruns;
+    const int run = q - jt * nruns;
+    const int n0 = c0 + jt * N;
+    if (run == 0) {
+#pragma unroll
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[f][e] = 0.f;
+    }
+    const bool on_a = run_a == run;
+    const bool on_b = run_b == run;
+    if (__any_sync(kFullMask, on_a || on_b)) {
+      const T* ub = u_ring + (q % S) * N * us;
+      const float2 zero = make_float2(0.f, 0.f);
+      for (int kk = 0; kk < r_pad; kk += 16) {
+        const int c = kk + 2 * q4;
+        const float2 v0 = on_a ? *reinterpret_cast<const float2*>(g_tile + row_a * gs + c) : zero;
+        const float2 v1 = on_b ? *reinterpret_cast<const float2*>(g_tile + row_b * gs + c) : zero;
+        const float2 v2 = on_a ? *reinterpret_cast<const float2*>(g_tile + row_a * gs + c + 8) : zero;
+        const float2 v3 = on_b ? *reinterpret_cast<const float2*>(g_tile + row_b * gs + c + 8) : zero;
+        uint32_t hi[4], lo[4];
+        split_pair<T>(v0, hi[0], lo[0]);
+        split_pair<T>(v1, hi[1], lo[1]);
+        split_pair<T>(v2, hi[2], lo[2]);
+        split_pair<T>(v3, hi[3], lo[3]);
+#pragma unroll
+        for (int f = 0; f < NF; ++f) {
+          const T* ur = ub + ((wn + f * Cfg::kWarpsN) * 8 + g) * us + c;
+          const uint32_t b0 = load_pair(ur);
+          const uint32_t b1 = load_pair(ur + 8);
+          mma_16816<T>(acc[f], hi, b0, b1);
+          mma_16816<T>(acc[f], lo, b0, b1);
+        }
+      }
+    }
+    if (run != nruns - 1) return;
+
+    // Last run of the column tile: y + acc, rounded once to T, in place in the
+    // staged y tile, then written back coalesced. c1 - n0 is a multiple of 8
+    // and col even, so a pair is either inside the slice or wholly past it.
+    T* yb = y_ring + (jt % S) * M * ys;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const int col = (wn + f * Cfg::kWarpsN) * 8 + 2 * q4;
+      if (n0 + col < c1) {
+        if (run_a >= 0) {
+          uint32_t* p = reinterpret_cast<uint32_t*>(yb + row_a * ys + col);
+          const float2 old = unpack_pair<T>(*p);
+          *p = pack_pair<T>(old.x + acc[f][0], old.y + acc[f][1]);
+        }
+        if (run_b >= 0) {
+          uint32_t* p = reinterpret_cast<uint32_t*>(yb + row_b * ys + col);
+          const float2 old = unpack_pair<T>(*p);
+          *p = pack_pair<T>(old.x + acc[f][2], old.y + acc[f][3]);
+        }
+      }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < M * kYChunks; idx += Cfg::kThreads) {
+      const int row = idx / kYChunks;
+      const int col = (idx - row * kYChunks) * 8;
+      if (pl.run_of[row] >= 0 && n0 + col < c1)
+        *reinterpret_cast<uint4*>(y + pl.tok[row] * ldy + y_col0 + n0 + col) =
+            *reinterpret_cast<const uint4*>(yb + row * ys + col);
+    }
+  };
+
+  run_pipeline<S>(nsteps, load, compute);
+}
+
+// Adds the partial h tiles of all cl blocks of the cluster for rows
+// [row0, row0 + rows) and leaves the sums in this block's h tile (rows of a
+// block's share are read only by that block, so writing in place is safe).
+__device__ __forceinline__ void reduce_rows(float* h_tile, int hs, int r, int row0, int rows, int cl) {
+  for (int idx = threadIdx.x; idx < rows * r; idx += blockDim.x) {
+    const int off = (row0 + idx / r) * hs + idx % r;
+    float sum = 0.f;
+    for (int q = 0; q < cl; ++q) sum += cluster_peer(h_tile, q, cl)[off];
+    h_tile[off] = sum;
+  }
+}
+
+// Which slice and which block-column span blockIdx.y covers, spans numbered
+// slice after slice (at most kMaxSlices steps).
+__device__ __forceinline__ int slice_of_span(const StackList& l, int span, int& index) {
+  int s = 0;
+  index = static_cast<int>(blockIdx.y);
+  while (s + 1 < l.num_slices) {
+    const int n = (l.stack[s].rows + span - 1) / span;
+    if (index < n) break;
+    index -= n;
+    ++s;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Kernels. Grid x: window * cl + rank (clusters along x); grid y: slice (or
+// slice and column span for expand).
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    tc_shrink_kernel(const __grid_constant__ ShrinkParams p, const TcArgs a) {
+  constexpr int M = Cfg::M;
+  __shared__ WindowPlan<M> pl;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int cl = a.cl;
+  const int rank = static_cast<int>(blockIdx.x) % cl;
+  const int s = static_cast<int>(blockIdx.y);
+  const int r = p.h.r;
+  const int hs = a.r_pad + 8;
+  const int d_in = p.x.cols;
+  const SmemLayout L =
+      smem_layout(Kernel::kShrink, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+  float* h_tile = reinterpret_cast<float*>(smem + L.h_tile);
+
+  build_plan<M>(p.seg, static_cast<int>(blockIdx.x) / cl * M, pl);
+
+  // This block's share of d_in: whole k-tiles, the last share may be short or empty.
+  const int ktiles = (d_in + a.k_tile - 1) / a.k_tile;
+  const int share = (ktiles + cl - 1) / cl * a.k_tile;
+  const int kbeg = min(d_in, rank * share);
+  const int kend = min(d_in, kbeg + share);
+  shrink_phase<T, Cfg>(pl, static_cast<const T*>(p.x.data), p.x.stride_t, p.weights.stack[s], r, kbeg,
+                       kend, a.k_tile, reinterpret_cast<T*>(smem + L.x_ring),
+                       reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
+  cluster_barrier(cl);
+
+  // Each block sums and writes its share of the rows; rows without a run
+  // (no adapter) are written as zeros.
+  const int rows = M / cl;
+  const int row0 = rank * rows;
+  reduce_rows(h_tile, hs, r, row0, rows, cl);
+  __syncthreads();
+  float* h = p.h.data + s * p.h.stride_s;
+  for (int idx = threadIdx.x; idx < rows * r; idx += blockDim.x) {
+    const int row = row0 + idx / r;
+    const int col = idx % r;
+    const int tok = pl.tok[row];
+    if (tok < 0) continue;
+    const int run = pl.run_of[row];
+    float scale = 1.f;
+    if (p.scales.data != nullptr && run >= 0)
+      scale = p.scales.data[s * p.scales.stride_s + pl.run_group[run] * p.scales.stride_a];
+    h[tok * p.h.stride_t + col] = h_tile[row * hs + col] * scale;
+  }
+  // No block may leave while another still reads its h tile.
+  cluster_barrier(cl);
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    tc_expand_kernel(const __grid_constant__ ExpandParams p, const TcArgs a) {
+  constexpr int M = Cfg::M;
+  __shared__ WindowPlan<M> pl;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  int span_index = 0;
+  const int s = slice_of_span(p.weights, a.span, span_index);
+  const WeightStack& U = p.weights.stack[s];
+  const int c0 = span_index * a.span;
+  const int c1 = min(U.rows, c0 + a.span);
+  const int r = p.g.r;
+  const int gs = a.r_pad + 8;
+  const SmemLayout L =
+      smem_layout(Kernel::kExpand, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+  float* g_tile = reinterpret_cast<float*>(smem + L.g_tile);
+
+  build_plan<M>(p.seg, static_cast<int>(blockIdx.x) * M, pl);
+  if (pl.num_runs == 0 || c0 >= c1) return;
+
+  // g rows of the window's tokens, fp32, columns past r zero-filled; they
+  // join the pipeline's first commit group.
+  const float* gsrc = p.g.data + s * p.g.stride_s;
+  const int gchunks = a.r_pad / 4;
+  for (int idx = threadIdx.x; idx < M * gchunks; idx += blockDim.x) {
+    const int row = idx / gchunks;
+    const int k = (idx - row * gchunks) * 4;
+    const bool ok = pl.run_of[row] >= 0 && k < r;
+    cp_async16(g_tile + row * gs + k, ok ? gsrc + pl.tok[row] * p.g.stride_t + k : gsrc, ok);
+  }
+  expand_phase<T, Cfg>(pl, g_tile, gs, r, a.r_pad, U, c0, c1, static_cast<T*>(p.y.data), p.y.stride_t,
+                       p.weights.col_offset[s], reinterpret_cast<T*>(smem + L.u_ring),
+                       reinterpret_cast<T*>(smem + L.y_ring));
+}
+
+// Core of the fused kernel for rows [row0, row0 + rows): g = S_a h (full) or
+// sigma_a * h (diagonal) in fp32, from the reduced h rows; columns r..r_pad
+// and rows without a run or a valid slot become 0 (they add nothing).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void fused_core(const WindowPlan<Cfg::M>& pl, const WeightStack& S, bool diagonal,
+                                           bool s_vec, const float* h_tile, float* g_tile, int hs, int r,
+                                           int r_pad, int row0, int rows) {
+  for (int idx = threadIdx.x; idx < rows * r_pad; idx += blockDim.x) {
+    const int row = row0 + idx / r_pad;
+    const int col = idx % r_pad;
+    const int slot = pl.slot[row];
+    float v = 0.f;
+    if (col < r && pl.run_of[row] >= 0 && slot >= 0) {
+      const T* sa = static_cast<const T*>(S.data) + slot * S.stride_n;
+      const float* hrow = h_tile + row * hs;
+      if (diagonal) {
+        v = to_float(sa[col]) * hrow[col];
+      } else if (s_vec) {
+        v = core_row<T, kVec16<T>>(sa + col * S.stride_row, hrow, r);
+      } else {
+        const T* srow = sa + col * S.stride_row;
+        for (int k = 0; k < r; ++k) v = fmaf(to_float(srow[k]), hrow[k], v);
+      }
+    }
+    g_tile[row * hs + col] = v;
+  }
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    tc_fused_kernel(const __grid_constant__ FusedParams p, const TcArgs a) {
+  constexpr int M = Cfg::M;
+  __shared__ WindowPlan<M> pl;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int cl = a.cl;
+  const int rank = static_cast<int>(blockIdx.x) % cl;
+  const int s = static_cast<int>(blockIdx.y);
+  const int r = p.r;
+  const int hs = a.r_pad + 8;
+  const int d_in = p.x.cols;
+  const SmemLayout L =
+      smem_layout(Kernel::kFused, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+  float* h_tile = reinterpret_cast<float*>(smem + L.h_tile);
+  float* g_tile = reinterpret_cast<float*>(smem + L.g_tile);
+
+  build_plan<M>(p.seg, static_cast<int>(blockIdx.x) / cl * M, pl, p.token_lora_mapping, p.num_adapters);
+
+  // 1. Partial h over this block's share of d_in.
+  const int ktiles = (d_in + a.k_tile - 1) / a.k_tile;
+  const int kshare = (ktiles + cl - 1) / cl * a.k_tile;
+  const int kbeg = min(d_in, rank * kshare);
+  const int kend = min(d_in, kbeg + kshare);
+  shrink_phase<T, Cfg>(pl, static_cast<const T*>(p.x.data), p.x.stride_t, p.shrink.stack[s], r, kbeg,
+                       kend, a.k_tile, reinterpret_cast<T*>(smem + L.x_ring),
+                       reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
+  cluster_barrier(cl);
+
+  // 2. Sum the partials of this block's rows, apply the core to them.
+  const int rows = M / cl;
+  const int row0 = rank * rows;
+  reduce_rows(h_tile, hs, r, row0, rows, cl);
+  __syncthreads();
+  fused_core<T, Cfg>(pl, p.core.stack[s], p.core.diagonal[s], a.s_vec != 0, h_tile, g_tile, hs, r,
+                     a.r_pad, row0, rows);
+  cluster_barrier(cl);
+
+  // 3. Every block needs all of g: copy the other blocks' rows.
+  if (cl > 1) {
+    const int vecs = a.r_pad / 4;
+    for (int idx = threadIdx.x; idx < M * vecs; idx += blockDim.x) {
+      const int row = idx / vecs;
+      const int owner = row / rows;
+      if (owner == rank) continue;
+      const int off = row * hs + (idx - row * vecs) * 4;
+      *reinterpret_cast<float4*>(g_tile + off) =
+          *reinterpret_cast<const float4*>(cluster_peer(g_tile, owner, cl) + off);
+    }
+    __syncthreads();
+  }
+
+  // 4. This block's share of the slice's columns.
+  const WeightStack& U = p.expand.stack[s];
+  const int cshare = ((U.rows + cl - 1) / cl + Cfg::kNTile - 1) / Cfg::kNTile * Cfg::kNTile;
+  const int c0 = min(U.rows, rank * cshare);
+  const int c1 = min(U.rows, c0 + cshare);
+  expand_phase<T, Cfg>(pl, g_tile, hs, r, a.r_pad, U, c0, c1, static_cast<T*>(p.y.data), p.y.stride_t,
+                       p.expand.col_offset[s], reinterpret_cast<T*>(smem + L.u_ring),
+                       reinterpret_cast<T*>(smem + L.y_ring));
+  // No block may leave while another still reads its h or g tile.
+  cluster_barrier(cl);
+}
+
+}  // namespace jdlora::cuda::tc

@@ -1,0 +1,33 @@
+// Host entry points of the tensor-core kernels (csrc/cuda/tc_kernels.cu),
+// called by the launchers of launchers.h before they fall back to the simple
+// kernels. Plain C++.
+//
+// Dispatch, from host-known sizes only (never from metadata in device memory,
+// so a captured graph stays valid for any batch of the same size):
+//   * fp16/bf16, r a multiple of 8 in [8, 128], and rows that allow 16-byte
+//     accesses (16-byte aligned bases; strides, d_in, each d_out and each
+//     y column offset multiples of 8 elements; h/g strides multiples of 4);
+//     anything else, and fp32, takes the simple kernels;
+//   * num_tokens < kPrefillMinTokens: decode tiles (16 sorted positions per
+//     block); otherwise prefill tiles (64);
+//   * sm_90 and newer: shrink and fused split d_in over a thread-block
+//     cluster of up to 8 blocks, enough to put about two blocks on every
+//     multiprocessor; below sm_90 one block per window.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "jdlora/params.h"
+
+namespace jdlora::cuda {
+
+inline constexpr int kPrefillMinTokens = 1024;
+
+// Each returns false, launching nothing, when the call does not qualify for
+// the tensor-core path (see above) or its tiles do not fit in the shared
+// memory of the current device. Launch errors are left for cudaGetLastError.
+bool tc_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream);
+bool tc_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream);
+bool tc_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace jdlora::cuda
