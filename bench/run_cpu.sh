@@ -6,5 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-.venv/bin/python}"
 "$PY" -m pytest bench/bench_cpu_ops.py -p no:cacheprovider -q --benchmark-only \
   --benchmark-json bench/results/cpu_ops.json "$@"
-"$PY" bench/summarize.py bench/results/cpu_ops.json > bench/results/cpu_ops.md
+# JDLORA_BENCH_NOTE: a line for the summary, e.g. what else ran on the machine.
+"$PY" bench/summarize.py bench/results/cpu_ops.json "${JDLORA_BENCH_NOTE:-}" > bench/results/cpu_ops.md
 cat bench/results/cpu_ops.md

@@ -1,6 +1,6 @@
 """Turns a pytest-benchmark JSON file into a markdown table with the ratios that matter.
 
-Usage: python bench/summarize.py RESULTS.json > RESULTS.md
+Usage: python bench/summarize.py RESULTS.json [NOTE] > RESULTS.md
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 
 
-def main(path: str) -> None:
+def main(path: str, note: str = "") -> None:
     data = json.load(open(path))
     mi, ci = data["machine_info"], data.get("commit_info", {})
     print(f"# CPU op benchmarks\n")
@@ -18,7 +18,11 @@ def main(path: str) -> None:
     print(f"- commit: {ci.get('id', '?')}{' (dirty)' if ci.get('dirty') else ''}")
     print(f"- machine: {mi.get('cpu', {}).get('brand_raw', mi.get('processor'))}, "
           f"{mi.get('cpu', {}).get('count', '?')} cores, python {mi.get('python_version')}")
-    print(f"- timings: median of pedantic rounds (15 decode, 3 prefill), float32, uniform popularity\n")
+    print(f"- timings: median of pedantic rounds (15 decode, 3 prefill), float32, uniform popularity")
+    print(f"- threads: set per case with torch.set_num_threads (1 and 2)")
+    if note:
+        print(f"- note: {note}")
+    print()
     rows = defaultdict(dict)
     for b in data["benchmarks"]:
         ex = b["extra_info"]
@@ -43,4 +47,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -1,0 +1,176 @@
+"""The compressed collection: per module, cluster bases and per-adapter cores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from .collection import ModuleSpec
+
+__all__ = ["METHODS", "CompressedModule", "CompressedCollection"]
+
+#: Compression methods. ``full``/``diag``: joint diagonalisation with full or
+#: diagonal cores; ``svd``: per-adapter truncated SVD (one "cluster" per
+#: adapter); ``none``: the original factors (one "cluster" per adapter).
+METHODS = ("full", "diag", "svd", "none")
+
+
+def sigma_is_diagonal(method: str) -> bool:
+    return method in ("diag", "svd", "none")
+
+
+@dataclass
+class CompressedModule:
+    """One module of a compressed collection of ``n`` adapters in ``K`` clusters.
+
+    * ``U``: ``[K, d_out, r]``, ``Vt``: ``[K, r, d_in]`` (the serving layouts of
+      the expand and shrink stacks).
+    * ``sigma``: ``[n, r, r]`` (full cores) or ``[n, r]`` (diagonal cores).
+    * ``norms_sq``: ``[n]`` ``||dW_i||_F^2``; ``errors``: ``[n]``
+      ``||dW_i - recon_i||_F^2``; ``rel_errors``: ``errors / norms_sq`` (0 for
+      a zero update).
+
+    Adapter ``i`` in cluster ``k`` is reconstructed as
+    ``U[k] @ Sigma_i @ Vt[k]`` with the PEFT scaling already inside.
+    """
+
+    spec: ModuleSpec
+    U: torch.Tensor
+    Vt: torch.Tensor
+    sigma: torch.Tensor
+    norms_sq: torch.Tensor
+    errors: torch.Tensor
+    rel_errors: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[2])
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.U.shape[0])
+
+    def core(self, i: int) -> torch.Tensor:
+        """``Sigma_i`` as an ``[r, r]`` matrix."""
+        s = self.sigma[i]
+        return s if s.dim() == 2 else torch.diag(s)
+
+
+@dataclass
+class CompressedCollection:
+    """A compressed collection of adapters of one base model.
+
+    * ``method``: one of :data:`METHODS`; ``rank``: the requested rank ``r``.
+    * ``adapter_names``: ``n`` names; ``assignment``: int64 ``[n]`` cluster of
+      each adapter, shared by all modules; ``num_clusters``: ``K``.
+    * ``modules``: module name -> :class:`CompressedModule`, in model order.
+    * ``weights``: ``"relative"`` or ``"uniform"`` (the objective's weights).
+    * ``metadata``: ``base_model``, per-adapter PEFT ``configs`` and whatever
+      else a store should carry (JSON-serialisable).
+    * ``history``: one dict per round of the clustered fit (objective, number
+      of reassigned adapters, seconds).
+    """
+
+    method: str
+    rank: int
+    adapter_names: list[str]
+    assignment: torch.Tensor
+    num_clusters: int
+    modules: dict[str, CompressedModule]
+    weights: str = "relative"
+    metadata: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    # ------------------------------------------------------------- queries
+    @property
+    def num_adapters(self) -> int:
+        return len(self.adapter_names)
+
+    @property
+    def module_specs(self) -> list[ModuleSpec]:
+        return [m.spec for m in self.modules.values()]
+
+    def index(self, name: str) -> int:
+        try:
+            return self.adapter_names.index(name)
+        except ValueError:
+            raise KeyError(f"no adapter named {name!r} (have {len(self.adapter_names)} adapters)") from None
+
+    def rel_errors(self) -> torch.Tensor:
+        """``[n, M]`` relative squared error per adapter and module (float64)."""
+        if not self.modules:
+            return torch.zeros(self.num_adapters, 0, dtype=torch.float64)
+        return torch.stack([m.rel_errors.double().cpu() for m in self.modules.values()], dim=1)
+
+    def reconstruct(self, adapter: str | int, module: str) -> torch.Tensor:
+        """Dense ``[d_out, d_in]`` reconstruction of one adapter on one module."""
+        i = adapter if isinstance(adapter, int) else self.index(adapter)
+        cm = self.modules[module]
+        k = int(self.assignment[i])
+        return cm.U[k] @ cm.core(i) @ cm.Vt[k]
+
+    def lora_factors(self, adapter: str | int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-``r`` LoRA factors ``(B [d_out, r], A [r, d_in])`` with ``B @ A`` equal
+        to the reconstruction (scaling 1).
+
+        The core is split by its SVD, ``Sigma = P S Q^T``: ``B = U P S^(1/2)``,
+        ``A = S^(1/2) Q^T Vt``, so both factors have comparable magnitudes.
+        """
+        i = adapter if isinstance(adapter, int) else self.index(adapter)
+        cm = self.modules[module]
+        k = int(self.assignment[i])
+        core = cm.core(i).to(torch.float64)
+        P, S, Qh = torch.linalg.svd(core)
+        root = S.sqrt()
+        B = cm.U[k].to(torch.float64) @ (P * root)
+        A = (root[:, None] * Qh) @ cm.Vt[k].to(torch.float64)
+        return B, A
+
+    def memory(self, bytes_per_value: int = 2) -> dict:
+        """Parameter counts and bytes before and after compression.
+
+        ``before``: the adapters' own factors, ``sum_i sum_m r_i (d_out + d_in)``
+        (from ``metadata["ranks"]`` when present, else the stored rank).
+        ``after``: the bases of the non-empty clusters plus every adapter's core.
+        """
+        ranks = self.metadata.get("ranks", {})
+        before = 0
+        after = 0
+        used = torch.unique(self.assignment).numel() if self.num_adapters else 0
+        for name, cm in self.modules.items():
+            width = cm.spec.d_out + cm.spec.d_in
+            per = ranks.get(name)
+            if per is None:
+                before += self.num_adapters * cm.rank * width
+            else:
+                before += int(sum(per)) * width
+            if self.method in ("svd", "none"):
+                after += self.num_adapters * cm.rank * width + cm.sigma.numel()
+            else:
+                after += used * cm.rank * width + cm.sigma.numel()
+        return {
+            "params_before": before,
+            "params_after": after,
+            "bytes_before": before * bytes_per_value,
+            "bytes_after": after * bytes_per_value,
+            "ratio": (before / after) if after else float("inf"),
+        }
+
+    def summary(self) -> dict:
+        """Mean and max relative error over all (adapter, module) pairs."""
+        e = self.rel_errors()
+        if e.numel() == 0:
+            return {"mean_rel_error": 0.0, "max_rel_error": 0.0}
+        return {"mean_rel_error": float(e.mean()), "max_rel_error": float(e.max())}
+
+    def cluster_members(self) -> list[list[str]]:
+        out: list[list[str]] = [[] for _ in range(self.num_clusters)]
+        for name, k in zip(self.adapter_names, self.assignment.tolist()):
+            out[k].append(name)
+        return out
+
+
+def concat_rows(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(list(tensors), dim=0)
