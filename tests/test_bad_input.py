@@ -95,6 +95,8 @@ BAD_CASES = {
                      ["token_indices_sorted must have dtype Int", "got Long"]),
     "sorted range": ("jd_shrink", lambda b, t: dict(sorted=torch.full((T,), T, dtype=torch.int32)),
                      ["token_indices_sorted[0] = 11 is out of range [0, 11)"]),
+    "sorted repeats": ("jd_shrink", lambda b, t: dict(sorted=torch.zeros(T, dtype=torch.int32)),
+                       ["token_indices_sorted must be a permutation of [0, 11)", "token 0 appears twice"]),
     "cluster id range": ("jd_expand", lambda b, t: dict(cids=torch.where(
         b.meta.active_cluster_ids >= 0, torch.full_like(b.meta.active_cluster_ids, 99), b.meta.active_cluster_ids)),
         ["active_cluster_ids[0] = 99 is out of range", "[0, 6)"]),

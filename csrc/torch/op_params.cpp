@@ -464,10 +464,15 @@ FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
 void validate_segments(const char* op, const SegmentTable& seg, const char* ids_name,
                        const char* start_name, int64_t num_groups) {
   const int32_t T = seg.num_tokens;
+  // A repeated token would be written by two threads at once.
+  std::vector<bool> seen(T, false);
   for (int32_t i = 0; i < T; ++i) {
     const int32_t v = seg.token_indices_sorted[i];
     TORCH_CHECK(v >= 0 && v < T, op, ": token_indices_sorted[", i, "] = ", v,
                 " is out of range [0, ", T, ") (num_tokens)");
+    TORCH_CHECK(!seen[v], op, ": token_indices_sorted must be a permutation of [0, ", T,
+                "), but token ", v, " appears twice (again at position ", i, ")");
+    seen[v] = true;
   }
   int32_t prev = 0;
   for (int32_t j = 0; j <= seg.capacity; ++j) {
