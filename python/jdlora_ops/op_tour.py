@@ -1,4 +1,4 @@
-"""`jdlora demo`: every op on a realistic mixed batch, checked and timed.
+"""A tour of every op on a realistic mixed batch, checked and timed.
 
 Builds random resident tables for many adapter slots spread over clusters (a
 fused q/k/v projection by default: 4096 -> 4096, 1024, 1024), a batch whose
@@ -24,7 +24,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jdlora demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m jdlora_ops.op_tour", description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=256, help="tokens in the batch (default 256)")
     p.add_argument("--adapters", type=int, default=1000, help="adapter slots (default 1000)")
     p.add_argument("--clusters", type=int, default=25, help="cluster slots (default 25)")
