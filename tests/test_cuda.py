@@ -3,13 +3,24 @@
 Skipped without a CUDA device. Covers every op over popularity x T x d x r x
 dtype, multi-slice calls (3 slices, widths d, d/4, d/4 like q/k/v with GQA)
 with strided and misaligned activations, corrupt metadata (skipped, never
-read out of bounds), large adapter/cluster tables, and one CUDA graph that
-captures build_batch_meta + jd_fused + lora ops and is replayed on new inputs
-written into the same buffers.
+read out of bounds), large adapter/cluster tables, CUDA graphs that capture
+every op and are replayed on new inputs written into the same buffers, and
+torch.compile(mode="reduce-overhead", fullgraph=True).
+
+Dispatch (jdlora/cuda/tc_launchers.h): fp16/bf16 calls with r % 8 == 0,
+r <= 128 and 16-byte-aligned rows take the tensor-core kernels, with decode
+tiles below 1024 tokens and prefill tiles from 1024 on; fp32, odd widths and
+misaligned views take the simple kernels. The "fast path" tests pick sizes on
+both sides of each rule; one test reruns a set of calls in a subprocess with
+JDLORA_CUDA_SIMPLE=1 and compares the two implementations.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -304,11 +315,11 @@ def test_multi_slice_expand_fused(pattern, T, d, r, dtype, layout):
 # --- CUDA against the CPU kernels -------------------------------------------
 
 
-def run_all_ops(device: str, pattern: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def run_all_ops(device: str, pattern: str, dtype: torch.dtype, T: int = 133) -> dict[str, torch.Tensor]:
     """Every op on `device` with the same inputs (made on the CPU from one seed)."""
-    T, d, r = 133, 4096, 16
-    b = make_batch(pattern, T, seed_of("vs-cpu", pattern), device=device)
-    g = gen(seed_of("vs-cpu-data", pattern))
+    d, r = 4096, 16
+    b = make_batch(pattern, T, seed_of("vs-cpu", pattern, T), device=device)
+    g = gen(seed_of("vs-cpu-data", pattern, T))
     widths = [256, 64, 64]
     x = randn(b.T, d, dtype=dtype, gen=g, device=device)
     y = randn(b.T, sum(widths), dtype=dtype, gen=g, device=device)
@@ -341,9 +352,14 @@ def test_matches_cpu_ops(pattern, dtype):
 # --- corrupt metadata is skipped ----------------------------------------------
 
 
-def test_corrupt_segment_tables_are_skipped():
+# fp32: simple kernels; bf16: tensor-core kernels with decode and prefill tiles.
+CORRUPT_CASES = [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 1100)]
+
+
+@pytest.mark.parametrize("dtype,T", CORRUPT_CASES, ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else str(v))
+def test_corrupt_segment_tables_are_skipped(dtype, T):
     """Ids outside [0, capacity) and token indices outside [0, T) are skipped on CUDA."""
-    T, d, r, dtype = 64, 256, 16, torch.float32
+    d, r = 256, 16
     b = make_batch("uniform", T, seed_of("corrupt"), device=DEV)
     g = gen(11)
     x = randn(T, d, dtype=dtype, gen=g, device=DEV)
@@ -379,9 +395,10 @@ def test_corrupt_segment_tables_are_skipped():
     torch.cuda.synchronize()
 
 
-def test_out_of_range_slots_are_skipped():
+@pytest.mark.parametrize("dtype,T", CORRUPT_CASES, ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else str(v))
+def test_out_of_range_slots_are_skipped(dtype, T):
     """Slots >= the number of S rows (or < -1) give zero g rows and add nothing in jd_fused."""
-    T, d, r, dtype = 48, 128, 16, torch.float32
+    d, r = 128, 16
     b = make_batch("uniform", T, seed_of("slots"), device=DEV)
     g = gen(12)
     h = randn(1, T, r, gen=g, device=DEV)
@@ -473,3 +490,305 @@ def test_cuda_graph_replay():
         ref_h = R.lora_shrink(xv, Af, scales, m)
         assert_close(h, ref_h, dtype, f"{pattern}: lora_shrink h")
         assert_close(y_lora, R.lora_expand(ref_h, Bf, offsets, m, y0), dtype, f"{pattern}: lora_expand y")
+
+
+# --- tensor-core paths ------------------------------------------------------------
+
+FAST_DTYPES = [torch.bfloat16, torch.float16]
+FAST_RANKS = [8, 16, 64, 128]
+
+# (T, pattern, adapter slots, clusters, d): decode tiles below 1024 tokens,
+# prefill tiles from 1024 on. One token per adapter (windows of 16 one-token
+# runs), thousands of adapters, one cluster, zipf with tokens without adapter;
+# d = 200 is a multiple of 8 but not of the 64-wide steps (tails of both the
+# shrink steps and the expand column tiles); d = 64 gives every block of a
+# cluster at most one shrink step.
+FAST_CASES = [
+    (1, "identical", 19, 6, 1024),
+    (16, "distinct", 40, 6, 1024),
+    (133, "zipf", 1000, 25, 1024),
+    (256, "uniform", 1000, 25, 200),
+    (300, "skewed", 64, 1, 64),
+    (1024, "uniform", 1000, 25, 1024),
+    (1500, "skewed", 64, 1, 200),
+    (4096, "zipf", 4000, 64, 512),
+]
+
+
+def fast_grid(fn):
+    fn = pytest.mark.parametrize("dtype", FAST_DTYPES, ids=dtype_id)(fn)
+    fn = pytest.mark.parametrize("r", FAST_RANKS)(fn)
+    return pytest.mark.parametrize("T,pattern,A,C,d", FAST_CASES)(fn)
+
+
+@fast_grid
+def test_fast_shrink(T, pattern, A, C, d, r, dtype):
+    b = make_batch(pattern, T, seed_of("fshrink", T, pattern, r), device=DEV, A=A, C=C)
+    g = gen(seed_of("fshrink-data", T, r))
+    x = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    Af = randn(A, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    scales = (torch.rand(A, generator=g) + 0.5).to(DEV)
+    h = torch.full((1, b.T, r), float("nan"), device=DEV)  # every row must be written
+    jdlora_ops.jd_shrink(x, V, b.meta, out=h)
+    assert_close(h, R.jd_shrink(x, [V], b.mapping, b.adapter_cluster), dtype, "jd_shrink h")
+    h.fill_(float("nan"))
+    jdlora_ops.lora_shrink(x, Af, scales, b.meta, out=h)
+    assert_close(h, R.lora_shrink(x, [Af], scales, b.mapping), dtype, "lora_shrink h")
+
+
+@fast_grid
+def test_fast_expand(T, pattern, A, C, d, r, dtype):
+    b = make_batch(pattern, T, seed_of("fexpand", T, pattern, r), device=DEV, A=A, C=C)
+    g = gen(seed_of("fexpand-data", T, r))
+    gin = randn(1, b.T, r, gen=g, device=DEV)
+    U = randn(C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    Bf = randn(A, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y0 = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    y = y0.clone()
+    jdlora_ops.jd_expand(gin, U, b.meta, y)
+    assert_close(y, R.jd_expand(gin, [U], [0], b.mapping, b.adapter_cluster, y0), dtype, "jd_expand y")
+    y = y0.clone()
+    jdlora_ops.lora_expand(gin, Bf, b.meta, y)
+    assert_close(y, R.lora_expand(gin, [Bf], [0], b.mapping, y0), dtype, "lora_expand y")
+
+
+@fast_grid
+def test_fast_fused(T, pattern, A, C, d, r, dtype):
+    b = make_batch(pattern, T, seed_of("ffused", T, pattern, r), device=DEV, A=A, C=C)
+    g = gen(seed_of("ffused-data", T, r))
+    x = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    S = randn(A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    U = randn(C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y0 = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    y = y0.clone()
+    jdlora_ops.jd_fused(x, V, S, U, b.meta, y)
+    assert_close(y, R.jd_fused(x, [V], [S], [U], [0], b.mapping, b.adapter_cluster, y0), dtype, "jd_fused y")
+
+
+# q/k/v of a GQA layer: one call, three slices with their own widths, y column
+# offsets on 8-element boundaries (the tensor-core path's y condition) with
+# gaps between slices, x and y column views of wider tensors; mixed full and
+# diagonal cores. Token counts on both sides of the decode/prefill rule and a
+# number of slices that changes the cluster size picked on sm_90.
+@pytest.mark.parametrize("dtype", FAST_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("T,r,d", [(7, 16, 512), (256, 64, 1024), (1100, 16, 512), (2048, 128, 256),
+                                   (4096, 64, 1024)])
+def test_fast_multi_slice(T, r, d, dtype):
+    b = make_batch("zipf", T, seed_of("fms", T, r, d), device=DEV, A=300, C=25)
+    g = gen(seed_of("fms-data", T, r, d))
+    widths = [d, d // 4, d // 4]
+    offsets = [8, d + 24, d + d // 4 + 40]
+    ycols = offsets[-1] + widths[-1] + 16
+    x = randn(b.T, d + 32, dtype=dtype, gen=g, device=DEV)[:, 16 : 16 + d]
+    y_big = randn(b.T, ycols + 24, dtype=dtype, gen=g, device=DEV)
+    y0 = y_big[:, 8 : 8 + ycols]
+
+    def fresh_y():  # a strided view again, like y0 (clone() of a view would be contiguous)
+        return y_big.clone()[:, 8 : 8 + ycols]
+
+    V = [randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV) for _ in widths]
+    S = [randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV),
+         randn(b.A, r, dtype=dtype, gen=g, device=DEV),
+         randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)]
+    U = [randn(b.C, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV) for w in widths]
+    Af = [randn(b.A, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV) for _ in widths]
+    Bf = [randn(b.A, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV) for w in widths]
+    scales = (torch.rand(3, b.A, generator=g) + 0.5).to(DEV)
+
+    h = torch.full((3, b.T, r), float("nan"), device=DEV)
+    jdlora_ops.jd_shrink(x, V, b.meta, out=h)
+    ref_h = R.jd_shrink(x, V, b.mapping, b.adapter_cluster)
+    assert_close(h, ref_h, dtype, "jd_shrink h")
+    gg = jdlora_ops.jd_core(h, S, b.meta)
+    ref_g = R.jd_core(ref_h, S, b.mapping)
+    assert_close(gg, ref_g, dtype, "jd_core g")
+    y = fresh_y()
+    jdlora_ops.jd_expand(gg, U, b.meta, y, offsets)
+    assert_close(y, R.jd_expand(gg, U, offsets, b.mapping, b.adapter_cluster, y0), dtype, "jd_expand y")
+    y = fresh_y()
+    jdlora_ops.jd_fused(x, V, S, U, b.meta, y, offsets)
+    assert_close(y, R.jd_fused(x, V, S, U, offsets, b.mapping, b.adapter_cluster, y0), dtype, "jd_fused y")
+    hl = torch.full((3, b.T, r), float("nan"), device=DEV)
+    jdlora_ops.lora_shrink(x, Af, scales, b.meta, out=hl)
+    ref_hl = R.lora_shrink(x, Af, scales, b.mapping)
+    assert_close(hl, ref_hl, dtype, "lora_shrink h")
+    y = fresh_y()
+    jdlora_ops.lora_expand(hl, Bf, b.meta, y, offsets)
+    assert_close(y, R.lora_expand(hl, Bf, offsets, b.mapping, y0), dtype, "lora_expand y")
+    # Columns outside the slices are untouched.
+    cols = torch.ones(ycols, dtype=torch.bool)
+    for off, w in zip(offsets, widths):
+        cols[off : off + w] = False
+    assert torch.equal(y[:, cols.to(DEV)], y0[:, cols.to(DEV)])
+
+
+def test_fast_results_are_deterministic():
+    """The cluster split of d_in sums its partials in a fixed order: two runs agree bit for bit."""
+    T, d, r, dtype = 600, 1024, 64, torch.bfloat16
+    b = make_batch("zipf", T, seed_of("det"), device=DEV, A=500, C=25)
+    g = gen(seed_of("det-data"))
+    x = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    S = randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y0 = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    outs = []
+    for _ in range(2):
+        h = jdlora_ops.jd_shrink(x, V, b.meta)
+        y = jdlora_ops.jd_fused(x, V, S, U, b.meta, y0.clone())
+        outs.append((h, y))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+SIMPLE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from test_cuda import run_all_ops
+    out = {}
+    for pattern, T in [("zipf", 133), ("uniform", 1100), ("distinct", 16)]:
+        for name, v in run_all_ops("cuda", pattern, torch.bfloat16, T).items():
+            out[f"{pattern}-{T}-{name}"] = v.cpu()
+    torch.save(out, sys.argv[2])
+    """
+)
+
+
+def test_fast_path_matches_simple_path(tmp_path):
+    """The same calls with JDLORA_CUDA_SIMPLE=1 (read when the library loads,
+    hence a subprocess) and without it: two independent implementations."""
+    out_file = tmp_path / "simple.pt"
+    script = tmp_path / "simple.py"
+    script.write_text(SIMPLE_SCRIPT)
+    env = dict(os.environ, JDLORA_CUDA_SIMPLE="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, str(script), here, str(out_file)], env=env, check=True, timeout=600)
+    simple = torch.load(out_file)
+    for pattern, T in [("zipf", 133), ("uniform", 1100), ("distinct", 16)]:
+        for name, v in run_all_ops(DEV, pattern, torch.bfloat16, T).items():
+            assert_close(v, simple[f"{pattern}-{T}-{name}"], torch.bfloat16, f"{pattern} T={T} {name}")
+
+
+# --- CUDA graphs and torch.compile of every op ----------------------------------
+
+
+class GraphLayer:
+    """Static buffers and tables of one layer (q/k/v slices) for graph tests."""
+
+    def __init__(self, T: int, A: int = 300, C: int = 7, d: int = 512, r: int = 16, dtype=torch.bfloat16):
+        self.T, self.A, self.C, self.d, self.r, self.dtype = T, A, C, d, r, dtype
+        g = gen(seed_of("graph-layer", T, d, r))
+        self.widths = [d, d // 4, d // 4]
+        self.offsets = [0, d, d + d // 4]
+        self.ycols = sum(self.widths)
+        W = self.widths
+        self.V = [randn(C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV) for _ in W]
+        self.S = [randn(A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV),
+                  randn(A, r, dtype=dtype, gen=g, device=DEV),
+                  randn(A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)]
+        self.U = [randn(C, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV) for w in W]
+        self.Af = [randn(A, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV) for _ in W]
+        self.Bf = [randn(A, w, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV) for w in W]
+        self.scales = (torch.rand(3, A, generator=g) + 0.5).to(DEV)
+        self.adapter_cluster = torch.randint(C, (A,), generator=g, dtype=torch.int32).to(DEV)
+
+    def new_inputs(self, pattern: str, seed: int):
+        gg = gen(seed)
+        m = token_mapping(pattern, self.T, self.A, gg)
+        x = randn(self.T, self.d, dtype=self.dtype, gen=gg)
+        y0 = randn(self.T, self.ycols, dtype=self.dtype, gen=gg)
+        return m, x, y0
+
+    def check(self, m, x, y0, out: dict[str, torch.Tensor], what: str):
+        V, S, U, Af, Bf, offs, ac = self.V, self.S, self.U, self.Af, self.Bf, self.offsets, self.adapter_cluster
+        dt = self.dtype
+        ref_h = R.jd_shrink(x, V, m, ac)
+        assert_close(out["h"], ref_h, dt, f"{what}: jd_shrink h")
+        ref_g = R.jd_core(ref_h, S, m)
+        assert_close(out["g"], ref_g, dt, f"{what}: jd_core g")
+        assert_close(out["y_staged"], R.jd_expand(out["g"], U, offs, m, ac, y0), dt, f"{what}: jd_expand y")
+        assert_close(out["y_fused"], R.jd_fused(x, V, S, U, offs, m, ac, y0), dt, f"{what}: jd_fused y")
+        ref_hl = R.lora_shrink(x, Af, self.scales, m)
+        assert_close(out["hl"], ref_hl, dt, f"{what}: lora_shrink h")
+        assert_close(out["y_lora"], R.lora_expand(out["hl"], Bf, offs, m, y0), dt, f"{what}: lora_expand y")
+
+
+# T = 48: decode tiles; T = 1100: prefill tiles (and on sm_90 other cluster sizes).
+@pytest.mark.parametrize("T", [48, 1100])
+def test_cuda_graph_every_op(T):
+    """Capture build_batch_meta and every other op once; write new mappings and
+    activations into the captured buffers and replay; compare with float64."""
+    L = GraphLayer(T)
+    meta = jdlora_ops.BatchMeta.allocate(T, L.A, L.C, DEV)
+    mapping = meta.token_lora_mapping[:T]  # build() reads it in place
+    x = torch.empty(T, L.d, dtype=L.dtype, device=DEV)
+    y = {k: torch.empty(T, L.ycols, dtype=L.dtype, device=DEV) for k in ("y_staged", "y_fused", "y_lora")}
+    h = torch.empty(3, T, L.r, device=DEV)
+    g = torch.empty_like(h)
+    hl = torch.empty_like(h)
+
+    def write(pattern, seed):
+        m, xv, y0 = L.new_inputs(pattern, seed)
+        mapping.copy_(m.to(DEV))
+        x.copy_(xv.to(DEV))
+        for t in y.values():
+            t.copy_(y0.to(DEV))
+        return m, xv, y0
+
+    def step():
+        meta.build(mapping, L.adapter_cluster)
+        jdlora_ops.jd_shrink(x, L.V, meta, out=h)
+        jdlora_ops.jd_core(h, L.S, meta, out=g)
+        jdlora_ops.jd_expand(g, L.U, meta, y["y_staged"], L.offsets)
+        jdlora_ops.jd_fused(x, L.V, L.S, L.U, meta, y["y_fused"], L.offsets)
+        jdlora_ops.lora_shrink(x, L.Af, L.scales, meta, out=hl)
+        jdlora_ops.lora_expand(hl, L.Bf, meta, y["y_lora"], L.offsets)
+
+    write("identical", 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for pattern, seed in [("zipf", 2), ("distinct", 3), ("all_none", 4), ("skewed", 5), ("uniform", 6)]:
+        if pattern == "distinct" and L.A < T:
+            continue
+        m, xv, y0 = write(pattern, seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_meta(meta, T, R.build_batch_meta(m, L.adapter_cluster, L.C), pattern)
+        L.check(m, xv, y0, {"h": h, "g": g, "hl": hl, **y}, pattern)
+
+
+@pytest.mark.parametrize("T", [40, 1030])
+def test_compile_reduce_overhead(T):
+    """torch.compile(mode="reduce-overhead", fullgraph=True) over every op but
+    build_batch_meta (which writes into its inputs, which would keep the
+    compiled function off CUDA graphs), called on new inputs of the same shape."""
+    L = GraphLayer(T)
+    meta = jdlora_ops.BatchMeta.allocate(T, L.A, L.C, DEV)
+
+    @torch.compile(mode="reduce-overhead", fullgraph=True)
+    def layer(x, y0, meta):
+        h = jdlora_ops.jd_shrink(x, L.V, meta)
+        g = jdlora_ops.jd_core(h, L.S, meta)
+        y_staged = jdlora_ops.jd_expand(g, L.U, meta, y0.clone(), L.offsets)
+        y_fused = jdlora_ops.jd_fused(x, L.V, L.S, L.U, meta, y0.clone(), L.offsets)
+        hl = jdlora_ops.lora_shrink(x, L.Af, L.scales, meta)
+        y_lora = jdlora_ops.lora_expand(hl, L.Bf, meta, y0.clone(), L.offsets)
+        return {"h": h, "g": g, "y_staged": y_staged, "y_fused": y_fused, "hl": hl, "y_lora": y_lora}
+
+    for pattern, seed in [("zipf", 11), ("uniform", 12), ("skewed", 13), ("zipf", 14)]:
+        m, xv, y0 = L.new_inputs(pattern, seed)
+        meta.build(m.to(DEV), L.adapter_cluster)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = layer(xv.to(DEV), y0.to(DEV), meta)
+        out = {k: v.clone() for k, v in out.items()}
+        L.check(m, xv, y0, out, f"compiled {pattern}")

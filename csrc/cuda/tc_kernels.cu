@@ -123,10 +123,7 @@ int pick_k_tile(int r, int elem, int k_share) {
   return k;
 }
 
-template <typename Cfg>
-bool fits(const DeviceInfo& dev, const SmemLayout& L) {
-  return L.total + sizeof(tc::WindowPlan<Cfg::M>) <= static_cast<size_t>(dev.smem_optin);
-}
+bool fits(const DeviceInfo& dev, const SmemLayout& L) { return L.total <= static_cast<size_t>(dev.smem_optin); }
 
 template <typename Params, typename Kern>
 void launch(Kern kernel, dim3 grid, size_t smem, int cl, cudaStream_t stream, const Params& p, const TcArgs& a) {
@@ -170,8 +167,9 @@ bool tc_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
     a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, a.cl)));
     a.r_pad = round_up(r, 16);
     const SmemLayout L =
-        tc::smem_layout(Kernel::kShrink, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
-    if (!fits<Cfg>(dev, L)) return false;
+        tc::smem_layout(Kernel::kShrink, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
+                        sizeof(tc::WindowPlan<Cfg::M>));
+    if (!fits(dev, L)) return false;
     const dim3 grid(static_cast<unsigned>(windows * a.cl), static_cast<unsigned>(S));
     launch(tc::tc_shrink_kernel<T, Cfg>, grid, L.total, a.cl, stream, p, a);
     return true;
@@ -204,8 +202,9 @@ bool tc_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
     int64_t spans = 0;
     for (int s = 0; s < p.weights.num_slices; ++s) spans += ceil_div(p.weights.stack[s].rows, a.span);
     const SmemLayout L =
-        tc::smem_layout(Kernel::kExpand, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
-    if (!fits<Cfg>(dev, L)) return false;
+        tc::smem_layout(Kernel::kExpand, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
+                        sizeof(tc::WindowPlan<Cfg::M>));
+    if (!fits(dev, L)) return false;
     const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(spans));
     launch(tc::tc_expand_kernel<T, Cfg>, grid, L.total, 1, stream, p, a);
     return true;
@@ -231,8 +230,9 @@ bool tc_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
     a.r_pad = round_up(r, 16);
     a.s_vec = full_cores_vectorizable(p.core) ? 1 : 0;
     const SmemLayout L =
-        tc::smem_layout(Kernel::kFused, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
-    if (!fits<Cfg>(dev, L)) return false;
+        tc::smem_layout(Kernel::kFused, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
+                        sizeof(tc::WindowPlan<Cfg::M>));
+    if (!fits(dev, L)) return false;
     const dim3 grid(static_cast<unsigned>(windows * a.cl), static_cast<unsigned>(S));
     launch(tc::tc_fused_kernel<T, Cfg>, grid, L.total, a.cl, stream, p, a);
     return true;

@@ -56,11 +56,11 @@ struct TcArgs {
   int s_vec;   // fused: full S rows allow 16-byte loads
 };
 
-// Dynamic shared memory of the kernels (byte offsets, each 16-byte aligned).
-// Shrink and expand rings alias in the fused kernel: its phases are separated
-// by barriers.
+// Dynamic shared memory of the kernels (byte offsets, each 16-byte aligned):
+// the copy rings, the h and g tiles, the window plan last. Shrink and expand
+// rings alias in the fused kernel: its phases are separated by barriers.
 struct SmemLayout {
-  size_t x_ring, w_ring, u_ring, y_ring, h_tile, g_tile, total;
+  size_t x_ring, w_ring, u_ring, y_ring, h_tile, g_tile, plan, total;
 };
 
 enum class Kernel : int { kShrink = 0, kExpand = 1, kFused = 2 };
@@ -70,7 +70,7 @@ __host__ __device__ inline size_t align16(size_t v) { return (v + 15) & ~static_
 // Row strides (elements) pad every row by 16 bytes (8 for fp32 tiles: 32
 // bytes): fragment reads of 8 rows x 4 lanes then hit 32 distinct banks.
 __host__ __device__ inline SmemLayout smem_layout(Kernel kind, int M, int stages, int n_tile, int r,
-                                                  int r_pad, int k_tile, int elem) {
+                                                  int r_pad, int k_tile, int elem, size_t plan_bytes) {
   const size_t xs = k_tile + 8, us = r_pad + 8, ys = n_tile + 8, hs = r_pad + 8;
   SmemLayout L{};
   L.x_ring = 0;
@@ -85,7 +85,8 @@ __host__ __device__ inline SmemLayout smem_layout(Kernel kind, int M, int stages
   const size_t tile = align16(M * hs * sizeof(float));
   L.h_tile = ring;
   L.g_tile = ring + (kind == Kernel::kExpand ? 0 : tile);
-  L.total = L.g_tile + (kind == Kernel::kShrink ? 0 : tile);
+  L.plan = L.g_tile + (kind == Kernel::kShrink ? 0 : tile);
+  L.total = L.plan + align16(plan_bytes);
   return L;
 }
 
@@ -105,8 +106,8 @@ struct WindowPlan {
 };
 
 // Fills `pl` for the window at sorted position p0. Three dependent rounds of
-// loads (segment of p0, then the next M segment starts and the tokens, then
-// the group ids) instead of one search per run, so a window of 16 one-token
+// loads (the tokens and the segment of p0; the next M segment starts and the
+// tokens' adapter slots; the group ids) instead of one search per run, so a window of 16 one-token
 // adapters costs about as much to plan as a window of one cluster. With a
 // valid table active segments are non-empty, so the M starts after p0's
 // segment cover the window; a corrupt table gives wrong runs but every index
@@ -117,14 +118,12 @@ __device__ __forceinline__ void build_plan(const SegmentTable& seg, int p0, Wind
   const int tid = threadIdx.x;
   const int T = seg.num_tokens;
   const int cap = seg.capacity;
+  // The token load does not depend on the search: it is in flight during it.
+  int tok = tid < M && p0 + tid < T ? seg.token_indices_sorted[p0 + tid] : -1;
   const int j0 = find_segment(seg, p0);
   if (tid <= M) pl.starts[tid] = j0 + tid <= cap ? seg.seg_start[j0 + tid] : INT_MAX;
-  int tok = -1;
   if (tid < M) {
-    if (p0 + tid < T) {
-      tok = seg.token_indices_sorted[p0 + tid];
-      if (tok < 0 || tok >= T) tok = -1;
-    }
+    if (tok < 0 || tok >= T) tok = -1;
     pl.tok[tid] = tok;
     if (mapping != nullptr) {
       int a = tok >= 0 ? mapping[tok] : -1;
@@ -283,9 +282,14 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
 // first step, updated in shared memory with its last, and written back with
 // 16-byte coalesced stores.
 
+// The copies of the first steps depend only on the plan, not on g: `part`
+// kPrologue issues them (the fused kernel does so before its core, so they
+// overlap the cluster exchange), kBody runs the rest, kAll both.
+enum class Part : int { kPrologue, kBody, kAll };
+
 template <typename T, typename Cfg>
-__device__ __forceinline__ void expand_phase(const WindowPlan<Cfg::M>& pl, const float* g_tile, int gs,
-                                             int r, int r_pad, const WeightStack& U, int c0, int c1,
+__device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>& pl, const float* g_tile,
+                                             int gs, int r, int r_pad, const WeightStack& U, int c0, int c1,
                                              T* __restrict__ y, int64_t ldy, int64_t y_col0,
                                              T* u_ring, T* y_ring) {
   constexpr int M = Cfg::M;
@@ -405,7 +409,8 @@ __device__ __forceinline__ void expand_phase(const WindowPlan<Cfg::M>& pl, const
     }
   };
 
-  run_pipeline<S>(nsteps, load, compute);
+  if (part != Part::kBody) pipeline_prologue<S>(nsteps, load);
+  if (part != Part::kPrologue) pipeline_body<S>(nsteps, load, compute);
 }
 
 // Adds the partial h tiles of all cl blocks of the cluster for rows
@@ -442,8 +447,7 @@ template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tc_shrink_kernel(const __grid_constant__ ShrinkParams p, const TcArgs a) {
   constexpr int M = Cfg::M;
-  __shared__ WindowPlan<M> pl;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = smem_base();
 
   const int cl = a.cl;
   const int rank = static_cast<int>(blockIdx.x) % cl;
@@ -452,7 +456,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int hs = a.r_pad + 8;
   const int d_in = p.x.cols;
   const SmemLayout L =
-      smem_layout(Kernel::kShrink, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+      smem_layout(Kernel::kShrink, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
+                  sizeof(WindowPlan<M>));
+  WindowPlan<M>& pl = *reinterpret_cast<WindowPlan<M>*>(smem + L.plan);
   float* h_tile = reinterpret_cast<float*>(smem + L.h_tile);
 
   build_plan<M>(p.seg, static_cast<int>(blockIdx.x) / cl * M, pl);
@@ -493,8 +499,7 @@ template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tc_expand_kernel(const __grid_constant__ ExpandParams p, const TcArgs a) {
   constexpr int M = Cfg::M;
-  __shared__ WindowPlan<M> pl;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = smem_base();
 
   int span_index = 0;
   const int s = slice_of_span(p.weights, a.span, span_index);
@@ -504,7 +509,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int r = p.g.r;
   const int gs = a.r_pad + 8;
   const SmemLayout L =
-      smem_layout(Kernel::kExpand, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+      smem_layout(Kernel::kExpand, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
+                  sizeof(WindowPlan<M>));
+  WindowPlan<M>& pl = *reinterpret_cast<WindowPlan<M>*>(smem + L.plan);
   float* g_tile = reinterpret_cast<float*>(smem + L.g_tile);
 
   build_plan<M>(p.seg, static_cast<int>(blockIdx.x) * M, pl);
@@ -520,9 +527,29 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     const bool ok = pl.run_of[row] >= 0 && k < r;
     cp_async16(g_tile + row * gs + k, ok ? gsrc + pl.tok[row] * p.g.stride_t + k : gsrc, ok);
   }
-  expand_phase<T, Cfg>(pl, g_tile, gs, r, a.r_pad, U, c0, c1, static_cast<T*>(p.y.data), p.y.stride_t,
-                       p.weights.col_offset[s], reinterpret_cast<T*>(smem + L.u_ring),
+  expand_phase<T, Cfg>(Part::kAll, pl, g_tile, gs, r, a.r_pad, U, c0, c1, static_cast<T*>(p.y.data),
+                       p.y.stride_t, p.weights.col_offset[s], reinterpret_cast<T*>(smem + L.u_ring),
                        reinterpret_cast<T*>(smem + L.y_ring));
+}
+
+// Starts moving the S rows that fused_core reads for rows [row0, row0 + rows)
+// towards L1, one request per 128-byte line; nothing waits for them.
+template <typename T, int M>
+__device__ __forceinline__ void prefetch_core_rows(const WindowPlan<M>& pl, const WeightStack& S, bool diagonal,
+                                                   int r, int row0, int rows) {
+  const int s_rows = diagonal ? 1 : r;  // rows of S per adapter
+  const int per_line = static_cast<int>(128 / sizeof(T));
+  const int lines = (r + per_line - 1) / per_line;  // lines per S row
+  const int per_token = s_rows * lines;
+  for (int idx = threadIdx.x; idx < rows * per_token; idx += blockDim.x) {
+    const int row = row0 + idx / per_token;
+    const int rest = idx % per_token;
+    const int slot = pl.slot[row];
+    if (slot < 0 || pl.run_of[row] < 0) continue;
+    const T* line = static_cast<const T*>(S.data) + slot * S.stride_n + (rest / lines) * S.stride_row +
+                    (rest % lines) * per_line;
+    prefetch_l1(line);
+  }
 }
 
 // Core of the fused kernel for rows [row0, row0 + rows): g = S_a h (full) or
@@ -557,8 +584,7 @@ template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tc_fused_kernel(const __grid_constant__ FusedParams p, const TcArgs a) {
   constexpr int M = Cfg::M;
-  __shared__ WindowPlan<M> pl;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = smem_base();
 
   const int cl = a.cl;
   const int rank = static_cast<int>(blockIdx.x) % cl;
@@ -567,7 +593,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int hs = a.r_pad + 8;
   const int d_in = p.x.cols;
   const SmemLayout L =
-      smem_layout(Kernel::kFused, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T));
+      smem_layout(Kernel::kFused, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
+                  sizeof(WindowPlan<M>));
+  WindowPlan<M>& pl = *reinterpret_cast<WindowPlan<M>*>(smem + L.plan);
   float* h_tile = reinterpret_cast<float*>(smem + L.h_tile);
   float* g_tile = reinterpret_cast<float*>(smem + L.g_tile);
 
@@ -581,11 +609,25 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   shrink_phase<T, Cfg>(pl, static_cast<const T*>(p.x.data), p.x.stride_t, p.shrink.stack[s], r, kbeg,
                        kend, a.k_tile, reinterpret_cast<T*>(smem + L.x_ring),
                        reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
+
+  // This block's share of the slice's columns. Its first weight and y tiles
+  // and the core's S rows do not depend on h: start fetching them now, so
+  // they arrive while the cluster exchanges partial sums.
+  const WeightStack& U = p.expand.stack[s];
+  const int cshare = ((U.rows + cl - 1) / cl + Cfg::kNTile - 1) / Cfg::kNTile * Cfg::kNTile;
+  const int c0 = min(U.rows, rank * cshare);
+  const int c1 = min(U.rows, c0 + cshare);
+  T* y = static_cast<T*>(p.y.data);
+  T* u_ring = reinterpret_cast<T*>(smem + L.u_ring);
+  T* y_ring = reinterpret_cast<T*>(smem + L.y_ring);
+  expand_phase<T, Cfg>(Part::kPrologue, pl, g_tile, hs, r, a.r_pad, U, c0, c1, y, p.y.stride_t,
+                       p.expand.col_offset[s], u_ring, y_ring);
+  const int rows = M / cl;
+  const int row0 = rank * rows;
+  prefetch_core_rows<T>(pl, p.core.stack[s], p.core.diagonal[s], r, row0, rows);
   cluster_barrier(cl);
 
   // 2. Sum the partials of this block's rows, apply the core to them.
-  const int rows = M / cl;
-  const int row0 = rank * rows;
   reduce_rows(h_tile, hs, r, row0, rows, cl);
   __syncthreads();
   fused_core<T, Cfg>(pl, p.core.stack[s], p.core.diagonal[s], a.s_vec != 0, h_tile, g_tile, hs, r,
@@ -606,14 +648,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     __syncthreads();
   }
 
-  // 4. This block's share of the slice's columns.
-  const WeightStack& U = p.expand.stack[s];
-  const int cshare = ((U.rows + cl - 1) / cl + Cfg::kNTile - 1) / Cfg::kNTile * Cfg::kNTile;
-  const int c0 = min(U.rows, rank * cshare);
-  const int c1 = min(U.rows, c0 + cshare);
-  expand_phase<T, Cfg>(pl, g_tile, hs, r, a.r_pad, U, c0, c1, static_cast<T*>(p.y.data), p.y.stride_t,
-                       p.expand.col_offset[s], reinterpret_cast<T*>(smem + L.u_ring),
-                       reinterpret_cast<T*>(smem + L.y_ring));
+  // 4. y += U g over this block's columns.
+  expand_phase<T, Cfg>(Part::kBody, pl, g_tile, hs, r, a.r_pad, U, c0, c1, y, p.y.stride_t,
+                       p.expand.col_offset[s], u_ring, y_ring);
   // No block may leave while another still reads its h or g tile.
   cluster_barrier(cl);
 }

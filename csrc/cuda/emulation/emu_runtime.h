@@ -1,0 +1,267 @@
+// A host emulation of the CUDA execution model, just large enough to run the
+// tensor-core kernels of this library (tc_kernels.cuh) on a machine without a
+// GPU: every thread of a block (or of a thread-block cluster) is a fiber on
+// one OS thread, switched only at barriers, so a run is deterministic for a
+// given schedule seed. Block, warp and cluster barriers, the warp votes the
+// kernels use, and __syncthreads_count are exact; the hardware layer
+// (cp.async, mma.sync, distributed shared memory) is emulated in tc_hw_emu.h.
+//
+// What it checks: index arithmetic, the window plan, the masking of runs,
+// the copy pipeline (copies land only at cp.async.wait_group, so a read
+// before its wait sees stale bytes), barrier placement (fibers are scheduled
+// in a shuffled order each round, and shared memory starts as NaN bytes), the
+// cluster split and its exchange, and deadlocks (reported, not hung).
+// What it does not: timing, memory-model subtleties of real hardware, the
+// MMA fragment layout itself (emulated from the PTX description, so it
+// checks the kernels against that description, not against the silicon).
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#define __launch_bounds__(...)
+
+namespace emu {
+
+inline constexpr int kWarp = 32;
+
+struct Barrier {
+  int expected = 0;
+  int arrived = 0;
+  long generation = 0;
+};
+
+struct Fiber {
+  ucontext_t ctx{};
+  std::unique_ptr<char[]> stack;
+  uint3 tid{};
+  uint3 bid{};
+  int block = 0;  // index of its block within the running cluster
+  bool done = false;
+  // cp.async copies not yet landed: (dst, src, pred, group)
+  struct Copy {
+    void* dst;
+    const void* src;
+    bool pred;
+    long group;
+  };
+  std::vector<Copy> copies;
+  long committed = 0;
+};
+
+struct WarpExchange {
+  uint32_t u[kWarp][6];
+  int i[kWarp];
+};
+
+struct Machine {
+  std::vector<Fiber> fibers;
+  ucontext_t main_ctx{};
+  int current = -1;
+  uint3 block_dim{128, 1, 1};
+  int threads_per_block = 128;
+  std::vector<Barrier> block_bar, warp_bar;
+  Barrier cluster_bar;
+  std::vector<int> count_acc, count_result;
+  std::vector<WarpExchange> warp_x;
+  std::vector<std::vector<unsigned char>> smem;  // per block of the cluster
+  size_t smem_bytes = 0;
+  long progress = 0;
+  std::mt19937 rng{12345};
+  std::function<void()> body;
+};
+
+inline Machine& m() {
+  static Machine machine;
+  return machine;
+}
+
+inline Fiber& cur() { return m().fibers[m().current]; }
+
+inline void yield() { swapcontext(&cur().ctx, &m().main_ctx); }
+
+inline void wait_at(Barrier& b) {
+  const long gen = b.generation;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    ++m().progress;
+    return;
+  }
+  while (b.generation == gen) yield();
+}
+
+inline void fiber_entry() {
+  m().body();
+  cur().done = true;
+  ++m().progress;
+  swapcontext(&cur().ctx, &m().main_ctx);
+}
+
+// Runs `kernel` for every thread of `cl` blocks (one cluster) whose indices
+// are blockIdx.x = bx0 .. bx0 + cl - 1, blockIdx.y = by. Aborts on deadlock.
+inline void run_cluster(const std::function<void()>& kernel, uint3 grid, unsigned bx0, unsigned by, int cl,
+                        int threads, size_t smem_bytes) {
+  Machine& M = m();
+  (void)grid;
+  M.body = kernel;
+  M.threads_per_block = threads;
+  M.block_dim = uint3{static_cast<unsigned>(threads), 1, 1};
+  const int n = threads * cl;
+  const int warps = threads / kWarp;
+  M.fibers.clear();
+  M.fibers.resize(n);
+  M.block_bar.assign(cl, Barrier{threads, 0, 0});
+  M.warp_bar.assign(cl * warps, Barrier{kWarp, 0, 0});
+  M.cluster_bar = Barrier{n, 0, 0};
+  M.count_acc.assign(cl, 0);
+  M.count_result.assign(cl, 0);
+  M.warp_x.assign(cl * warps, WarpExchange{});
+  // Shared memory starts as 0xff bytes: NaN for every float, so reading
+  // anything before it is written shows up in the results.
+  M.smem.assign(cl, std::vector<unsigned char>(smem_bytes + 16, 0xff));
+  M.smem_bytes = smem_bytes;
+  constexpr size_t kStack = 256 * 1024;
+  for (int f = 0; f < n; ++f) {
+    Fiber& fb = M.fibers[f];
+    fb.stack.reset(new char[kStack]);
+    fb.block = f / threads;
+    fb.tid = uint3{static_cast<unsigned>(f % threads), 0, 0};
+    fb.bid = uint3{bx0 + static_cast<unsigned>(fb.block), by, 0};
+    getcontext(&fb.ctx);
+    fb.ctx.uc_stack.ss_sp = fb.stack.get();
+    fb.ctx.uc_stack.ss_size = kStack;
+    fb.ctx.uc_link = nullptr;
+    makecontext(&fb.ctx, fiber_entry, 0);
+  }
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  int idle_rounds = 0;
+  while (true) {
+    bool all_done = true;
+    const long before = M.progress;
+    std::shuffle(order.begin(), order.end(), M.rng);
+    for (int f : order) {
+      if (M.fibers[f].done) continue;
+      all_done = false;
+      M.current = f;
+      swapcontext(&M.main_ctx, &M.fibers[f].ctx);
+    }
+    if (all_done) break;
+    idle_rounds = M.progress == before ? idle_rounds + 1 : 0;
+    if (idle_rounds > 3) {
+      std::fprintf(stderr, "emulation: deadlock in cluster at block (%u, %u)\n", bx0, by);
+      std::abort();
+    }
+  }
+  M.current = -1;
+  M.fibers.clear();
+}
+
+inline int lane() { return static_cast<int>(cur().tid.x) % kWarp; }
+inline int warp_index() { return cur().block * (m().threads_per_block / kWarp) + static_cast<int>(cur().tid.x) / kWarp; }
+inline void warp_sync() { wait_at(m().warp_bar[warp_index()]); }
+inline WarpExchange& warp_x() { return m().warp_x[warp_index()]; }
+
+}  // namespace emu
+
+// --- the CUDA names the kernels use -------------------------------------------------
+
+#define threadIdx (::emu::cur().tid)
+#define blockIdx (::emu::cur().bid)
+#define blockDim (::emu::m().block_dim)
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline void __syncthreads() { emu::wait_at(emu::m().block_bar[emu::cur().block]); }
+
+inline int __syncthreads_count(int pred) {
+  emu::Machine& M = emu::m();
+  const int b = emu::cur().block;
+  M.count_acc[b] += pred ? 1 : 0;
+  emu::Barrier& bar = M.block_bar[b];
+  const long gen = bar.generation;
+  if (++bar.arrived == bar.expected) {
+    bar.arrived = 0;
+    M.count_result[b] = M.count_acc[b];
+    M.count_acc[b] = 0;
+    ++bar.generation;
+    ++M.progress;
+  } else {
+    while (bar.generation == gen) emu::yield();
+  }
+  return M.count_result[b];
+}
+
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
+
+inline unsigned __ballot_sync(unsigned, int pred) {
+  auto& x = emu::warp_x();
+  x.i[emu::lane()] = pred ? 1 : 0;
+  emu::warp_sync();
+  unsigned b = 0;
+  for (int l = 0; l < emu::kWarp; ++l) b |= x.i[l] ? (1u << l) : 0u;
+  emu::warp_sync();
+  return b;
+}
+
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+
+template <typename V>
+inline V shfl_from(V v, int src) {
+  auto& x = emu::warp_x();
+  static_assert(sizeof(V) <= 4);
+  uint32_t u = 0;
+  std::memcpy(&u, &v, sizeof(V));
+  x.u[emu::lane()][0] = u;
+  emu::warp_sync();
+  const uint32_t got = x.u[src & 31][0];
+  emu::warp_sync();
+  V out;
+  std::memcpy(&out, &got, sizeof(V));
+  return out;
+}
+
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V v, int m) { return shfl_from(v, emu::lane() ^ m); }
+
+template <typename V>
+inline V __shfl_up_sync(unsigned, V v, unsigned d) {
+  const int src = emu::lane() - static_cast<int>(d);
+  return shfl_from(v, src < 0 ? emu::lane() : src);
+}
+
+inline unsigned __match_any_sync(unsigned, int v) {
+  auto& x = emu::warp_x();
+  x.i[emu::lane()] = v;
+  emu::warp_sync();
+  unsigned b = 0;
+  for (int l = 0; l < emu::kWarp; ++l) b |= x.i[l] == v ? (1u << l) : 0u;
+  emu::warp_sync();
+  return b;
+}
+
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __clz(unsigned v) { return v == 0 ? 32 : __builtin_clz(v); }
+
+template <typename V>
+inline V __ldg(const V* p) {
+  return *p;
+}

@@ -1,0 +1,143 @@
+// Host emulation of jdlora/cuda/tc_hw.cuh (same names and signatures), on
+// top of emu_runtime.h. Substituted through JDLORA_TC_HW_HEADER.
+#pragma once
+
+#include "emu_runtime.h"
+
+namespace emu {
+
+struct GlobalBuffer {
+  const unsigned char* begin;
+  size_t bytes;
+};
+
+// Global buffers the asynchronous copies may read; a copy from anywhere else
+// is an out-of-bounds read and aborts the run.
+inline std::vector<GlobalBuffer>& buffers() {
+  static std::vector<GlobalBuffer> b;
+  return b;
+}
+
+inline void check_global(const void* p, size_t n, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  for (const GlobalBuffer& b : buffers())
+    if (c >= b.begin && c + n <= b.begin + b.bytes) return;
+  std::fprintf(stderr, "emulation: %s of %zu bytes at %p is outside every global buffer\n", what, n, p);
+  std::abort();
+}
+
+inline unsigned char* block_smem(int block) {
+  auto& v = m().smem[block];
+  auto addr = reinterpret_cast<uintptr_t>(v.data());
+  return v.data() + ((16 - addr % 16) % 16);
+}
+
+template <typename T>
+inline float half_to_float(uint16_t bits) {
+  T v;
+  std::memcpy(&v, &bits, sizeof(bits));
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(v);
+  } else {
+    return __half2float(v);
+  }
+}
+
+}  // namespace emu
+
+namespace jdlora::cuda::tc {
+
+inline void cp_async16(void* smem, const void* gmem, bool pred) {
+  emu::Fiber& f = emu::cur();
+  unsigned char* base = emu::block_smem(f.block);
+  auto* d = static_cast<unsigned char*>(smem);
+  if (reinterpret_cast<uintptr_t>(smem) % 16 != 0 || d < base ||
+      d + 16 > base + emu::m().smem_bytes) {
+    std::fprintf(stderr, "emulation: cp.async destination %p misaligned or outside shared memory\n", smem);
+    std::abort();
+  }
+  if (pred && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) {
+    std::fprintf(stderr, "emulation: cp.async source %p not 16-byte aligned\n", gmem);
+    std::abort();
+  }
+  if (pred) emu::check_global(gmem, 16, "cp.async source");
+  f.copies.push_back({smem, gmem, pred, f.committed});
+}
+
+inline void cp_async_commit() { ++emu::cur().committed; }
+
+// Copies land only here: every group but the N most recent committed ones.
+template <int N>
+inline void cp_async_wait() {
+  emu::Fiber& f = emu::cur();
+  const long limit = f.committed - N;
+  std::vector<emu::Fiber::Copy> keep;
+  for (const auto& c : f.copies) {
+    if (c.group < limit) {
+      if (c.pred) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    } else {
+      keep.push_back(c);
+    }
+  }
+  f.copies.swap(keep);
+}
+
+inline unsigned char* smem_base() { return emu::block_smem(emu::cur().block); }
+
+inline void prefetch_l1(const void*) {}
+
+// D += A B for one m16n8k16 tile, from the fragments of the 32 lanes as the
+// PTX ISA describes them (see tc_hw.cuh).
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  auto& x = emu::warp_x();
+  const int l = emu::lane();
+  for (int i = 0; i < 4; ++i) x.u[l][i] = a[i];
+  x.u[l][4] = b0;
+  x.u[l][5] = b1;
+  emu::warp_sync();
+  auto elem = [&](int lane, int reg, int half) {
+    const uint32_t u = x.u[lane][reg];
+    return emu::half_to_float<T>(static_cast<uint16_t>(half ? u >> 16 : u & 0xffffu));
+  };
+  auto A = [&](int row, int k) { return elem((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2); };
+  auto B = [&](int k, int n) { return elem(n * 4 + (k % 8) / 2, k >= 8 ? 5 : 4, k % 2); };
+  const int g = l / 4;
+  const int q = l % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0);
+    const int col = 2 * q + (i % 2);
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    out[i] = acc;
+  }
+  emu::warp_sync();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+inline void cluster_barrier(int cl) {
+  if (cl > 1) {
+    emu::wait_at(emu::m().cluster_bar);
+  } else {
+    __syncthreads();
+  }
+}
+
+template <typename P>
+inline P* cluster_peer(P* p, int rank, int cl) {
+  if (cl <= 1) return p;
+  const auto* mine = emu::block_smem(emu::cur().block);
+  const ptrdiff_t off = reinterpret_cast<const unsigned char*>(p) - mine;
+  if (rank < 0 || rank >= cl || off < 0 || static_cast<size_t>(off) >= emu::m().smem_bytes) {
+    std::fprintf(stderr, "emulation: cluster_peer(rank %d) of a pointer outside shared memory\n", rank);
+    std::abort();
+  }
+  return reinterpret_cast<P*>(emu::block_smem(rank) + off);
+}
+
+}  // namespace jdlora::cuda::tc
