@@ -17,6 +17,18 @@ iteration converge at the rate of the gap between eigenvalue ``r`` and
 ``m + 1`` instead of ``r + 1``. A half-step reads every factor twice; nothing of
 size ``d_out x d_in`` is formed.
 
+Alternating half-steps approach the optimum slowly when the spectrum is flat
+(unstructured adapters): each half-step is optimal for the other side's current
+basis, which itself lags. From the third iteration on, each half-step therefore
+moves ``overrelax`` times as far along the Grassmann geodesic as the
+Rayleigh-Ritz step would, when that still does not lower ``f`` (checked exactly
+and for free in the small Rayleigh-Ritz coordinates); this cuts the iterations
+needed for a given error by a large factor on flat spectra.
+
+The start is a Gaussian sketch of ``sum_i w_i dW_i dW_i^T`` for ``U`` (ordered
+by its Rayleigh quotients), followed by a from-scratch ``V`` half-step (a
+sketch of ``M_V(U)``), so the first iteration starts from a matched pair.
+
 JD-Diag fits ``dW_i ~ U diag(sigma_i) V^T`` (``U``, ``V`` unconstrained) by
 alternating exact least squares over ``sigma``, ``U`` and ``V``.
 """
@@ -43,7 +55,9 @@ from .collection import ModuleFactors, resolve_weights
 
 __all__ = ["JDResult", "jd_full", "jd_diag", "check_rank"]
 
-START = 2
+# Iterations done with plain Rayleigh-Ritz steps before over-relaxation starts: the first
+# steps move far from the starting sketch, where extrapolating along them does not pay.
+_PLAIN_ITERATIONS = 2
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -139,21 +153,19 @@ def _half_step(
     Pr: list[torch.Tensor],
     w: list[torch.Tensor],
     rtol: float,
-    active: int,
-    keep: int,
     omega: float = 1.0,
 ):
     """One subspace-iteration + Rayleigh-Ritz half-step (see the module docstring).
 
     ``data``: factors of the side being updated (``[g, rho, d]``), ``X``:
     current orthonormal block ``[d, m]``, ``QX``: ``data @ X``, ``Pr``: the
-    fixed side's projections ``[g, rho, r]``. Returns the new block (Ritz
-    vectors in decreasing order), its projections and the Ritz values
-    (float64, decreasing).
+    fixed side's projections ``[g, rho, r]``. Returns the new block (its
+    first ``r`` columns the new basis, the rest Ritz vectors in decreasing
+    order), its projections ``data @ block`` and ``f`` at the new basis
+    (float64 arithmetic).
     """
-    d = X.shape[0]
-    m = min(active, X.shape[1])
-    K = [_bmm_t(p, q[..., :m]) for p, q in zip(Pr, QX)]  # P_i^T (D_i X): [g, r, m]
+    d, m = X.shape
+    K = [_bmm_t(p, q) for p, q in zip(Pr, QX)]  # P_i^T (D_i X): [g, r, m]
     C = [wg[:, None, None] * torch.bmm(p, k) for p, k, wg in zip(Pr, K, w)]
     Y = expand(data, C, d, m, X)  # M X
     Z = orth_complement(Y, X, rtol)
@@ -167,7 +179,7 @@ def _half_step(
     K2 = [_bmm_t(p, q) for p, q in zip(Pr, QB)]
     H = _weighted_gram(K2, w, width, X.device)
     lam, W = torch.linalg.eigh(H)
-    keep = min(keep, width)
+    keep = min(m, width)
     lam, W = lam.flip(0), W.flip(1)
     r = Pr[0].shape[2] if Pr else 0
     f_old = float(torch.diagonal(H)[:r].sum())
@@ -297,7 +309,6 @@ def jd_full(
     device: torch.device | str | None = None,
     oversample: int | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    carry: int = 0,
     overrelax: float = 1.5,
 ) -> JDResult:
     """JD-Full of one module: shared orthonormal ``U``, ``V``, full ``Sigma_i``.
@@ -312,7 +323,9 @@ def jd_full(
     for a given ``seed``, device and input. All arithmetic is in ``dtype``
     (float32 or float64) whatever the factors' dtype; small reductions are in
     float64. ``oversample``: extra columns carried by the subspace iteration
-    (default ``max(8, rank // 2)``).
+    (default ``max(8, rank // 2)``); ``overrelax``: geodesic step factor
+    (1 = plain alternating Rayleigh-Ritz steps). The weighted error never
+    increases from one iteration to the next (``history``).
     """
     factors, device = _prepare(factors, rank, dtype, device)
     spec, n, r = factors.spec, factors.num_adapters, rank
@@ -320,7 +333,6 @@ def jd_full(
     rtol = 100 * eps_of(dtype)
     p = max(8, r // 2) if oversample is None else int(oversample)
     mU, mV = min(r + p, spec.d_out), min(r + p, spec.d_in)
-    kU, kV = min(mU + carry, spec.d_out), min(mV + carry, spec.d_in)
 
     grams = factors.grams()
     norms = factors.norms_sq(grams)
@@ -347,9 +359,9 @@ def jd_full(
             converged = True
             break
         it += 1
-        om = overrelax if it > START else 1.0
-        Ux, QX, _ = _half_step(Bt, Ux, QX, [p_[..., :r] for p_ in Px], w_g, rtol, mU, kU, om)
-        Vx, Px, f = _half_step(A, Vx, Px, [q[..., :r] for q in QX], w_g, rtol, mV, kV, om)
+        om = overrelax if it > _PLAIN_ITERATIONS else 1.0
+        Ux, QX, _ = _half_step(Bt, Ux, QX, [p_[..., :r] for p_ in Px], w_g, rtol, om)
+        Vx, Px, f = _half_step(A, Vx, Px, [q[..., :r] for q in QX], w_g, rtol, om)
         history.append(total - f)
         if history[-2] - history[-1] <= tol * total:
             converged = True

@@ -16,7 +16,7 @@ import torch
 
 from ._linalg import F64, sym_pinv
 from .collection import AdapterCollection, ModuleFactors
-from .result import CompressedCollection, CompressedModule
+from .result import CompressedCollection
 
 __all__ = ["ClusterEvaluation", "evaluate_clusters", "project_adapters", "ProjectionReport"]
 
@@ -182,6 +182,7 @@ def project_adapters(
     m = len(names)
     new_specs = {s.name for s in new.modules}
     per_module: dict[str, ClusterEvaluation] = {}
+    new_ranks: dict[str, list[int]] = {}
     cost = torch.zeros(m, K, dtype=F64)
     mods = list(compressed.modules.items())
     it = mods
@@ -199,6 +200,7 @@ def project_adapters(
         V = cm.Vt.to(device=device, dtype=dt).transpose(1, 2)
         ev = evaluate_clusters(f, U, V, compressed.method, all_sigma=True)
         per_module[name] = ev
+        new_ranks[name] = f.ranks().tolist()
         if compressed.weights == "relative":
             cost += relative(ev.errors, ev.norms_sq).cpu()
         else:
@@ -222,21 +224,17 @@ def project_adapters(
         rel_cols.append(rel.cpu())
     compressed.adapter_names.extend(names)
     compressed.assignment = torch.cat([compressed.assignment, chosen.to(compressed.assignment)])
-    _merge_metadata(compressed, new)
+    merge_metadata(compressed, new, new_ranks)
     rel = torch.stack(rel_cols, dim=1) if rel_cols else torch.zeros(m, 0, dtype=F64)
     return ProjectionReport(names, chosen, rel, cost, time.perf_counter() - t0)
 
 
-def _merge_metadata(compressed: CompressedCollection, new: AdapterCollection) -> None:
+def merge_metadata(compressed: CompressedCollection, new: AdapterCollection, new_ranks: dict[str, list[int]]) -> None:
+    """Carry the new adapters' PEFT configs and per-module ranks into ``compressed.metadata``."""
     md = compressed.metadata
     new_md = getattr(new, "metadata", {}) or {}
-    configs = md.setdefault("configs", {})
-    configs.update(new_md.get("configs", {}))
-    ranks = md.get("ranks")
-    if ranks is not None:
-        new_ranks = new_md.get("ranks", {})
-        for mod in compressed.modules:
-            extra = new_ranks.get(mod)
-            if extra is None:
-                extra = [0] * len(new.adapter_names)
-            ranks.setdefault(mod, []).extend(int(x) for x in extra)
+    md.setdefault("configs", {}).update(new_md.get("configs", {}))
+    ranks = md.setdefault("ranks", {})
+    for mod in compressed.modules:
+        extra = new_ranks.get(mod, [0] * len(new.adapter_names))
+        ranks.setdefault(mod, [0] * (compressed.num_adapters - len(new.adapter_names))).extend(int(x) for x in extra)

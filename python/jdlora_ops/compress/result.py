@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
-
 import torch
 
 from .collection import ModuleSpec
@@ -171,6 +169,3 @@ class CompressedCollection:
             out[k].append(name)
         return out
 
-
-def concat_rows(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(list(tensors), dim=0)

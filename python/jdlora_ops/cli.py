@@ -1,0 +1,289 @@
+"""The ``jdlora`` command: compress PEFT adapters into a store, grow it, inspect it, export from it.
+
+    jdlora compress ADAPTER_DIR... --rank R [--clusters K] [--method full|diag] --out STORE
+    jdlora add STORE ADAPTER_DIR...
+    jdlora inspect STORE
+    jdlora export STORE NAME --out DIR
+    jdlora demo [ARGS...]
+
+Bad input (missing or damaged files, adapters of another base model or with
+other shapes, a rank the modules cannot hold, K < 1, ...) ends with a one-line
+``jdlora: error: ...`` on stderr and exit status 2. Stores and exported
+adapters are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp64": "float64",
+           "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+class CLIError(Exception):
+    """Bad input found by the command line layer itself."""
+
+
+def _dtype(name: str):
+    import torch
+
+    key = _DTYPES.get(name.lower())
+    if key is None:
+        raise CLIError(f"unknown dtype {name!r} (use float32, float64, bfloat16 or float16)")
+    return getattr(torch, key)
+
+
+def _positive(kind: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{kind} must be an integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{kind} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"jdlora: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jdlora", description="Joint compression of LoRA adapter collections.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    c = sub.add_parser("compress", help="compress PEFT adapter directories into a new store")
+    c.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    c.add_argument("--rank", "-r", type=_positive("--rank"), required=True, help="rank r of the shared bases")
+    c.add_argument("--clusters", "-k", type=_positive("--clusters"), default=1, help="number of clusters K (default 1)")
+    c.add_argument("--method", choices=["full", "diag", "svd", "none"], default="full",
+                   help="full (JD-Full), diag (JD-Diag), svd (per-adapter truncated SVD), none (no compression)")
+    c.add_argument("--out", "-o", required=True, metavar="STORE", help="store directory to create")
+    c.add_argument("--weights", choices=["relative", "uniform"], default="relative",
+                   help="objective weights: relative (1/||dW||^2, default) or uniform")
+    c.add_argument("--max-iter", type=_positive("--max-iter"), default=50, help="JD iterations per cluster and module")
+    c.add_argument("--tol", type=float, default=1e-6, help="JD stopping tolerance (relative objective change)")
+    c.add_argument("--max-rounds", type=_positive("--max-rounds"), default=10, help="cluster fit/reassign rounds")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--compute-dtype", default="float32", help="float32 (default) or float64")
+    c.add_argument("--store-dtype", default=None, help="dtype of stored bases and cores (default: compute dtype)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    a = sub.add_parser("add", help="add adapters to a store without recompressing")
+    a.add_argument("store", metavar="STORE")
+    a.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    a.add_argument("--cluster", type=int, default=None, help="put the adapters in this cluster (default: best)")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--threads", type=_positive("--threads"), default=None)
+    a.add_argument("--quiet", "-q", action="store_true")
+
+    i = sub.add_parser("inspect", help="per-adapter and per-module errors, memory before and after")
+    i.add_argument("store", metavar="STORE")
+    i.add_argument("--modules", action="store_true", help="also print the per-module table")
+    i.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
+
+    e = sub.add_parser("export", help="write one adapter back as a PEFT adapter directory")
+    e.add_argument("store", metavar="STORE")
+    e.add_argument("name", metavar="NAME")
+    e.add_argument("--out", "-o", required=True, metavar="DIR")
+    e.add_argument("--dtype", default="float32", help="dtype of the exported factors (default float32)")
+    e.add_argument("--overwrite", action="store_true")
+
+    d = sub.add_parser("demo", help="run the end-to-end demo", add_help=False)
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+# ------------------------------------------------------------------ commands
+def _threads(n):
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    from .compress import compress
+    from .peft_io import PeftCollection
+    from .store import StoreError, is_store, save_store
+
+    _threads(args.threads)
+    compute = _dtype(args.compute_dtype)
+    if compute not in (torch.float32, torch.float64):
+        raise CLIError("--compute-dtype must be float32 or float64")
+    store_dtype = _dtype(args.store_dtype) if args.store_dtype else None
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        if not os.path.isdir(out) or os.listdir(out):
+            what = "a store" if is_store(out) else "a non-empty path"
+            raise CLIError(f"{args.out}: {what} already exists (use --overwrite to replace a store)")
+    if os.path.exists(out) and os.path.isdir(out) and os.listdir(out) and not is_store(out):
+        raise StoreError(f"{args.out}: exists, is not empty and is not a jdlora store; refusing to write there")
+    collection = PeftCollection(args.adapters)
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
+    t0 = time.perf_counter()
+    result = compress(
+        collection, args.rank, method=args.method, num_clusters=args.clusters, weights=args.weights,
+        max_iter=args.max_iter, tol=args.tol, max_rounds=args.max_rounds, seed=args.seed, dtype=compute,
+        device=args.device, progress=not args.quiet, log=log,
+    )
+    seconds = time.perf_counter() - t0
+    result.metadata.setdefault("compressor", {})["seconds"] = round(seconds, 3)
+    save_store(out, result, overwrite=args.overwrite, dtype=store_dtype)
+    s = result.summary()
+    mem = result.memory(2)
+    print(
+        f"compressed {result.num_adapters} adapters x {len(result.modules)} modules "
+        f"({args.method}, r={args.rank}, {result.num_clusters} clusters) in {seconds:.1f} s: "
+        f"relative error mean {s['mean_rel_error']:.4f} max {s['max_rel_error']:.4f}; "
+        f"{_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} (bf16); store {args.out}"
+    )
+    return 0
+
+
+def cmd_add(args) -> int:
+    from .compress import project_adapters
+    from .peft_io import PeftCollection
+    from .store import load_store, read_manifest, save_store
+
+    _threads(args.threads)
+    manifest = read_manifest(args.store)
+    compressed = load_store(args.store)
+    collection = PeftCollection(
+        args.adapters, expect_base_model=manifest.get("base_model"), expect_modules=compressed.module_specs
+    )
+    if args.cluster is not None and compressed.method in ("full", "diag"):
+        if not 0 <= args.cluster < compressed.num_clusters:
+            raise CLIError(f"--cluster {args.cluster} out of range: the store has {compressed.num_clusters} clusters")
+    report = project_adapters(compressed, collection, cluster=args.cluster, device=args.device, progress=not args.quiet)
+    save_store(args.store, compressed, update=True, reuse_bases=compressed.method in ("full", "diag"),
+               dtype=next(iter(compressed.modules.values())).U.dtype)
+    for j, name in enumerate(report.names):
+        e = report.rel_errors[j]
+        print(
+            f"added {name}: cluster {int(report.clusters[j])}, relative error mean {float(e.mean()):.4f} "
+            f"max {float(e.max()):.4f}"
+        )
+    print(f"projected {len(report.names)} adapter(s) in {report.seconds * 1e3:.1f} ms; store {args.store}")
+    return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    line = lambda r: "  ".join(str(x).rjust(w) if k else str(x).ljust(w) for k, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def cmd_inspect(args) -> int:
+    from .store import read_manifest
+
+    m = read_manifest(args.store)
+    mods = m["modules"]
+    adapters = m["adapters"]
+    mem = m.get("memory_bf16") or {}
+    if args.json:
+        out = {k: m[k] for k in ("base_model", "method", "rank", "weights", "num_adapters", "num_clusters", "dtype")
+               if k in m}
+        out["memory_bf16"] = mem
+        out["adapters"] = [{k: a[k] for k in ("name", "cluster", "mean_error", "max_error")} for a in adapters]
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"store      {args.store}")
+    print(f"base model {m.get('base_model')}")
+    print(f"method     {m['method']}  rank {m['rank']}  weights {m.get('weights')}  dtype {m.get('dtype')}")
+    print(f"adapters   {len(adapters)}  clusters {m.get('num_clusters')}  modules {len(mods)}")
+    if mem:
+        print(
+            f"memory     {_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} in bf16 "
+            f"({mem['params_before']:,} -> {mem['params_after']:,} parameters, x{mem['ratio']:.1f})"
+        )
+    all_errs = [e for a in adapters for e in a["errors"]]
+    if all_errs:
+        print(f"error      relative squared error mean {sum(all_errs) / len(all_errs):.4f} max {max(all_errs):.4f}")
+    print()
+    rows = [[a["name"], str(a["cluster"]), f"{a['mean_error']:.4f}", f"{a['max_error']:.4f}",
+             mods[max(range(len(mods)), key=lambda j: a["errors"][j])]["name"] if a["errors"] else "-"]
+            for a in adapters]
+    print(_table(rows, ["adapter", "cluster", "mean err", "max err", "worst module"]))
+    if args.modules or len(mods) <= 12:
+        print()
+        mrows = []
+        for j, md in enumerate(mods):
+            col = [a["errors"][j] for a in adapters if a["errors"]]
+            mrows.append([md["name"], f"{md['d_out']}x{md['d_in']}", str(md["rank"]),
+                          f"{(sum(col) / len(col)) if col else 0:.4f}", f"{max(col) if col else 0:.4f}"])
+        print(_table(mrows, ["module", "shape", "rank", "mean err", "max err"]))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .peft_io import export_peft_adapter
+    from .store import load_store
+
+    dtype = _dtype(args.dtype)
+    compressed = load_store(args.store)
+    if args.name not in compressed.adapter_names:
+        raise CLIError(f"no adapter named {args.name!r} in {args.store} ({compressed.num_adapters} adapters)")
+    out = export_peft_adapter(compressed, args.name, args.out, dtype=dtype, overwrite=args.overwrite)
+    print(f"exported {args.name} to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from jdlora_ops.demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "demo":
+        # Everything after "demo" belongs to the demo, including options like --help.
+        return cmd_demo(argparse.Namespace(rest=argv[1:])) or 0
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
+        return int(exc.code or 0)
+    handlers = {"compress": cmd_compress, "add": cmd_add, "inspect": cmd_inspect, "export": cmd_export}
+    try:
+        return handlers[args.command](args) or 0
+    except KeyboardInterrupt:
+        print("jdlora: interrupted; nothing was changed", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, KeyError, OSError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError) and exc.args:
+            msg = str(exc.args[0])
+        print(f"jdlora: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

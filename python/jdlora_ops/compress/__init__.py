@@ -1,0 +1,55 @@
+"""Joint compression of LoRA collections (pure PyTorch; same code on CPU and GPU).
+
+* :func:`compress`: clustered JD-Full / JD-Diag of a whole collection,
+  streamed module by module (also dispatches to the baselines).
+* :func:`jd_full`, :func:`jd_diag`: one module, one cluster.
+* :func:`compress_svd`, :func:`compress_none`, :func:`truncated_svd`: baselines.
+* :func:`project_adapters`: add adapters to a compressed collection.
+* :class:`AdapterCollection` and its implementations produce a module's
+  factors on demand (:class:`ModuleFactors`).
+"""
+
+from .baselines import compress_none, compress_svd, truncated_svd
+from .clustering import adapter_signatures, compress, kmeans
+from .collection import (
+    AdapterCollection,
+    CallableCollection,
+    InMemoryCollection,
+    ModuleFactors,
+    ModuleSpec,
+    RankGroup,
+    parse_module_name,
+    resolve_weights,
+)
+from .jd import JDResult, diag_solve, full_sigma, jd_diag, jd_full
+from .projection import ClusterEvaluation, ProjectionReport, evaluate_clusters, project_adapters
+from .result import METHODS, CompressedCollection, CompressedModule
+
+__all__ = [
+    "AdapterCollection",
+    "CallableCollection",
+    "ClusterEvaluation",
+    "CompressedCollection",
+    "CompressedModule",
+    "InMemoryCollection",
+    "JDResult",
+    "METHODS",
+    "ModuleFactors",
+    "ModuleSpec",
+    "ProjectionReport",
+    "RankGroup",
+    "adapter_signatures",
+    "compress",
+    "compress_none",
+    "compress_svd",
+    "diag_solve",
+    "evaluate_clusters",
+    "full_sigma",
+    "jd_diag",
+    "jd_full",
+    "kmeans",
+    "parse_module_name",
+    "project_adapters",
+    "resolve_weights",
+    "truncated_svd",
+]

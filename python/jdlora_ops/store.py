@@ -1,0 +1,346 @@
+"""The compressed-store directory format.
+
+A store is a directory::
+
+    STORE/
+      manifest.json                   what the store holds (the commit point)
+      bases-<id>.safetensors          per module: "<module>::U" [K, d_out, r],
+                                      "<module>::Vt" [K, r, d_in]
+      cores-<id>.safetensors          "assignment" int64 [n]; per module:
+                                      "<module>::sigma" [n, r, r] or [n, r],
+                                      "<module>::norms_sq", "::errors",
+                                      "::rel_errors" [n]
+
+``manifest.json`` (format ``jdlora-store``, ``format_version`` 1) records the
+base model, the method, the rank, the weights, the modules with their shapes and
+rank, the clusters, every adapter's name, cluster, per-module relative error,
+original ranks and PEFT config, how the PEFT scaling was folded, the memory
+before and after, the fitting history and the names of the two tensor files.
+
+Writes are atomic. A new store is assembled in a temporary sibling directory
+and renamed into place. An existing store is updated by writing tensor files
+under fresh names, then replacing ``manifest.json`` with ``os.replace`` (the
+commit), then deleting files the new manifest no longer names. A reader always
+sees either the old or the new manifest, and the files it names exist; an
+interrupted write leaves the old store intact (plus stray files that the next
+write removes).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+
+import torch
+
+from .compress.collection import ModuleSpec
+from .compress.result import METHODS, CompressedCollection, CompressedModule, sigma_is_diagonal
+
+__all__ = ["StoreError", "save_store", "load_store", "read_manifest", "is_store", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "jdlora-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_OWNED = re.compile(r"^(bases|cores)-[0-9a-f]{16}\.safetensors$|^\.(manifest|bases|cores)\..*\.tmp$")
+SCALING_NOTE = (
+    "PEFT scaling folded into the cores: each adapter's update is s * B @ A with s = lora_alpha / r "
+    "(lora_alpha / sqrt(r) with use_rslora), r and lora_alpha per module from rank_pattern / alpha_pattern; "
+    "the stored reconstruction U[k] @ Sigma @ Vt[k] already includes s"
+)
+
+
+class StoreError(ValueError):
+    """A store that cannot be read or written (message names the path and the problem)."""
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), MANIFEST))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": FORMAT})
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _manifest(c: CompressedCollection, files: dict, dtype: torch.dtype) -> dict:
+    names = list(c.modules)
+    rel = c.rel_errors()
+    ranks = c.metadata.get("ranks") or {}
+    configs = c.metadata.get("configs") or {}
+    adapters = []
+    for i, name in enumerate(c.adapter_names):
+        errs = [float(x) for x in rel[i].tolist()] if rel.numel() else []
+        entry = {
+            "name": name,
+            "cluster": int(c.assignment[i]),
+            "errors": errs,
+            "mean_error": (sum(errs) / len(errs)) if errs else 0.0,
+            "max_error": max(errs) if errs else 0.0,
+        }
+        if ranks:
+            entry["ranks"] = [int(ranks[m][i]) if m in ranks and i < len(ranks[m]) else 0 for m in names]
+        if name in configs:
+            entry["peft_config"] = configs[name]
+        adapters.append(entry)
+    modules = []
+    for m, cm in c.modules.items():
+        modules.append(
+            {
+                "name": m,
+                "layer": cm.spec.layer,
+                "kind": cm.spec.kind,
+                "d_out": cm.spec.d_out,
+                "d_in": cm.spec.d_in,
+                "rank": cm.rank,
+                "sigma": "diag" if cm.sigma.dim() == 2 else "full",
+            }
+        )
+    extra = {k: v for k, v in c.metadata.items() if k not in ("ranks", "configs", "base_model")}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": c.metadata.get("base_model"),
+        "method": c.method,
+        "rank": c.rank,
+        "weights": c.weights,
+        "dtype": _dtype_name(dtype),
+        "scaling": {"folded": True, "rule": SCALING_NOTE},
+        "num_adapters": c.num_adapters,
+        "num_clusters": c.num_clusters,
+        "cluster_sizes": torch.bincount(c.assignment, minlength=c.num_clusters).tolist() if c.num_adapters else [],
+        "memory_bf16": c.memory(2),
+        "files": files,
+        "modules": modules,
+        "adapters": adapters,
+        "history": c.history,
+        "metadata": extra,
+    }
+
+
+def save_store(
+    path: str | os.PathLike,
+    compressed: CompressedCollection,
+    *,
+    overwrite: bool = False,
+    update: bool = False,
+    dtype: torch.dtype | None = None,
+    reuse_bases: bool = False,
+) -> dict:
+    """Write ``compressed`` as a store at ``path`` atomically; returns the manifest.
+
+    * A missing path (or an empty directory) gets a new store.
+    * An existing store is replaced only with ``overwrite`` or ``update``
+      (``update``: the same store grown by :func:`project_adapters`; with
+      ``reuse_bases`` its bases file is kept rather than rewritten).
+    * ``dtype``: dtype of the stored bases and cores (default: as computed);
+      errors and norms are stored as float64.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if compressed.method not in METHODS:
+        raise StoreError(f"unknown method {compressed.method!r}")
+    dt = dtype or next((cm.U.dtype for cm in compressed.modules.values()), torch.float32)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(f"{path}: exists and is not a directory")
+    existing = os.path.isdir(path) and bool(os.listdir(path))
+    if existing and not is_store(path):
+        raise StoreError(f"{path}: exists, is not empty and is not a jdlora store; refusing to write there")
+    if existing and not (overwrite or update):
+        raise StoreError(f"{path}: a store already exists (use overwrite to replace it)")
+
+    old_manifest = read_manifest(path) if existing else None
+    bases_name = f"bases-{secrets.token_hex(8)}.safetensors"
+    cores_name = f"cores-{secrets.token_hex(8)}.safetensors"
+    if existing and reuse_bases and old_manifest is not None:
+        old_bases = old_manifest["files"]["bases"]
+        if os.path.isfile(os.path.join(path, old_bases)):
+            bases_name = old_bases
+    write_bases = not (existing and reuse_bases and old_manifest is not None and bases_name == old_manifest["files"]["bases"])
+
+    bases, cores = {}, {"assignment": compressed.assignment.to(torch.int64)}
+    for m, cm in compressed.modules.items():
+        bases[f"{m}::U"] = cm.U.to(dt)
+        bases[f"{m}::Vt"] = cm.Vt.to(dt)
+        cores[f"{m}::sigma"] = cm.sigma.to(dt)
+        cores[f"{m}::norms_sq"] = cm.norms_sq.to(torch.float64)
+        cores[f"{m}::errors"] = cm.errors.to(torch.float64)
+        cores[f"{m}::rel_errors"] = cm.rel_errors.to(torch.float64)
+    manifest = _manifest(compressed, {"bases": bases_name, "cores": cores_name}, dt)
+
+    if not existing:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        try:
+            _write_tensors(os.path.join(tmp, bases_name), bases)
+            _write_tensors(os.path.join(tmp, cores_name), cores)
+            _write_json(os.path.join(tmp, MANIFEST), manifest)
+            os.chmod(tmp, 0o755)
+            _fsync_dir(tmp)
+            if os.path.isdir(path):
+                os.rmdir(path)  # empty; rename cannot replace a directory otherwise
+            os.rename(tmp, path)
+            _fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    # Update in place: new files under fresh names, then the manifest swap is the commit.
+    staged = []
+    try:
+        for name, tensors, needed in ((bases_name, bases, write_bases), (cores_name, cores, True)):
+            if not needed:
+                continue
+            kind = name.split("-")[0]
+            tmp_file = os.path.join(path, f".{kind}.{secrets.token_hex(4)}.tmp")
+            staged.append(tmp_file)
+            _write_tensors(tmp_file, tensors)
+            os.replace(tmp_file, os.path.join(path, name))
+            staged[-1] = os.path.join(path, name)
+        tmp_manifest = os.path.join(path, f".manifest.{secrets.token_hex(4)}.tmp")
+        staged.append(tmp_manifest)
+        _write_json(tmp_manifest, manifest)
+        os.replace(tmp_manifest, os.path.join(path, MANIFEST))
+        staged.clear()
+        _fsync_dir(path)
+    except BaseException:
+        for f in staged:
+            try:
+                os.remove(f)
+            except OSError:
+                pass
+        raise
+    keep = {MANIFEST, bases_name, cores_name}
+    for f in os.listdir(path):
+        if f not in keep and _OWNED.match(f):
+            try:
+                os.remove(os.path.join(path, f))
+            except OSError:
+                pass
+    return manifest
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The store's manifest, checked for format and version."""
+    path = os.fspath(path)
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise StoreError(f"{path}: no such store directory")
+    if not os.path.isfile(mpath):
+        raise StoreError(f"{path}: not a jdlora store (no {MANIFEST})")
+    try:
+        with open(mpath) as fh:
+            m = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{mpath}: corrupt manifest ({exc})") from exc
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"{mpath}: not a {FORMAT} manifest")
+    if int(m.get("format_version", -1)) > FORMAT_VERSION:
+        raise StoreError(
+            f"{mpath}: format version {m.get('format_version')} is newer than this library reads ({FORMAT_VERSION})"
+        )
+    for key in ("method", "rank", "modules", "adapters", "files"):
+        if key not in m:
+            raise StoreError(f"{mpath}: manifest lacks {key!r}")
+    return m
+
+
+def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> CompressedCollection:
+    """Read a store back into a :class:`CompressedCollection`.
+
+    Raises :class:`StoreError` when the manifest or a tensor file is missing
+    or damaged or disagrees with the manifest.
+    """
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    m = read_manifest(path)
+    tensors = {}
+    for kind in ("bases", "cores"):
+        f = os.path.join(path, m["files"][kind])
+        if not os.path.isfile(f):
+            raise StoreError(f"{path}: missing tensor file {m['files'][kind]}")
+        try:
+            tensors.update(load_file(f, device=str(device)))
+        except Exception as exc:
+            raise StoreError(f"{f}: damaged tensor file ({exc})") from exc
+    n = len(m["adapters"])
+    K = int(m.get("num_clusters", 0))
+    modules = {}
+    try:
+        for md in m["modules"]:
+            name = md["name"]
+            spec = ModuleSpec(name, int(md["d_out"]), int(md["d_in"]))
+            cm = CompressedModule(
+                spec,
+                tensors[f"{name}::U"],
+                tensors[f"{name}::Vt"],
+                tensors[f"{name}::sigma"],
+                tensors[f"{name}::norms_sq"],
+                tensors[f"{name}::errors"],
+                tensors[f"{name}::rel_errors"],
+            )
+            r = int(md["rank"])
+            if (
+                tuple(cm.U.shape) != (K, spec.d_out, r)
+                or tuple(cm.Vt.shape) != (K, r, spec.d_in)
+                or cm.sigma.shape[0] != n
+                or tuple(cm.sigma.shape[1:]) not in ((r,), (r, r))
+                or (cm.sigma.dim() == 2) != sigma_is_diagonal(m["method"])
+            ):
+                raise StoreError(f"{path}: tensors of module {name} do not match the manifest")
+            modules[name] = cm
+        assignment = tensors["assignment"].to(torch.long)
+    except KeyError as exc:
+        raise StoreError(f"{path}: tensor {exc} named by the manifest is missing") from exc
+    if assignment.shape != (n,) or (n and (int(assignment.min()) < 0 or int(assignment.max()) >= K)):
+        raise StoreError(f"{path}: cluster assignment does not match the manifest")
+    names = [a["name"] for a in m["adapters"]]
+    metadata = dict(m.get("metadata") or {})
+    metadata["base_model"] = m.get("base_model")
+    configs = {a["name"]: a["peft_config"] for a in m["adapters"] if "peft_config" in a}
+    if configs:
+        metadata["configs"] = configs
+    if any("ranks" in a for a in m["adapters"]):
+        metadata["ranks"] = {
+            md["name"]: [int(a.get("ranks", [0] * len(m["modules"]))[j]) for a in m["adapters"]]
+            for j, md in enumerate(m["modules"])
+        }
+    return CompressedCollection(
+        m["method"], int(m["rank"]), names, assignment, K, modules,
+        weights=m.get("weights", "relative"), metadata=metadata, history=list(m.get("history") or []),
+    )
