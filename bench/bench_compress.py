@@ -202,13 +202,14 @@ def bench_single(ns, ranks, kinds, d, repeats, repeats_large, clusters_for, log)
 
 
 # ------------------------------------------------------------------ stream
-def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, log) -> dict:
+def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, warmup_rounds, log) -> dict:
     mods = llama_like_modules(layers, 4096, 1024)
     col = SyntheticCollection(SyntheticSpec(n, mods, ranks=(16,), num_families=K, num_seeds=4, seed=2))
     params = sum(16 * (m.d_out + m.d_in) for m in mods) * n
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    res = compress(col, r, num_clusters=K, max_iter=max_iter, tol=tol, max_rounds=max_rounds, progress=True, log=log)
+    res = compress(col, r, num_clusters=K, max_iter=max_iter, tol=tol, max_rounds=max_rounds,
+                   warmup_rounds=warmup_rounds, progress=True, log=log)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -232,7 +233,7 @@ def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, log) -> dict:
     return {
         "n_adapters": n, "layers": layers, "modules": len(mods), "r_i": 16, "r": r, "clusters": K,
         "adapter_params": params, "adapter_bytes_bf16": 2 * params,
-        "max_iter": max_iter, "tol": tol, "max_rounds": max_rounds,
+        "max_iter": max_iter, "tol": tol, "max_rounds": max_rounds, "warmup_rounds": warmup_rounds,
         "wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_gb": rss_gb,
         "rounds": res.history, **res.summary(),
         "mean_rel_error_by_kind": {k: float(torch.stack(v).mean()) for k, v in by_kind.items()},
@@ -261,7 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-iter", type=int, default=20)
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--max-rounds", type=int, default=4)
+    p.add_argument("--max-rounds", type=int, default=3)
+    p.add_argument("--warmup-rounds", type=int, default=5)
     p.add_argument("--tag", default=None, help="store the result under this key instead of the part name")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
         payload = {**head, "rows": rows}
     else:
         payload = {**head, **bench_stream(args.n, args.layers, args.clusters, args.rank, args.max_iter, args.tol,
-                                          args.max_rounds, log)}
+                                          args.max_rounds, args.warmup_rounds, log)}
     payload["load_average_at_end"] = os.getloadavg()
     save(args.tag or args.part, payload)
     print(json.dumps(payload, indent=1, default=str)[:4000])

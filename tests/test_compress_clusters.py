@@ -138,7 +138,7 @@ def test_streaming_reads_one_module_at_a_time():
         return f
 
     stream = CallableCollection(col.adapter_names, col.modules, load)
-    res = compress(stream, 2, num_clusters=2, dtype=F64, signature_modules=1, max_iter=100)
+    res = compress(stream, 2, num_clusters=2, dtype=F64, signature_modules=1, warmup_rounds=0, max_iter=100)
     assert same_partition(res.assignment, labels)
     rounds = len(res.history)
     assert len(calls) == 1 + rounds * len(MODS)  # signatures read one module, then each round all once
@@ -268,7 +268,8 @@ def test_realistic_synthetic_families_help():
     f = col.load_module(mods[0])
     assert f.num_adapters == 40 and sorted(g.rank for g in f.groups) == [4, 8]
     again = col.load_module(mods[0], adapters=[5, 1])
-    assert torch.equal(again.dense(0), f.dense(5)) and torch.equal(again.dense(1), f.dense(1))
+    assert torch.allclose(again.dense(0), f.dense(5), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(again.dense(1), f.dense(1), rtol=1e-5, atol=1e-7)
     one = compress(col, 8, num_clusters=1)
     four = compress(col, 8, num_clusters=4)
     assert four.summary()["mean_rel_error"] < one.summary()["mean_rel_error"]

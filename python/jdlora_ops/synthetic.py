@@ -19,8 +19,9 @@ joint compression exploits; the generator reproduces the parts that matter:
 and ``B``), the worst case for joint compression.
 
 Every (module, adapter) pair has its own random stream, so a module can be
-generated for any subset of adapters, in any order, and always comes out the
-same: :class:`SyntheticCollection` never holds more than one module, and
+generated for any subset of adapters, in any order, and comes out the same
+(bit for bit for the same subset; up to float rounding of the shared terms
+otherwise): :class:`SyntheticCollection` never holds more than one module, and
 :func:`write_peft_adapters` writes PEFT adapter directories a few adapters at a
 time.
 """
@@ -35,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from .compress.collection import AdapterCollection, ModuleFactors, ModuleSpec, RankGroup
+from .compress.collection import AdapterCollection, ModuleFactors, ModuleSpec, RankGroup, empty_factors
 
 __all__ = ["SyntheticSpec", "SyntheticCollection", "llama_like_modules", "write_peft_adapters", "planted_collection"]
 
@@ -217,15 +218,16 @@ class SyntheticCollection(AdapterCollection):
         s = self.spec
         g = len(ids)
         d_out, d_in = spec.d_out, spec.d_in
-        A = torch.empty(g, rho, d_in, dtype=dtype)
-        Bt = torch.empty(g, rho, d_out, dtype=dtype)
+        A = empty_factors(g, rho, d_in, dtype=dtype, device="cpu")
+        Bt = empty_factors(g, rho, d_out, dtype=dtype, device="cpu")
         fd = getattr(shared, "family_dim", 1)
         G = torch.empty(g, rho, fd, dtype=dtype)
         H = torch.empty(g, rho, fd, dtype=dtype)
         for t, i in enumerate(ids):
             gen = torch.Generator().manual_seed(_seed(s.seed, 2, mi, i))
-            Bt[t].normal_(generator=gen)
-            A[t].normal_(generator=gen)
+            # Drawn contiguous, then copied: the values must not depend on the group's layout.
+            Bt[t].copy_(torch.randn(rho, d_out, generator=gen, dtype=dtype))
+            A[t].copy_(torch.randn(rho, d_in, generator=gen, dtype=dtype))
             if s.kind == "realistic":
                 G[t].normal_(generator=gen)
                 H[t].normal_(generator=gen)

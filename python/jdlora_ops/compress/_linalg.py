@@ -23,7 +23,8 @@ def expand(data: Sequence[torch.Tensor], C: Sequence[torch.Tensor], d: int, m: i
     """``sum_i D_i^T C_i`` over all adapters of all groups: ``[d, m]``.
 
     ``D_g: [g, rho, d]``, ``C_g: [g, rho, m]``; each group is one
-    ``[d, g rho] @ [g rho, m]`` product.
+    ``[d, g rho] @ [g rho, m]`` GEMM, on contiguous memory when ``D_g`` is in
+    the column layout (:func:`~jdlora_ops.compress.collection.empty_factors`).
     """
     out = torch.zeros(d, m, dtype=like.dtype, device=like.device)
     for D, c in zip(data, C):
@@ -37,9 +38,18 @@ def eps_of(dtype: torch.dtype) -> float:
 
 
 def psd_sqrt(G: torch.Tensor) -> torch.Tensor:
-    """A factor ``L`` with ``L L^T = G`` for a batch of PSD matrices ``[..., k, k]``."""
-    lam, E = torch.linalg.eigh(G.to(F64))
-    return (E * lam.clamp_min(0).sqrt().unsqueeze(-2)).to(G.dtype)
+    """A factor ``L`` with ``L L^T = G`` for a batch of PSD matrices ``[..., k, k]``.
+
+    Cholesky where it succeeds (cheap); an eigendecomposition for the
+    singular ones (zero or rank-deficient updates).
+    """
+    G64 = G.to(F64)
+    L, info = torch.linalg.cholesky_ex(G64)
+    bad = info != 0
+    if bool(bad.any()):
+        lam, E = torch.linalg.eigh(G64[bad])
+        L[bad] = E * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    return L.to(G.dtype)
 
 
 def orth_complement(Y: torch.Tensor, X: torch.Tensor | None, rtol: float) -> torch.Tensor:
@@ -59,24 +69,28 @@ def orth_complement(Y: torch.Tensor, X: torch.Tensor | None, rtol: float) -> tor
         return Y.new_zeros(Y.shape[0], 0)
     Z = Y / scale
     eps = eps_of(Y.dtype)
-    for round_ in range(2):
-        if X is not None and X.shape[1]:
-            Z = Z - X @ (X.t() @ Z)
-        G = (Z.t() @ Z).to(F64)
-        lam, E = torch.linalg.eigh(G)
-        lmax = float(lam[-1]) if lam.numel() else 0.0
-        if round_ == 0:
-            # Below rtol (relative to Y) a direction is rounding noise of the projection;
-            # below 100 eps of the largest Gram eigenvalue its eigenvector is not resolved.
-            cut = max(rtol * rtol, 100 * eps * lmax)
-        else:
-            cut = 0.25  # Z is orthonormal up to rounding now; only true rank loss drops further
-        keep = lam > cut
-        if not bool(keep.any()):
-            return Y.new_zeros(Y.shape[0], 0)
-        T = E[:, keep] / lam[keep].sqrt()
-        Z = Z @ T.to(Z.dtype)
-    return Z
+    if X is not None and X.shape[1]:
+        Z = Z - X @ (X.t() @ Z)
+    lam, E = torch.linalg.eigh((Z.t() @ Z).to(F64))
+    # Below rtol (relative to Y) a direction is rounding noise of the projection; below
+    # 100 eps of the largest Gram eigenvalue its eigenvector is not resolved.
+    keep = lam > max(rtol * rtol, 100 * eps * float(lam[-1]))
+    if not bool(keep.any()):
+        return Y.new_zeros(Y.shape[0], 0)
+    Z = Z @ (E[:, keep] / lam[keep].sqrt()).to(Z.dtype)
+    # Second round: Z is orthonormal up to the rounding of the first; project again and
+    # re-orthonormalise (Cholesky suffices now), which makes both properties hold to eps.
+    if X is not None and X.shape[1]:
+        Z = Z - X @ (X.t() @ Z)
+    G = (Z.t() @ Z).to(F64)
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0 and float(torch.diagonal(L).min()) > 0.5:
+        return Z @ torch.linalg.solve_triangular(L.t(), torch.eye(G.shape[0], dtype=F64, device=G.device), upper=True).to(Z.dtype)
+    lam, E = torch.linalg.eigh(G)
+    keep = lam > 0.25
+    if not bool(keep.any()):
+        return Y.new_zeros(Y.shape[0], 0)
+    return Z @ (E[:, keep] / lam[keep].sqrt()).to(Z.dtype)
 
 
 def orth_fill(Y: torch.Tensor, m: int, gen: torch.Generator, rtol: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ._linalg import F64
-from .collection import AdapterCollection, ModuleSpec
+from .collection import AdapterCollection, CallableCollection, ModuleSpec
 from .jd import JDResult, check_rank, jd_diag, jd_full
 from .projection import evaluate_clusters, relative
 from .result import METHODS, CompressedCollection, CompressedModule
@@ -127,6 +127,11 @@ def _fill_empty(labels: torch.Tensor, cost: torch.Tensor, K: int) -> torch.Tenso
     return labels
 
 
+def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
 def _spread(modules: list[ModuleSpec], k: int) -> list[ModuleSpec]:
     if k <= 0 or k >= len(modules):
         return list(modules)
@@ -148,6 +153,7 @@ def compress(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     signature_modules: int = 4,
+    warmup_rounds: int = 5,
     init_assignment: torch.Tensor | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
@@ -159,7 +165,11 @@ def compress(
     * ``num_clusters``: ``K >= 1``; ``K >= n`` gives every adapter its own
       cluster. Clusters are initialised by k-means++ over
       :func:`adapter_signatures` of ``signature_modules`` modules spread over
-      the model (or ``init_assignment``).
+      the model (on the column-space part, the row-space part and both; the
+      partition with the lowest JD objective on those modules wins), refined
+      by up to ``warmup_rounds`` fit/reassign rounds on those modules alone
+      (cheap, and close to the full objective), or taken from
+      ``init_assignment``.
     * ``max_iter``, ``tol``: per-(cluster, module) JD stopping rule (see
       :func:`~jdlora_ops.compress.jd.jd_full`); ``max_rounds``: cap on the
       fit/reassign rounds, i.e. on passes over the data. If adapters would
@@ -211,11 +221,41 @@ def compress(
         assign = torch.arange(n)
     else:
         t = time.perf_counter()
-        sig = adapter_signatures(
-            collection, modules=_spread(specs, signature_modules), rank=rank, seed=seed, dtype=dtype, device=device
-        )
-        assign = kmeans(sig, K, seed=seed)
-        say(f"initial clusters from {sig.shape[1]}-value signatures in {time.perf_counter() - t:.1f} s")
+        subset = _spread(specs, signature_modules)
+        sig = adapter_signatures(collection, modules=subset, rank=rank, seed=seed, dtype=dtype, device=device)
+        sides = sig.view(n, len(subset), 2, -1)
+        # Which of the two subspaces should group adapters depends on the collection (in real
+        # LoRA collections A stays close to its seed's initialisation, so row spaces group by
+        # seed while column spaces group by task). Cluster on each view and on both, and keep
+        # the partition whose JD fit on the signature modules has the lowest objective.
+        candidates: dict[str, torch.Tensor] = {}
+        for view, X in (("column and row spaces", sig), ("column spaces", sides[:, :, 0].reshape(n, -1)),
+                        ("row spaces", sides[:, :, 1].reshape(n, -1))):
+            lab = kmeans(X, K, seed=seed)
+            if not any(_same_partition(lab, c) for c in candidates.values()):
+                candidates[view] = lab
+        sub = CallableCollection(names, subset, lambda spec, dt, dev: collection.load_module(spec, dtype=dt, device=dev))
+        scores = {}
+        if len(candidates) > 1:
+            for view, lab in candidates.items():
+                trial = compress(
+                    sub, rank, method=method, num_clusters=K, weights=weights, max_iter=max_iter, tol=tol,
+                    max_rounds=1, seed=seed, dtype=dtype, device=device, init_assignment=lab, warmup_rounds=0,
+                )
+                scores[view] = trial.history[0]["objective"]
+        best = min(scores, key=scores.get) if scores else next(iter(candidates))
+        assign = candidates[best]
+        say(f"initial clusters: k-means++ on signatures of {best} ({len(subset)} modules; objectives "
+            + ", ".join(f"{k}: {v:.5g}" for k, v in scores.items()) + f") in {time.perf_counter() - t:.1f} s")
+        if warmup_rounds > 0 and len(subset) < len(specs):
+            t = time.perf_counter()
+            pre = compress(
+                sub, rank, method=method, num_clusters=K, weights=weights, max_iter=max_iter, tol=tol,
+                max_rounds=warmup_rounds, seed=seed, dtype=dtype, device=device, init_assignment=assign,
+            )
+            assign = pre.assignment
+            say(f"refined the clusters on {len(subset)} modules in {len(pre.history)} rounds, "
+                f"{time.perf_counter() - t:.1f} s")
 
     fit = jd_full if method == "full" else jd_diag
     warm: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}

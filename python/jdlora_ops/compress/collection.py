@@ -66,14 +66,49 @@ class ModuleSpec:
         return parse_module_name(self.name)[1]
 
 
+def empty_factors(g: int, rho: int, d: int, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised ``[g, rho, d]`` tensor in the column layout.
+
+    The column layout stores the ``[d, g rho]`` matrix ``X.reshape(g rho, d).T``
+    contiguously. Both thin products the compressor needs, ``X @ V`` and
+    ``X^T C``, are then plain GEMMs on one contiguous matrix, which on CPUs is
+    up to 1.6x faster for the second than the row-major layout.
+    """
+    return torch.empty(d, g * rho, dtype=dtype, device=device).t().view(g, rho, d)
+
+
+def is_column_layout(x: torch.Tensor) -> bool:
+    g, rho, d = x.shape
+    return x.stride() == (rho, 1, g * rho) or g * rho <= 1
+
+
+def column_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[g, rho, d]``) in the column layout (no copy if it already is)."""
+    if is_column_layout(x):
+        return x
+    out = empty_factors(*x.shape, dtype=x.dtype, device=x.device)
+    out.copy_(x)
+    return out
+
+
+def _select_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` for a column-layout ``[g, rho, d]`` tensor, kept in the column layout."""
+    g, rho, d = x.shape
+    cols = (idx[:, None] * rho + torch.arange(rho, device=idx.device)).reshape(-1)
+    mat = x.reshape(g * rho, d).t()  # [d, g rho]; a view for the column layout and its slices
+    return mat.index_select(1, cols).t().view(idx.numel(), rho, d)
+
+
 @dataclass
 class RankGroup:
     """The adapters of one module that share the rank ``rho``.
 
     ``index``: int64 ``[g]``, positions of these adapters in the collection;
     ``A``: ``[g, rho, d_in]`` (``A_i``); ``Bt``: ``[g, rho, d_out]`` (``(s_i B_i)^T``,
-    the scaling folded in). Both are contiguous, so ``A.reshape(g * rho, d_in)``
-    is one matrix and a product with it is a single GEMM.
+    the scaling folded in). The library creates both in the column layout
+    (:func:`empty_factors`), so that ``A.reshape(g * rho, d_in)`` is one matrix
+    (a transposed view of contiguous memory) and a product with it is a single
+    GEMM; any other layout works too, more slowly.
     """
 
     index: torch.Tensor
@@ -146,12 +181,14 @@ class ModuleFactors:
         groups = []
         for rho in sorted(by_rank):
             idx = by_rank[rho]
-            At = torch.stack([A[i].to(device=device, dtype=dtype) for i in idx])
-            Bt = torch.stack([B[i].to(device=device, dtype=dtype).t() for i in idx])
-            if scales is not None:
-                s = torch.tensor([float(scales[i]) for i in idx], dtype=dtype, device=device)
-                Bt = Bt * s[:, None, None]
-            groups.append(RankGroup(torch.tensor(idx, dtype=torch.long, device=device), At.contiguous(), Bt.contiguous()))
+            At = empty_factors(len(idx), rho, spec.d_in, dtype=dtype, device=device)
+            Bt = empty_factors(len(idx), rho, spec.d_out, dtype=dtype, device=device)
+            for t, i in enumerate(idx):
+                At[t].copy_(A[i])
+                Bt[t].copy_(B[i].t())
+                if scales is not None and float(scales[i]) != 1.0:
+                    Bt[t].mul_(float(scales[i]))
+            groups.append(RankGroup(torch.tensor(idx, dtype=torch.long, device=device), At, Bt))
         return cls(spec, n, groups)
 
     # --------------------------------------------------------------- queries
@@ -201,7 +238,11 @@ class ModuleFactors:
     # ------------------------------------------------------------ transform
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "ModuleFactors":
         groups = [
-            RankGroup(g.index.to(device or g.index.device), g.A.to(device=device, dtype=dtype), g.Bt.to(device=device, dtype=dtype))
+            RankGroup(
+                g.index.to(device or g.index.device),
+                column_layout(g.A.to(device=device, dtype=dtype)),
+                column_layout(g.Bt.to(device=device, dtype=dtype)),
+            )
             for g in self.groups
         ]
         return ModuleFactors(self.spec, self.num_adapters, groups)
@@ -218,7 +259,7 @@ class ModuleFactors:
             if keep.numel() == 0:
                 continue
             kd = keep.to(g.A.device)
-            groups.append(RankGroup(new[keep].to(g.index.device), g.A.index_select(0, kd), g.Bt.index_select(0, kd)))
+            groups.append(RankGroup(new[keep].to(g.index.device), _select_rows(g.A, kd), _select_rows(g.Bt, kd)))
         return ModuleFactors(self.spec, int(indices.numel()), groups)
 
     def partition(self, assignment: torch.Tensor, num_parts: int) -> list["ModuleFactors"]:
@@ -240,7 +281,7 @@ class ModuleFactors:
             cl = assignment[gi]
             order = torch.sort(cl * (self.num_adapters + 1) + gi, stable=True).indices
             od = order.to(g.A.device)
-            A, Bt = g.A.index_select(0, od), g.Bt.index_select(0, od)
+            A, Bt = _select_rows(g.A, od), _select_rows(g.Bt, od)
             cl_sorted = cl[order]
             bounds = torch.searchsorted(cl_sorted, torch.arange(num_parts + 1))
             for k in range(num_parts):

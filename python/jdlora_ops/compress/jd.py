@@ -214,6 +214,8 @@ def _overrelax(W, H, r, keep, omega, f_old, coef, f):
     f_t = float(torch.trace(Ut.t() @ H @ Ut))
     if not f_t >= f_old:
         return coef, f
+    if keep == r:
+        return Ut, f_t
     # The rest of the block: the best remaining directions orthogonal to Ut.
     R = W[:, r:]
     R = R - Ut @ (Ut.t() @ R)
@@ -225,12 +227,11 @@ def _overrelax(W, H, r, keep, omega, f_old, coef, f):
     return torch.cat([Ut, rest], dim=1), f_t
 
 
-def _relaxed_ritz(X: torch.Tensor, QX: list[torch.Tensor], grams: list[torch.Tensor], w: list[torch.Tensor]):
-    """Order a block by ``sum_i w_i D_i^T G_i D_i`` (``G_i`` the other side's Gram)."""
+def _relaxed_ritz(X: torch.Tensor, QX: list[torch.Tensor], roots: list[torch.Tensor], w: list[torch.Tensor]):
+    """Order a block by ``sum_i w_i D_i^T G_i D_i`` (``G_i = L_i L_i^T`` the other side's Gram)."""
     m = X.shape[1]
     H = torch.zeros(m, m, dtype=F64, device=X.device)
-    for q, G, wg in zip(QX, grams, w):
-        L = psd_sqrt(G)  # G = L L^T
+    for q, L, wg in zip(QX, roots, w):
         k = (_bmm_t(L, q)).to(F64) * wg.to(F64).sqrt()[:, None, None]
         k = k.reshape(-1, m)
         H.addmm_(k.t(), k)
@@ -239,11 +240,11 @@ def _relaxed_ritz(X: torch.Tensor, QX: list[torch.Tensor], grams: list[torch.Ten
     return X @ Wd, [torch.matmul(q, Wd) for q in QX]
 
 
-def _sketch(data: list[torch.Tensor], grams_other: list[torch.Tensor], w: list[torch.Tensor], d: int, m: int, gen, like):
-    """Gaussian sketch ``[d, m]`` whose covariance is ``sum_i w_i D_i^T G_i D_i``."""
+def _sketch(data, roots_other: list[torch.Tensor], w: list[torch.Tensor], d: int, m: int, gen, like):
+    """Gaussian sketch ``[d, m]`` whose covariance is ``sum_i w_i D_i^T G_i D_i``
+    (``roots_other``: factors ``L_i L_i^T = G_i``)."""
     C = []
-    for D, G, wg in zip(data, grams_other, w):
-        L = psd_sqrt(G)
+    for D, L, wg in zip(data, roots_other, w):
         omega = torch.randn(D.shape[0], D.shape[1], m, generator=gen, dtype=D.dtype, device=D.device)
         C.append(wg.sqrt()[:, None, None] * torch.bmm(L, omega))
     return expand(data, C, d, m, like)
@@ -253,7 +254,7 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def _init_full(factors, rank, mU, mV, w_g, ga, gb, init, gen, rtol, dtype, device):
+def _init_full(factors, rank, mU, mV, w_g, ga, init, gen, rtol, dtype, device):
     A = [g.A for g in factors.groups]
     Bt = [g.Bt for g in factors.groups]
     spec = factors.spec
@@ -264,9 +265,10 @@ def _init_full(factors, rank, mU, mV, w_g, ga, gb, init, gen, rtol, dtype, devic
         return Ux, project(Bt, Ux), Vx, project(A, Vx)
     like = torch.empty(0, dtype=dtype, device=device)
     # U from a sketch of sum_i w_i dW_i dW_i^T (the best U for V = identity) ...
-    Yu = _sketch(Bt, ga, w_g, spec.d_out, mU, gen, like)
+    roots = [psd_sqrt(G) for G in ga]
+    Yu = _sketch(Bt, roots, w_g, spec.d_out, mU, gen, like)
     Ux = orth_fill(Yu, mU, gen, rtol)
-    Ux, QX = _relaxed_ritz(Ux, project(Bt, Ux), ga, w_g)
+    Ux, QX = _relaxed_ritz(Ux, project(Bt, Ux), roots, w_g)
     # ... then a V half-step from scratch: a Gaussian sketch of M_V(U) instead of M_V(U) V.
     Qr = [q[..., :rank] for q in QX]
     C = []
@@ -319,7 +321,8 @@ def jd_full(
     ``tol * sum_i w_i ||dW_i||^2`` in one iteration, or ``max_iter``
     iterations. ``init``: optional ``(U0 [d_out, r], V0 [d_in, r])`` warm start
     (e.g. the bases of a previous run); otherwise a Gaussian sketch of
-    ``sum_i w_i dW_i dW_i^T`` (and its mirror) seeds the bases. Deterministic
+    ``sum_i w_i dW_i dW_i^T`` seeds ``U`` and a sketched half-step gives the
+    matching ``V`` (see the module docstring). Deterministic
     for a given ``seed``, device and input. All arithmetic is in ``dtype``
     (float32 or float64) whatever the factors' dtype; small reductions are in
     float64. ``oversample``: extra columns carried by the subspace iteration
@@ -339,7 +342,6 @@ def jd_full(
     w = resolve_weights(weights, norms)
     w_g = _weights_by_group(factors, w)
     ga = [a for a, _ in grams]
-    gb = [b for _, b in grams]
     total = float((w.to(F64) * norms.to(F64)).sum())
 
     if not factors.groups:
@@ -350,7 +352,7 @@ def jd_full(
 
     A = [g.A for g in factors.groups]
     Bt = [g.Bt for g in factors.groups]
-    Ux, QX, Vx, Px = _init_full(factors, r, mU, mV, w_g, ga, gb, init, gen, rtol, dtype, device)
+    Ux, QX, Vx, Px = _init_full(factors, r, mU, mV, w_g, ga, init, gen, rtol, dtype, device)
     history = [total - _objective(QX, Px, w_g, r)]
     converged = False
     it = 0
@@ -370,7 +372,10 @@ def jd_full(
         converged = True
 
     U, V = Ux[:, :r].contiguous(), Vx[:, :r].contiguous()
-    sigma = full_sigma(factors, U, V)
+    # Sigma_i = (B_i^T U)^T (A_i V) from the projections the iteration keeps up to date.
+    sigma = torch.zeros(n, r, r, dtype=dtype, device=device)
+    for g, q, p_ in zip(factors.groups, QX, Px):
+        sigma[g.index] = _bmm_t(q[..., :r], p_[..., :r])
     errors = norms - sigma.square().sum(dim=(1, 2))
     return _finish("full", U, V, sigma, norms, errors, w, history, it, converged)
 
