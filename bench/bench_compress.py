@@ -17,11 +17,17 @@ Part ``stream``: a Llama-7B-shaped collection (32 layers x q 4096x4096, k and v
 by module and compressed with r = 16 and K = 25 clusters; wall time, peak RSS,
 errors, rounds, and the time to project one new adapter into the result.
 
-Results are merged into ``bench/results/compress_cpu.json`` with the commit, the
-machine, the date and the torch thread count. Run from the repository root::
+Results are merged into ``bench/results/compress_cpu.json`` (one key per run,
+``--tag`` or the part name) with the commit, the machine, the date, the load
+average and the torch thread count. Run from the repository root::
 
-    PYTHONPATH=python python bench/bench_compress.py --part single
-    PYTHONPATH=python python bench/bench_compress.py --part stream
+    PYTHONPATH=python python bench/bench_compress.py --part single --threads 2
+    PYTHONPATH=python python bench/bench_compress.py --part stream --threads 1
+    PYTHONPATH=python python bench/bench_compress.py --part single --threads 1 --ns 100 --ranks 16 \
+        --tag single_n100_r16_threads1
+
+Timings on a shared 2-core machine move with the load of other processes;
+baseline and JD runs are interleaved so that both see the same conditions.
 """
 
 from __future__ import annotations

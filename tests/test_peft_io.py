@@ -264,3 +264,23 @@ def test_export_skips_modules_the_adapter_never_had(tmp_path):
 
     with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as fh:
         assert all(fh.get_tensor(k).dtype == torch.bfloat16 for k in fh.keys())
+
+
+def test_synthetic_collections_write_peft_adapters_that_peft_loads(tmp_path):
+    from jdlora_ops.synthetic import SyntheticCollection, SyntheticSpec, llama_like_modules, write_peft_adapters
+
+    mods = llama_like_modules(2, 64, 32)
+    syn = SyntheticCollection(SyntheticSpec(5, mods, ranks=(2, 4), num_families=2, num_seeds=2, seed=4,
+                                            base_model="tiny/llama"))
+    paths = write_peft_adapters(syn, tmp_path / "syn", chunk=2)
+    assert [os.path.basename(p) for p in paths] == syn.adapter_names
+    col = PeftCollection(paths)
+    assert sorted(m.name for m in col.modules) == sorted(m.name for m in mods)
+    for spec in mods:
+        a = col.load_module(spec, dtype=F64)
+        b = syn.load_module(spec, dtype=F64)
+        for i in range(5):
+            assert torch.allclose(a.dense(i), b.dense(i), rtol=1e-5, atol=1e-6)
+    deltas = peft_deltas(paths[3])
+    for spec in mods:
+        assert torch.allclose(deltas[spec.name], syn.load_module(spec, dtype=F64).dense(3), rtol=1e-4, atol=1e-6)

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from .compress.collection import AdapterCollection, ModuleFactors, ModuleSpec, RankGroup, empty_factors
+from .compress.collection import AdapterCollection, ModuleFactors, ModuleSpec, RankGroup, column_layout, empty_factors
 
 __all__ = ["SyntheticSpec", "SyntheticCollection", "llama_like_modules", "write_peft_adapters", "planted_collection"]
 
@@ -195,7 +195,7 @@ class SyntheticCollection(AdapterCollection):
         spec = module if isinstance(module, ModuleSpec) else self.module(module)
         mi = self.spec.modules.index(spec)
         pos = list(range(len(self._adapters))) if adapters is None else [int(i) for i in adapters]
-        shared = _SharedModule(self.spec, mi, spec, dtype)
+        shared = _SharedModule(self.spec, mi, spec, torch.float32)
         by_rank: dict[int, list[int]] = {}
         for j, i in enumerate(pos):
             by_rank.setdefault(self._adapters[i].rank, []).append(j)
@@ -203,8 +203,11 @@ class SyntheticCollection(AdapterCollection):
         for rho, js in sorted(by_rank.items()):
             # Order the group by (family, seed) so that shared terms are added to contiguous slices.
             js = sorted(js, key=lambda j: (self._adapters[pos[j]].family, self._adapters[pos[j]].init_seed, j))
-            A, Bt = self._generate(shared, mi, [pos[j] for j in js], rho, spec, dtype, scaled)
-            groups.append(RankGroup(torch.tensor(js, dtype=torch.long, device=device), A.to(device), Bt.to(device)))
+            # Generated in float32 whatever is asked for, so the data do not depend on the dtype.
+            A, Bt = self._generate(shared, mi, [pos[j] for j in js], rho, spec, torch.float32, scaled)
+            if dtype != torch.float32 or torch.device(device).type != "cpu":
+                A, Bt = column_layout(A.to(device=device, dtype=dtype)), column_layout(Bt.to(device=device, dtype=dtype))
+            groups.append(RankGroup(torch.tensor(js, dtype=torch.long, device=device), A, Bt))
         return ModuleFactors(spec, len(pos), groups)
 
     # ---------------------------------------------------------- generation

@@ -78,8 +78,11 @@ def empty_factors(g: int, rho: int, d: int, *, dtype: torch.dtype, device) -> to
 
 
 def is_column_layout(x: torch.Tensor) -> bool:
+    """Whether ``x`` (``[g, rho, d]``) is stored as a contiguous ``[d, g rho]`` matrix."""
     g, rho, d = x.shape
-    return x.stride() == (rho, 1, g * rho) or g * rho <= 1
+    want = (rho, 1, g * rho)
+    # Strides of size-1 dimensions are arbitrary.
+    return all(n == 1 or s == w for n, s, w in zip(x.shape, x.stride(), want))
 
 
 def column_layout(x: torch.Tensor) -> torch.Tensor:

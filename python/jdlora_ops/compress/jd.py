@@ -392,14 +392,6 @@ def diag_solve(d: torch.Tensor, U: torch.Tensor, V: torch.Tensor):
     return sigma, G
 
 
-def diag_terms(factors: ModuleFactors, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``diag(U^T dW_i V)`` for every adapter: ``[n, r]`` (zeros where ``dW_i = 0``)."""
-    out = torch.zeros(factors.num_adapters, U.shape[1], dtype=U.dtype, device=U.device)
-    for g in factors.groups:
-        out[g.index] = (torch.matmul(g.Bt, U) * torch.matmul(g.A, V)).sum(dim=1)
-    return out
-
-
 def diag_errors(norms: torch.Tensor, d: torch.Tensor, sigma: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """``||dW - U diag(sigma) V^T||^2 = ||dW||^2 - 2 sigma.d + sigma^T G sigma`` (float64)."""
     s = sigma.to(F64)
