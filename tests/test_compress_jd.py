@@ -351,3 +351,53 @@ def test_baseline_collections():
         Bf, Af = svd.lora_factors(i, spec.name)
         assert torch.allclose(Bf @ Af, svd.reconstruct(i, spec.name), atol=1e-12)
     assert float(none.rel_errors().max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("m", [1, 2, 5, 11, 12, 16, 17])
+def test_thin_products_padding_is_exact(dtype, m):
+    # project/expand pad thin blocks to a faster GEMM width on CPUs; the result must not change.
+    from jdlora_ops.compress._linalg import expand, gemm_width, project
+    from jdlora_ops.compress.collection import column_layout
+
+    g = torch.Generator().manual_seed(m)
+    D = [column_layout(torch.randn(7, 3, 50, generator=g, dtype=F64).to(dtype)),
+         torch.randn(4, 5, 50, generator=g, dtype=F64).to(dtype)]
+    X = torch.randn(50, m, generator=g, dtype=F64).to(dtype)
+    C = [torch.randn(7, 3, m, generator=g, dtype=F64).to(dtype), torch.randn(4, 5, m, generator=g, dtype=F64).to(dtype)]
+    assert gemm_width(m, X) >= m
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for got, d in zip(project(D, X), D):
+        want = d.to(F64) @ X.to(F64)
+        assert got.shape == want.shape
+        assert (got.to(F64) - want).abs().max() <= tol * want.abs().max()
+    got = expand(D, C, 50, m, X)
+    want = sum(d.to(F64).reshape(-1, 50).t() @ c.to(F64).reshape(-1, m) for d, c in zip(D, C))
+    assert got.shape == (50, m) and got.dtype == dtype
+    assert (got.to(F64) - want).abs().max() <= tol * want.abs().max()
+
+
+def test_adaptive_oversampling_grows_the_block_and_matches_fixed(monkeypatch):
+    import jdlora_ops.compress.jd as jd
+
+    spec, A, B, S = random_factors(12, 40, 36, ranks=(4, 6), seed=3)
+    f = ModuleFactors.from_factors(spec, A, B, S, dtype=F64)
+    widths = []
+    real = jd._half_step
+
+    def spy(data, X, *args):
+        out = real(data, X, *args)
+        widths.append(out[0].shape[1])
+        return out
+
+    monkeypatch.setattr(jd, "_half_step", spy)
+    r, p = 5, 8
+    res = jd_full(f, r, weights="uniform", max_iter=400, tol=1e-12, dtype=F64)
+    # Narrow (r columns) while the error falls fast, then r + p, and never back.
+    assert widths[0] == r and widths[-1] == r + p
+    assert widths == sorted(widths)
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(res.history, res.history[1:]))
+    monkeypatch.setattr(jd, "_half_step", real)
+    fixed = jd_full(f, r, weights="uniform", max_iter=400, tol=1e-12, dtype=F64, oversample=p)
+    assert res.converged and fixed.converged
+    assert res.history[-1] == pytest.approx(fixed.history[-1], rel=1e-6)

@@ -15,7 +15,8 @@ of the old block and ``M`` times it. Because that span contains the current
 ``U``, ``f`` never decreases (up to rounding), and the extra columns make the
 iteration converge at the rate of the gap between eigenvalue ``r`` and
 ``m + 1`` instead of ``r + 1``. A half-step reads every factor twice; nothing of
-size ``d_out x d_in`` is formed.
+size ``d_out x d_in`` is formed. The extra columns cost GEMM width on every pass
+and only pay in the tail, so by default they join once the error falls slowly.
 
 Alternating half-steps approach the optimum slowly when the spectrum is flat
 (unstructured adapters): each half-step is optimal for the other side's current
@@ -58,6 +59,12 @@ __all__ = ["JDResult", "jd_full", "jd_diag", "check_rank"]
 # Iterations done with plain Rayleigh-Ritz steps before over-relaxation starts: the first
 # steps move far from the starting sketch, where extrapolating along them does not pay.
 _PLAIN_ITERATIONS = 2
+# Per-iteration drop (relative to the weighted total) below which the adaptive block grows
+# from r to r + oversample columns. On the benchmark's random n = 100, r = 16 collection the
+# narrow block reaches the stacked-SVD baseline's error in about 0.8x the time of the wide
+# one; on the realistic collection converging to 1e-7 with the narrow block alone took
+# 1.6x (uniform weights) to 6x (relative) longer than growing here.
+_GROW_TOL = 1e-3
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -154,12 +161,14 @@ def _half_step(
     w: list[torch.Tensor],
     rtol: float,
     omega: float = 1.0,
+    m_out: int | None = None,
 ):
     """One subspace-iteration + Rayleigh-Ritz half-step (see the module docstring).
 
     ``data``: factors of the side being updated (``[g, rho, d]``), ``X``:
     current orthonormal block ``[d, m]``, ``QX``: ``data @ X``, ``Pr``: the
-    fixed side's projections ``[g, rho, r]``. Returns the new block (its
+    fixed side's projections ``[g, rho, r]``. Returns the new block of
+    ``m_out`` columns (default ``m``; at most the width of the union basis; its
     first ``r`` columns the new basis, the rest Ritz vectors in decreasing
     order), its projections ``data @ block`` and ``f`` at the new basis
     (float64 arithmetic).
@@ -171,15 +180,14 @@ def _half_step(
     Z = orth_complement(Y, X, rtol)
     if Z.shape[1]:
         QZ = project(data, Z)
-        basis = torch.cat([X, Z], dim=1)
         QB = [torch.cat([q, qz], dim=2) for q, qz in zip(QX, QZ)]
+        K = [torch.cat([k, _bmm_t(p, qz)], dim=2) for k, p, qz in zip(K, Pr, QZ)]
     else:
-        basis, QB = X, QX
-    width = basis.shape[1]
-    K2 = [_bmm_t(p, q) for p, q in zip(Pr, QB)]
-    H = _weighted_gram(K2, w, width, X.device)
+        QB = QX
+    width = m + Z.shape[1]
+    H = _weighted_gram(K, w, width, X.device)
     lam, W = torch.linalg.eigh(H)
-    keep = min(m, width)
+    keep = min(m if m_out is None else m_out, width)
     lam, W = lam.flip(0), W.flip(1)
     r = Pr[0].shape[2] if Pr else 0
     f_old = float(torch.diagonal(H)[:r].sum())
@@ -187,7 +195,9 @@ def _half_step(
     if omega != 1.0 and width >= keep + r:
         coef, f = _overrelax(W, H, r, keep, omega, f_old, coef, f)
     Wd = coef.to(X.dtype)
-    return basis @ Wd, [torch.matmul(q, Wd) for q in QB], f
+    # [X Z] @ Wd without materialising the union basis.
+    block = X @ Wd[:m] if width == m else torch.addmm(X @ Wd[:m], Z, Wd[m:])
+    return block, [torch.matmul(q, Wd) for q in QB], f
 
 
 def _overrelax(W, H, r, keep, omega, f_old, coef, f):
@@ -325,8 +335,12 @@ def jd_full(
     matching ``V`` (see the module docstring). Deterministic
     for a given ``seed``, device and input. All arithmetic is in ``dtype``
     (float32 or float64) whatever the factors' dtype; small reductions are in
-    float64. ``oversample``: extra columns carried by the subspace iteration
-    (default ``max(8, rank // 2)``); ``overrelax``: geodesic step factor
+    float64. ``oversample``: extra columns carried by the subspace iteration;
+    ``None`` (default) adapts: the iteration carries ``rank`` columns (after the
+    oversampled start) while the weighted error falls by more than
+    ``max(tol, 1e-3)`` of ``sum_i w_i ||dW_i||^2`` per iteration, then
+    ``max(8, rank // 2)`` extra ones (never stopping on the iteration that
+    grows the block); an integer fixes it for the whole run. ``overrelax``: geodesic step factor
     (1 = plain alternating Rayleigh-Ritz steps). The weighted error never
     increases from one iteration to the next (``history``).
     """
@@ -336,6 +350,11 @@ def jd_full(
     rtol = 100 * eps_of(dtype)
     p = max(8, r // 2) if oversample is None else int(oversample)
     mU, mV = min(r + p, spec.d_out), min(r + p, spec.d_in)
+    # Adaptive oversampling: while the error still falls fast, the extra columns cost more
+    # (every pass over the factors is a GEMM of the block's width) than they save; they pay
+    # in the tail, where the gap between Ritz values r and r + 1 sets the rate.
+    grow = oversample is None
+    mU_now, mV_now = (min(r, mU), min(r, mV)) if grow else (mU, mV)
 
     grams = factors.grams()
     norms = factors.norms_sq(grams)
@@ -362,10 +381,14 @@ def jd_full(
             break
         it += 1
         om = overrelax if it > _PLAIN_ITERATIONS else 1.0
-        Ux, QX, _ = _half_step(Bt, Ux, QX, [p_[..., :r] for p_ in Px], w_g, rtol, om)
-        Vx, Px, f = _half_step(A, Vx, Px, [q[..., :r] for q in QX], w_g, rtol, om)
+        Ux, QX, _ = _half_step(Bt, Ux, QX, [p_[..., :r] for p_ in Px], w_g, rtol, om, mU_now)
+        Vx, Px, f = _half_step(A, Vx, Px, [q[..., :r] for q in QX], w_g, rtol, om, mV_now)
         history.append(total - f)
-        if history[-2] - history[-1] <= tol * total:
+        drop = history[-2] - history[-1]
+        if (mU_now, mV_now) != (mU, mV) and drop <= max(tol, _GROW_TOL) * total:
+            mU_now, mV_now = mU, mV
+            continue
+        if drop <= tol * total:
             converged = True
             break
     if total <= 0.0:
