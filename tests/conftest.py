@@ -24,6 +24,16 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: on tiny compressor problems thread start-up and
+    contention cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def token_mapping(pattern: str, T: int, A: int, gen: torch.Generator) -> torch.Tensor:
     """int32 [T] adapter slots in [-1, A) spread by ``pattern``."""
     if pattern == "empty":

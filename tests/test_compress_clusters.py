@@ -23,13 +23,8 @@ from jdlora_ops.synthetic import SyntheticCollection, SyntheticSpec, llama_like_
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: thread start-up and contention cost more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODS = [ModuleSpec("layers.0.q", 24, 20), ModuleSpec("layers.0.v", 12, 20), ModuleSpec("layers.1.q", 24, 20)]
 
 

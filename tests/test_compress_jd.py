@@ -22,13 +22,7 @@ from jdlora_ops.compress.jd import check_rank
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: thread start-up and contention cost more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_factors(n, d_out, d_in, ranks=(3, 5, 8), seed=0, dtype=F64, scales=None, zero=()):

@@ -17,12 +17,7 @@ F64 = torch.float64
 MODS = [ModuleSpec("model.layers.0.self_attn.q_proj", 24, 20), ModuleSpec("model.layers.0.self_attn.v_proj", 12, 20)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

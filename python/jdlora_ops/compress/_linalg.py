@@ -7,6 +7,7 @@ cost of a pass is set by the bytes of the factors, not by Python loops.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -91,24 +92,31 @@ def orth_complement(Y: torch.Tensor, X: torch.Tensor | None, rtol: float) -> tor
     """
     if Y.numel() == 0:
         return Y.new_zeros(Y.shape[0], 0)
-    scale = float(torch.linalg.vector_norm(Y, dtype=F64))
+    scale = float(torch.linalg.vector_norm(Y))
+    if not math.isfinite(scale):  # the float32 sum of squares overflowed
+        scale = float(torch.linalg.vector_norm(Y, dtype=F64))
     if scale == 0.0:
         return Y.new_zeros(Y.shape[0], 0)
-    Z = Y / scale
+    # The 1/scale normalisation is folded into the small matrices unless Y is so large or
+    # small that its Gram matrix could leave the dtype's range.
+    Z = Y
+    if not 1e-12 < scale < 1e12:
+        Z, scale = Y / scale, 1.0
     eps = eps_of(Y.dtype)
-    if X is not None and X.shape[1]:
-        Z = Z - X @ (X.t() @ Z)
-    lam, E = torch.linalg.eigh((Z.t() @ Z).to(F64))
+    project_out = X is not None and X.shape[1] > 0
+    if project_out:
+        Z = torch.addmm(Z, X, X.t() @ Z, alpha=-1)
+    lam, E = torch.linalg.eigh((Z.t() @ Z).to(F64) / (scale * scale))
     # Below rtol (relative to Y) a direction is rounding noise of the projection; below
     # 100 eps of the largest Gram eigenvalue its eigenvector is not resolved.
     keep = lam > max(rtol * rtol, 100 * eps * float(lam[-1]))
     if not bool(keep.any()):
         return Y.new_zeros(Y.shape[0], 0)
-    Z = Z @ (E[:, keep] / lam[keep].sqrt()).to(Z.dtype)
+    Z = Z @ (E[:, keep] / (lam[keep].sqrt() * scale)).to(Z.dtype)
     # Second round: Z is orthonormal up to the rounding of the first; project again and
     # re-orthonormalise (Cholesky suffices now), which makes both properties hold to eps.
-    if X is not None and X.shape[1]:
-        Z = Z - X @ (X.t() @ Z)
+    if project_out:
+        Z = torch.addmm(Z, X, X.t() @ Z, alpha=-1)
     G = (Z.t() @ Z).to(F64)
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0 and float(torch.diagonal(L).min()) > 0.5:
