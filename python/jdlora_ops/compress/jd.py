@@ -45,6 +45,7 @@ from ._linalg import (
     eps_of,
     expand,
     extend_basis,
+    gemm_width,
     orth_complement,
     orth_fill,
     project,
@@ -353,8 +354,11 @@ def jd_full(
     # Adaptive oversampling: while the error still falls fast, the extra columns cost more
     # (every pass over the factors is a GEMM of the block's width) than they save; they pay
     # in the tail, where the gap between Ritz values r and r + 1 sets the rate.
+    # Where thin products are padded to a wider GEMM anyway (small ranks on CPUs), narrowing
+    # saves nothing, so the block starts at the padded width.
     grow = oversample is None
-    mU_now, mV_now = (min(r, mU), min(r, mV)) if grow else (mU, mV)
+    narrow = max(r, gemm_width(r, torch.empty(0, dtype=dtype, device=device)))
+    mU_now, mV_now = (min(narrow, mU), min(narrow, mV)) if grow else (mU, mV)
 
     grams = factors.grams()
     norms = factors.norms_sq(grams)
