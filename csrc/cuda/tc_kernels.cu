@@ -148,6 +148,28 @@ void launch(Kern kernel, dim3 grid, size_t smem, int cl, cudaStream_t stream, co
   cudaLaunchKernelEx(&cfg, kernel, p, a);
 }
 
+// Launches `kernel` (kind k, tile config Cfg) when its shared memory fits the
+// device; false sends the op to the simple kernels.
+template <typename T, typename Cfg, typename Params, typename Kern>
+bool launch_if_fits(Kern kernel, Kernel k, const DeviceInfo& dev, dim3 grid, int r, cudaStream_t stream,
+                    const Params& p, const TcArgs& a) {
+  const SmemLayout L = tc::smem_layout(k, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
+                                       sizeof(tc::WindowPlan<Cfg::M>));
+  if (!fits(dev, L)) return false;
+  launch(kernel, grid, L.total, a.cl, stream, p, a);
+  return true;
+}
+
+// Arguments of the kernels that split d_in over a cluster (shrink, fused).
+template <typename T, typename Cfg>
+TcArgs split_k_args(const DeviceInfo& dev, int64_t blocks, int r, int d_in) {
+  TcArgs a{};
+  a.cl = pick_cluster(dev, blocks, d_in);
+  a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, a.cl)));
+  a.r_pad = round_up(r, 16);
+  return a;
+}
+
 }  // namespace
 
 bool tc_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
@@ -161,18 +183,9 @@ bool tc_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
     static_assert(Cfg::kThreads == 128, "launch() uses 128 threads");
     const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
     const int S = p.weights.num_slices;
-    const int d_in = p.x.cols;
-    TcArgs a{};
-    a.cl = pick_cluster(dev, windows * S, d_in);
-    a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, a.cl)));
-    a.r_pad = round_up(r, 16);
-    const SmemLayout L =
-        tc::smem_layout(Kernel::kShrink, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
-                        sizeof(tc::WindowPlan<Cfg::M>));
-    if (!fits(dev, L)) return false;
+    const TcArgs a = split_k_args<T, Cfg>(dev, windows * S, r, p.x.cols);
     const dim3 grid(static_cast<unsigned>(windows * a.cl), static_cast<unsigned>(S));
-    launch(tc::tc_shrink_kernel<T, Cfg>, grid, L.total, a.cl, stream, p, a);
-    return true;
+    return launch_if_fits<T, Cfg>(tc::tc_shrink_kernel<T, Cfg>, Kernel::kShrink, dev, grid, r, stream, p, a);
   });
 }
 
@@ -201,13 +214,8 @@ bool tc_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
     a.span = Cfg::kNTile * static_cast<int>(per_block);
     int64_t spans = 0;
     for (int s = 0; s < p.weights.num_slices; ++s) spans += ceil_div(p.weights.stack[s].rows, a.span);
-    const SmemLayout L =
-        tc::smem_layout(Kernel::kExpand, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
-                        sizeof(tc::WindowPlan<Cfg::M>));
-    if (!fits(dev, L)) return false;
     const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(spans));
-    launch(tc::tc_expand_kernel<T, Cfg>, grid, L.total, 1, stream, p, a);
-    return true;
+    return launch_if_fits<T, Cfg>(tc::tc_expand_kernel<T, Cfg>, Kernel::kExpand, dev, grid, r, stream, p, a);
   });
 }
 
@@ -223,19 +231,10 @@ bool tc_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
     using Cfg = decltype(cfg);
     const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
     const int S = p.shrink.num_slices;
-    const int d_in = p.x.cols;
-    TcArgs a{};
-    a.cl = pick_cluster(dev, windows * S, d_in);
-    a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, a.cl)));
-    a.r_pad = round_up(r, 16);
+    TcArgs a = split_k_args<T, Cfg>(dev, windows * S, r, p.x.cols);
     a.s_vec = full_cores_vectorizable(p.core) ? 1 : 0;
-    const SmemLayout L =
-        tc::smem_layout(Kernel::kFused, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
-                        sizeof(tc::WindowPlan<Cfg::M>));
-    if (!fits(dev, L)) return false;
     const dim3 grid(static_cast<unsigned>(windows * a.cl), static_cast<unsigned>(S));
-    launch(tc::tc_fused_kernel<T, Cfg>, grid, L.total, a.cl, stream, p, a);
-    return true;
+    return launch_if_fits<T, Cfg>(tc::tc_fused_kernel<T, Cfg>, Kernel::kFused, dev, grid, r, stream, p, a);
   });
 }
 

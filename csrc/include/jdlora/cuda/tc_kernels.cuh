@@ -175,6 +175,28 @@ __device__ __forceinline__ void build_plan(const SegmentTable& seg, int p0, Wind
 }
 
 // ---------------------------------------------------------------------------
+// This lane's place in the block tile's m16n8k16 fragments: the warp's column
+// slot wn (its row slab is wm), the two tile rows whose A and C elements the
+// lane holds (row_a = 16 wm + g, row_b = row_a + 8) with their runs in the plan
+// (-1 for padding rows), and the lane's column pair q4.
+template <typename Cfg>
+struct MmaLane {
+  int wn, g, q4, row_a, row_b, run_a, run_b;
+
+  __device__ __forceinline__ explicit MmaLane(const WindowPlan<Cfg::M>& pl) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    wn = warp / Cfg::kWarpsM;
+    g = lane >> 2;
+    q4 = lane & 3;
+    row_a = (warp % Cfg::kWarpsM) * 16 + g;
+    row_b = row_a + 8;
+    run_a = pl.run_of[row_a];
+    run_b = pl.run_of[row_b];
+  }
+};
+
+// ---------------------------------------------------------------------------
 // Shrink phase: h_tile[row, :r] = sum over d_in in [kbeg, kend) of
 // x[tok(row)] * W[group(run(row))] for every row of the window (0 for rows in
 // no run). Steps run k-tile major, run minor, so the x tile of a k-tile is
@@ -194,16 +216,7 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
   const int ktiles = kend > kbeg ? (kend - kbeg + k_tile - 1) / k_tile : 0;
   const int nsteps = ktiles * nruns;
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int wm = warp % Cfg::kWarpsM;
-  const int wn = warp / Cfg::kWarpsM;
-  const int g = lane >> 2;
-  const int q4 = lane & 3;
-  const int row_a = wm * 16 + g;
-  const int row_b = row_a + 8;
-  const int run_a = pl.run_of[row_a];
-  const int run_b = pl.run_of[row_b];
+  const MmaLane<Cfg> ln(pl);
   const T* w_data = static_cast<const T*>(W.data);
 
   float acc[NF][4];
@@ -238,23 +251,23 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
   auto compute = [&](int q) {
     const int kt = q / nruns;
     const int run = q - kt * nruns;
-    const bool on_a = run_a == run;
-    const bool on_b = run_b == run;
+    const bool on_a = ln.run_a == run;
+    const bool on_b = ln.run_b == run;
     if (!__any_sync(kFullMask, on_a || on_b)) return;
     const T* xb = x_ring + (kt % S) * M * xs;
     const T* wb = w_ring + (q % S) * r * xs;
     for (int kk = 0; kk < k_tile; kk += 16) {
-      const int c = kk + 2 * q4;
+      const int c = kk + 2 * ln.q4;
       uint32_t a[4];
-      a[0] = on_a ? load_pair(xb + row_a * xs + c) : 0u;
-      a[1] = on_b ? load_pair(xb + row_b * xs + c) : 0u;
-      a[2] = on_a ? load_pair(xb + row_a * xs + c + 8) : 0u;
-      a[3] = on_b ? load_pair(xb + row_b * xs + c + 8) : 0u;
+      a[0] = on_a ? load_pair(xb + ln.row_a * xs + c) : 0u;
+      a[1] = on_b ? load_pair(xb + ln.row_b * xs + c) : 0u;
+      a[2] = on_a ? load_pair(xb + ln.row_a * xs + c + 8) : 0u;
+      a[3] = on_b ? load_pair(xb + ln.row_b * xs + c + 8) : 0u;
 #pragma unroll
       for (int f = 0; f < NF; ++f) {
-        const int n8 = wn + f * Cfg::kWarpsN;
+        const int n8 = ln.wn + f * Cfg::kWarpsN;
         if (n8 * 8 < r) {
-          const T* wr = wb + (n8 * 8 + g) * xs + c;
+          const T* wr = wb + (n8 * 8 + ln.g) * xs + c;
           mma_16816<T>(acc[f], a, load_pair(wr), load_pair(wr + 8));
         }
       }
@@ -265,11 +278,11 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
 
 #pragma unroll
   for (int f = 0; f < NF; ++f) {
-    const int n8 = wn + f * Cfg::kWarpsN;
+    const int n8 = ln.wn + f * Cfg::kWarpsN;
     if (n8 * 8 < r) {
-      const int col = n8 * 8 + 2 * q4;
-      *reinterpret_cast<float2*>(h_tile + row_a * hs + col) = make_float2(acc[f][0], acc[f][1]);
-      *reinterpret_cast<float2*>(h_tile + row_b * hs + col) = make_float2(acc[f][2], acc[f][3]);
+      const int col = n8 * 8 + 2 * ln.q4;
+      *reinterpret_cast<float2*>(h_tile + ln.row_a * hs + col) = make_float2(acc[f][0], acc[f][1]);
+      *reinterpret_cast<float2*>(h_tile + ln.row_b * hs + col) = make_float2(acc[f][2], acc[f][3]);
     }
   }
 }
@@ -304,16 +317,7 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
   const int ntiles = c1 > c0 ? (c1 - c0 + N - 1) / N : 0;
   const int nsteps = ntiles * nruns;
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int wm = warp % Cfg::kWarpsM;
-  const int wn = warp / Cfg::kWarpsM;
-  const int g = lane >> 2;
-  const int q4 = lane & 3;
-  const int row_a = wm * 16 + g;
-  const int row_b = row_a + 8;
-  const int run_a = pl.run_of[row_a];
-  const int run_b = pl.run_of[row_b];
+  const MmaLane<Cfg> ln(pl);
   const T* u_data = static_cast<const T*>(U.data);
 
   float acc[NF][4] = {};
@@ -351,17 +355,17 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[f][e] = 0.f;
     }
-    const bool on_a = run_a == run;
-    const bool on_b = run_b == run;
+    const bool on_a = ln.run_a == run;
+    const bool on_b = ln.run_b == run;
     if (__any_sync(kFullMask, on_a || on_b)) {
       const T* ub = u_ring + (q % S) * N * us;
       const float2 zero = make_float2(0.f, 0.f);
       for (int kk = 0; kk < r_pad; kk += 16) {
-        const int c = kk + 2 * q4;
-        const float2 v0 = on_a ? *reinterpret_cast<const float2*>(g_tile + row_a * gs + c) : zero;
-        const float2 v1 = on_b ? *reinterpret_cast<const float2*>(g_tile + row_b * gs + c) : zero;
-        const float2 v2 = on_a ? *reinterpret_cast<const float2*>(g_tile + row_a * gs + c + 8) : zero;
-        const float2 v3 = on_b ? *reinterpret_cast<const float2*>(g_tile + row_b * gs + c + 8) : zero;
+        const int c = kk + 2 * ln.q4;
+        const float2 v0 = on_a ? *reinterpret_cast<const float2*>(g_tile + ln.row_a * gs + c) : zero;
+        const float2 v1 = on_b ? *reinterpret_cast<const float2*>(g_tile + ln.row_b * gs + c) : zero;
+        const float2 v2 = on_a ? *reinterpret_cast<const float2*>(g_tile + ln.row_a * gs + c + 8) : zero;
+        const float2 v3 = on_b ? *reinterpret_cast<const float2*>(g_tile + ln.row_b * gs + c + 8) : zero;
         uint32_t hi[4], lo[4];
         split_pair<T>(v0, hi[0], lo[0]);
         split_pair<T>(v1, hi[1], lo[1]);
@@ -369,7 +373,7 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
         split_pair<T>(v3, hi[3], lo[3]);
 #pragma unroll
         for (int f = 0; f < NF; ++f) {
-          const T* ur = ub + ((wn + f * Cfg::kWarpsN) * 8 + g) * us + c;
+          const T* ur = ub + ((ln.wn + f * Cfg::kWarpsN) * 8 + ln.g) * us + c;
           const uint32_t b0 = load_pair(ur);
           const uint32_t b1 = load_pair(ur + 8);
           mma_16816<T>(acc[f], hi, b0, b1);
@@ -385,15 +389,15 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
     T* yb = y_ring + (jt % S) * M * ys;
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
-      const int col = (wn + f * Cfg::kWarpsN) * 8 + 2 * q4;
+      const int col = (ln.wn + f * Cfg::kWarpsN) * 8 + 2 * ln.q4;
       if (n0 + col < c1) {
-        if (run_a >= 0) {
-          uint32_t* p = reinterpret_cast<uint32_t*>(yb + row_a * ys + col);
+        if (ln.run_a >= 0) {
+          uint32_t* p = reinterpret_cast<uint32_t*>(yb + ln.row_a * ys + col);
           const float2 old = unpack_pair<T>(*p);
           *p = pack_pair<T>(old.x + acc[f][0], old.y + acc[f][1]);
         }
-        if (run_b >= 0) {
-          uint32_t* p = reinterpret_cast<uint32_t*>(yb + row_b * ys + col);
+        if (ln.run_b >= 0) {
+          uint32_t* p = reinterpret_cast<uint32_t*>(yb + ln.row_b * ys + col);
           const float2 old = unpack_pair<T>(*p);
           *p = pack_pair<T>(old.x + acc[f][2], old.y + acc[f][3]);
         }
