@@ -359,7 +359,7 @@ def test_thin_products_padding_is_exact(dtype, m):
          torch.randn(4, 5, 50, generator=g, dtype=F64).to(dtype)]
     X = torch.randn(50, m, generator=g, dtype=F64).to(dtype)
     C = [torch.randn(7, 3, m, generator=g, dtype=F64).to(dtype), torch.randn(4, 5, m, generator=g, dtype=F64).to(dtype)]
-    assert gemm_width(m, X) >= m
+    assert gemm_width(m, dtype, X.device) >= m
     tol = 1e-12 if dtype == F64 else 1e-5
     for got, d in zip(project(D, X), D):
         want = d.to(F64) @ X.to(F64)
@@ -399,7 +399,7 @@ def test_adaptive_oversampling_grows_the_block_and_matches_fixed(monkeypatch, r)
     widths = _record_block_widths(monkeypatch)
     p = 8
     res = jd_full(f, r, weights="uniform", max_iter=400, tol=1e-12, dtype=F64)
-    start = min(r + p, max(r, gemm_width(r, torch.empty(0, dtype=F64))))
+    start = min(r + p, max(r, gemm_width(r, F64, torch.device("cpu"))))
     assert r < 12 or start == r  # r = 12 exercises a real narrow phase
     assert widths[0] == start and widths[-1] == r + p
     assert widths == sorted(widths)

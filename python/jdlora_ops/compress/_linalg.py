@@ -15,8 +15,8 @@ import torch
 F64 = torch.float64
 
 
-def gemm_width(m: int, like: torch.Tensor) -> int:
-    """The width at which to run a thin ``[rows, d] @ [d, m]`` GEMM on ``like``'s device.
+def gemm_width(m: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The width at which to run a thin ``[rows, d] @ [d, m]`` GEMM of ``dtype`` on ``device``.
 
     On CPUs, MKL runs very thin single- and double-precision GEMMs far below its
     usual rate: on a 2-core AVX2 machine a ``[1600, 4096] @ [4096, m]`` product
@@ -25,9 +25,9 @@ def gemm_width(m: int, like: torch.Tensor) -> int:
     columns to that width costs at most one such GEMM and never changes the
     result; one-column products (GEMV) are fast and left alone.
     """
-    if like.device.type != "cpu" or m < 2:
+    if torch.device(device).type != "cpu" or m < 2:
         return m
-    floor = 16 if like.dtype == torch.float32 else 12
+    floor = 16 if dtype == torch.float32 else 12
     return max(m, floor)
 
 
@@ -42,7 +42,7 @@ def _pad_columns(X: torch.Tensor, width: int) -> torch.Tensor:
 def project(data: Sequence[torch.Tensor], X: torch.Tensor) -> list[torch.Tensor]:
     """``[D_g @ X for each group]``: ``D_g: [g, rho, d]``, ``X: [d, m]`` -> ``[g, rho, m]``."""
     m = X.shape[1]
-    Xp = _pad_columns(X, gemm_width(m, X))
+    Xp = _pad_columns(X, gemm_width(m, X.dtype, X.device))
     return [torch.matmul(D, Xp)[..., :m] for D in data]
 
 
@@ -53,7 +53,7 @@ def expand(data: Sequence[torch.Tensor], C: Sequence[torch.Tensor], d: int, m: i
     ``[d, g rho] @ [g rho, m]`` GEMM, on contiguous memory when ``D_g`` is in
     the column layout (:func:`~jdlora_ops.compress.collection.empty_factors`).
     """
-    width = gemm_width(m, like)
+    width = gemm_width(m, like.dtype, like.device)
     out = torch.zeros(d, width, dtype=like.dtype, device=like.device)
     for D, c in zip(data, C):
         if D.shape[0]:

@@ -383,7 +383,7 @@ class InMemoryCollection(AdapterCollection):
                             f"adapter {name}: module {mod} is {shape[0]} x {shape[1]}, other adapters have "
                             f"{shapes[mod][0]} x {shapes[mod][1]}"
                         )
-            modules = [ModuleSpec(m, *shapes[m]) for m in sorted(shapes, key=_module_sort_key)]
+            modules = [ModuleSpec(m, *shapes[m]) for m in sorted(shapes, key=module_sort_key)]
         self._modules = list(modules)
 
     @property
@@ -442,9 +442,7 @@ class CallableCollection(AdapterCollection):
         return out
 
 
-def _module_sort_key(name: str):
+def module_sort_key(name: str):
     # Natural order (layer 2 before layer 10) so stores list modules as the model does.
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
-
-module_sort_key = _module_sort_key

@@ -37,6 +37,7 @@ alternating exact least squares over ``sigma``, ``U`` and ``V``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -116,18 +117,31 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"compute dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
-def _prepare(factors: ModuleFactors, rank: int, dtype: torch.dtype, device):
+class _Problem(NamedTuple):
+    """One module's factors in the compute dtype and device, with what every method needs."""
+
+    factors: ModuleFactors
+    device: torch.device
+    grams: list[tuple[torch.Tensor, torch.Tensor]]  # per group (A A^T, B^T B)
+    norms: torch.Tensor  # [n] ||dW_i||^2
+    w: torch.Tensor  # [n] weights
+    w_g: list[torch.Tensor]  # the weights per rank group
+    total: float  # sum_i w_i ||dW_i||^2 (float64)
+
+
+def _prepare(factors: ModuleFactors, rank: int, dtype: torch.dtype, device, weights) -> _Problem:
     _check_dtype(dtype)
     check_rank(rank, factors.spec.d_out, factors.spec.d_in, f"module {factors.spec.name}")
     if device is None:
         device = factors.device
     if factors.dtype != dtype or factors.device != torch.device(device):
         factors = factors.to(dtype=dtype, device=device)
-    return factors, torch.device(device)
-
-
-def _weights_by_group(factors: ModuleFactors, w: torch.Tensor) -> list[torch.Tensor]:
-    return [w[g.index] for g in factors.groups]
+    grams = factors.grams()
+    norms = factors.norms_sq(grams)
+    w = resolve_weights(weights, norms)
+    w_g = [w[g.index] for g in factors.groups]
+    total = float((w.to(F64) * norms.to(F64)).sum())
+    return _Problem(factors, torch.device(device), grams, norms, w, w_g, total)
 
 
 def _bmm_t(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -345,7 +359,7 @@ def jd_full(
     (1 = plain alternating Rayleigh-Ritz steps). The weighted error never
     increases from one iteration to the next (``history``).
     """
-    factors, device = _prepare(factors, rank, dtype, device)
+    factors, device, grams, norms, w, w_g, total = _prepare(factors, rank, dtype, device, weights)
     spec, n, r = factors.spec, factors.num_adapters, rank
     gen = _generator(seed, device)
     rtol = 100 * eps_of(dtype)
@@ -357,15 +371,10 @@ def jd_full(
     # Where thin products are padded to a wider GEMM anyway (small ranks on CPUs), narrowing
     # saves nothing, so the block starts at the padded width.
     grow = oversample is None
-    narrow = max(r, gemm_width(r, torch.empty(0, dtype=dtype, device=device)))
+    narrow = max(r, gemm_width(r, dtype, device))
     mU_now, mV_now = (min(narrow, mU), min(narrow, mV)) if grow else (mU, mV)
 
-    grams = factors.grams()
-    norms = factors.norms_sq(grams)
-    w = resolve_weights(weights, norms)
-    w_g = _weights_by_group(factors, w)
     ga = [a for a, _ in grams]
-    total = float((w.to(F64) * norms.to(F64)).sum())
 
     if not factors.groups:
         U = init[0].to(device=device, dtype=dtype) if init else random_orthonormal(spec.d_out, r, gen, dtype, device)
@@ -450,14 +459,9 @@ def jd_diag(
     ``sum_i w_i Sigma_i^T Sigma_i``. Stopping rule, ``weights``, ``seed`` and
     ``dtype`` as in :func:`jd_full`.
     """
-    factors, device = _prepare(factors, rank, dtype, device)
+    factors, device, _, norms, w, w_g, total = _prepare(factors, rank, dtype, device, weights)
     spec, n, r = factors.spec, factors.num_adapters, rank
     gen = _generator(seed + 1, device)
-    grams = factors.grams()
-    norms = factors.norms_sq(grams)
-    w = resolve_weights(weights, norms)
-    w_g = _weights_by_group(factors, w)
-    total = float((w.to(F64) * norms.to(F64)).sum())
     A = [g.A for g in factors.groups]
     Bt = [g.Bt for g in factors.groups]
 
