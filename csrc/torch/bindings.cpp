@@ -9,7 +9,13 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+// CUTLASS is present in every CUDA build; a CPU-only build may lack it.
+#if __has_include(<cutlass/version.h>)
 #include <cutlass/version.h>
+#define JDLORA_HAVE_CUTLASS 1
+#else
+#define JDLORA_HAVE_CUTLASS 0
+#endif
 
 #include <string>
 
@@ -63,8 +69,12 @@ TORCH_LIBRARY(jdlora_ops, m) {
 namespace {
 
 std::string cutlass_version() {
+#if JDLORA_HAVE_CUTLASS
   return std::to_string(CUTLASS_MAJOR) + "." + std::to_string(CUTLASS_MINOR) + "." +
          std::to_string(CUTLASS_PATCH);
+#else
+  return "none";
+#endif
 }
 
 }  // namespace

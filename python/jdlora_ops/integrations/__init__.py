@@ -1,0 +1,1 @@
+"""Integrations with inference servers (each imports its server only when used)."""

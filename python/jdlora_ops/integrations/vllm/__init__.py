@@ -1,0 +1,68 @@
+"""jdlora_ops inside vLLM: serve a compressed store next to ordinary PEFT adapters.
+
+Installed with jdlora_ops as the ``vllm.general_plugins`` entry point
+``jdlora_ops`` (:func:`register`), which vLLM loads in every process. The
+plugin is idle until a store is configured, by ``--additional-config
+'{"jdlora_store": "STORE"}'`` or the ``JDLORA_STORE`` environment variable.
+Then:
+
+* every LoRA linear layer of the model that the store covers (q/k/v as vLLM's
+  fused ``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``) holds all
+  clusters' bases, and one core per vLLM LoRA slot;
+* a request names a store adapter with ``LoRARequest(name, id, STORE)`` (the
+  path is the store directory), or in ``vllm serve`` by its ``model`` field
+  (a LoRA resolver; needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``);
+* PEFT adapters are served in the same batches by the baseline ops.
+
+Checked against vLLM 0.32.0 (see :mod:`._vllm_private`). Nothing here imports
+vLLM until :func:`register` runs inside vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["register", "store_lora_request"]
+
+log = logging.getLogger("jdlora_ops.vllm")
+_REGISTERED = False
+
+
+def register() -> None:
+    """The plugin entry point (idempotent): install the hooks and, with a store, its resolver."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from . import _vllm_private as vp
+    from .state import ENV_STORE, load_store_adapter, on_modules_created, store_path, validate_request
+
+    path = store_path()
+    try:
+        vp.check_version()
+    except RuntimeError:
+        if path is not None:
+            raise
+        log.warning("jdlora_ops: vLLM %s is not a version the plugin was checked against; plugin not loaded",
+                    vp.vllm_version())
+        return
+    vp.install_hooks(on_modules_created, load_store_adapter, validate_request,
+                     "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper")
+    if path is not None:
+        from vllm.lora.resolver import LoRAResolverRegistry
+
+        from .resolver import StoreResolver
+
+        LoRAResolverRegistry.register_resolver("jdlora", StoreResolver(path))
+    _REGISTERED = True
+    log.info("jdlora_ops vLLM plugin loaded (store: %s)", path or f"none; set {ENV_STORE} to serve one")
+
+
+def store_lora_request(store: str, name: str):
+    """The ``LoRARequest`` naming adapter ``name`` of ``store`` (its id is stable for a store)."""
+    from ...store import read_manifest
+    from .resolver import store_lora_request as make
+
+    names = [str(a["name"]) for a in read_manifest(store)["adapters"]]
+    if name not in names:
+        raise ValueError(f"store_lora_request: the store {store} holds no adapter named {name!r}")
+    return make(store, name, names.index(name))

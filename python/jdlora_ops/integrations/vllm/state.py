@@ -1,0 +1,197 @@
+"""The plugin's per-process state: the open store, every layer's tables, vLLM's slots.
+
+One vLLM worker process serves one model, so the state is a module-level
+singleton (:data:`STATE`), filled when vLLM creates its LoRA layers
+(:func:`on_modules_created`) and read by the punica wrapper on every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import torch
+
+from . import _vllm_private as vp
+from .tables import LayerTables, StoreMismatchError
+
+log = logging.getLogger("jdlora_ops.vllm")
+
+__all__ = ["STATE", "store_path", "on_modules_created", "load_store_adapter", "validate_request", "ENV_STORE",
+           "CONFIG_KEY"]
+
+#: Environment variable naming the store directory (``vllm serve ... `` with it set).
+ENV_STORE = "JDLORA_STORE"
+#: Key in ``--additional-config`` naming the store directory (takes precedence over the environment).
+CONFIG_KEY = "jdlora_store"
+
+#: Default packing of the model's projections into vLLM's merged layers.
+DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+SLOT_EMPTY, SLOT_JD, SLOT_PEFT = 0, 1, 2
+
+
+def store_path(extra: dict | None = None) -> str | None:
+    """The configured store directory (absolute), or ``None`` when the plugin is idle."""
+    extra = vp.additional_config() if extra is None else extra
+    p = extra.get(CONFIG_KEY) or os.environ.get(ENV_STORE)
+    return os.path.abspath(os.fspath(p)) if p else None
+
+
+_NAMES_CACHE: dict[str, set[str]] = {}
+
+
+def validate_request(lora_request, extra: dict) -> None:
+    """Front-end check of a request naming a store adapter (``ValueError`` when it cannot be served)."""
+    from ...store import read_manifest
+
+    problem = store_request_problem(lora_request, store_path(extra), _NAMES_CACHE, read_manifest)
+    if problem:
+        raise ValueError(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}")
+
+
+def store_request_problem(lora_request, configured: str | None, cache: dict, read_manifest) -> str | None:
+    """Why a request for a store adapter cannot be served, or ``None`` (also for non-store requests)."""
+    from ...store import is_store
+
+    req_path = getattr(lora_request, "lora_path", None)
+    if not req_path or not is_store(req_path):
+        return None
+    if configured is None:
+        return (f"the request names a jdlora store but the server was started without one "
+                f"(set {ENV_STORE} or additional_config {CONFIG_KEY!r})")
+    if os.path.abspath(req_path) != configured:
+        return f"this server serves the jdlora store {configured}"
+    names = cache.get(configured)
+    if names is None:
+        names = cache[configured] = {str(a["name"]) for a in read_manifest(configured)["adapters"]}
+    if lora_request.lora_name not in names:
+        return f"the store holds no adapter named {lora_request.lora_name!r}"
+    return None
+
+
+class PluginState:
+    def __init__(self) -> None:
+        self.reader = None
+        self.path: str | None = None
+        self.module_index: dict[str, int] = {}
+        self.adapter_index: dict[str, int] = {}
+        self.layers: dict[int, LayerTables] = {}  # id(layer.lora_a_stacked) -> tables
+        self.num_slots = 0
+        self.adapter_cluster: torch.Tensor | None = None
+        self.slot_kind: torch.Tensor | None = None  # int32 [slots + 1]; the last entry stands for slot -1
+        self.slot_owner: list[int | None] = []
+        self.store_models: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+
+    @property
+    def active(self) -> bool:
+        return self.reader is not None
+
+    def open(self, path: str):
+        from ...serving.host_tier import StoreReader
+
+        if self.reader is None or self.path != path:
+            self.reader = StoreReader(path)
+            self.path = path
+            self.module_index = {s.name: j for j, s in enumerate(self.reader.modules)}
+            self.adapter_index = {n: i for i, n in enumerate(self.reader.adapter_names)}
+        return self.reader
+
+    def assign_slot(self, slot: int, lora_id: int | None) -> None:
+        """Make our tables agree with vLLM's slot ``slot`` now holding ``lora_id``."""
+        model = self.store_models.get(lora_id) if lora_id is not None else None
+        if model is not None:
+            for t in self.layers.values():
+                t.set_slot(slot, model.jdlora_cores)
+            self.adapter_cluster[slot] = int(model.jdlora_cluster)
+            self.slot_kind[slot] = SLOT_JD
+        else:
+            for t in self.layers.values():
+                t.clear_slot(slot)
+            self.slot_kind[slot] = SLOT_EMPTY if lora_id is None else SLOT_PEFT
+        self.slot_owner[slot] = lora_id
+
+
+STATE = PluginState()
+
+
+def _slice_modules(name: str, n_slices: int, packed: dict) -> list[str]:
+    prefix, _, last = name.rpartition(".")
+    parts = packed.get(last) or DEFAULT_PACKED.get(last) or [last]
+    if len(parts) != n_slices:
+        parts = [last] if n_slices == 1 else parts
+    if len(parts) != n_slices:
+        raise StoreMismatchError(f"jdlora: cannot tell the {n_slices} projections packed in vLLM layer {name} "
+                                 f"(packed modules known: {parts})")
+    return [f"{prefix}.{p}" if prefix else p for p in parts]
+
+
+def on_modules_created(manager, modules: dict, packed: dict) -> None:
+    """Build the JD tables of every LoRA linear layer the store covers (start-up)."""
+    path = store_path()
+    if path is None:
+        return
+    vp.check_version()
+    reader = STATE.open(path)
+    slots = int(manager.lora_slots)
+    max_rank = None
+    covered: set[str] = set()
+    for name, layer in modules.items():
+        kind = vp.layer_kind(layer)
+        if kind is None:
+            continue
+        geo = vp.layer_geometry(layer)
+        max_rank = geo["max_lora_rank"]
+        if geo["fully_sharded"]:
+            raise StoreMismatchError("jdlora: fully_sharded_loras is not supported with a jdlora store")
+        wanted = _slice_modules(name, geo["n_slices"], packed)
+        present = [m if m in STATE.module_index else None for m in wanted]
+        if not any(present):
+            continue
+        STATE.layers[id(geo["lora_a_stacked"])] = LayerTables(name, kind, present, reader, STATE.module_index,
+                                                              geo, slots)
+        covered.update(m for m in present if m)
+    missing = sorted(set(STATE.module_index) - covered)
+    if missing:
+        raise StoreMismatchError(
+            f"jdlora store {path}: {len(missing)} of its modules are not LoRA layers of the model vLLM loaded, "
+            f"e.g. {missing[:3]} (a store for another base model, or modules vLLM does not wrap?)"
+        )
+    if max_rank is not None and reader.rank > max_rank:
+        raise ValueError(
+            f"jdlora store {path}: its rank {reader.rank} is above vLLM's max_lora_rank {max_rank}; "
+            f"start vLLM with max_lora_rank >= {reader.rank}"
+        )
+    STATE.num_slots = slots
+    device = next(iter(STATE.layers.values())).Vt[0].device if STATE.layers else torch.device("cpu")
+    STATE.adapter_cluster = torch.zeros(slots, dtype=torch.int32, device=device)
+    STATE.slot_kind = torch.zeros(slots + 1, dtype=torch.int32, device=device)
+    STATE.slot_owner = [None] * slots
+    nbytes = sum(t.nbytes() for t in STATE.layers.values())
+    log.info("jdlora: serving store %s (%d adapters, %d clusters, rank %d) on %d layers, %d slots, %.1f MiB of tables",
+             path, len(reader.adapter_names), reader.num_clusters, reader.rank, len(STATE.layers), slots,
+             nbytes / 2**20)
+
+
+def load_store_adapter(worker_manager, lora_request):
+    """A vLLM ``LoRAModel`` holding a store adapter's cores, or ``None`` for other requests."""
+    from ...store import is_store
+
+    req_path = getattr(lora_request, "lora_path", None)
+    if not req_path or not is_store(req_path):
+        return None
+    name = lora_request.lora_name
+    known = {STATE.path: set(STATE.adapter_index)} if STATE.active else {}
+    problem = store_request_problem(lora_request, STATE.path, known, lambda p: {"adapters": []})
+    if problem:
+        raise vp.adapter_not_found_error(name, req_path, problem)
+    i = STATE.adapter_index[name]
+    reader = STATE.reader
+    cores = {spec.name: core for spec, core in zip(reader.modules, reader.read_cores(i))}
+    model = vp.empty_lora_model(lora_request.lora_int_id, reader.rank)
+    model.jdlora_cores = cores
+    model.jdlora_cluster = int(reader.assignment[i])
+    model.jdlora_name = name
+    STATE.store_models[lora_request.lora_int_id] = model
+    return model

@@ -1,0 +1,85 @@
+"""The JD tables of one vLLM LoRA linear layer, built from a store.
+
+A vLLM LoRA linear layer packs one or more of the model's projections into
+slices (``qkv_proj`` = q, k, v; ``gate_up_proj`` = gate, up; ``o_proj`` and
+``down_proj`` one slice each). Per slice ``s`` the layer's tables are
+
+* ``Vt[s]``: ``[K, r, d_in_local]``, every cluster's shrink basis;
+* ``U[s]``: ``[K, d_out_local_s, r]``, every cluster's expand basis;
+* ``S[s]``: ``[slots, r, r]`` (or ``[slots, r]``), the core of the adapter in
+  each of vLLM's LoRA slots, zero for empty slots and PEFT adapters;
+
+sharded for tensor parallelism as :mod:`.sharding` describes. A slice whose
+projection the store does not cover has zero bases (it adds nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sharding import shard_expand_side, shard_shrink_side
+
+__all__ = ["LayerTables", "StoreMismatchError"]
+
+
+class StoreMismatchError(ValueError):
+    """The store does not fit the model vLLM loaded (another base model, other shapes)."""
+
+
+class LayerTables:
+    """See the module docstring. ``slice_modules[s]`` is the store module name of slice ``s`` (or ``None``)."""
+
+    def __init__(self, name: str, kind: str, slice_modules: list[str | None], reader, module_index: dict,
+                 geometry: dict, num_slots: int):
+        self.name = name
+        self.kind = kind
+        self.slice_modules = slice_modules
+        r, K = int(reader.rank), int(reader.num_clusters)
+        dtype, device = geometry["dtype"], geometry["device"]
+        tp_rank, tp = geometry["tp_rank"], geometry["tp_size"]
+        widths = geometry["output_slices"]
+        d_in_local = geometry["input_size"]
+        self.offsets = [sum(widths[:s]) for s in range(len(widths))]
+        self.Vt: list[torch.Tensor] = []
+        self.U: list[torch.Tensor] = []
+        self.S: list[torch.Tensor] = []
+        self.covered = [m is not None for m in slice_modules]
+        for s, module in enumerate(slice_modules):
+            d_out_local = widths[s]
+            if module is None:
+                Vt = torch.zeros(K, r, d_in_local, dtype=dtype, device=device)
+                U = torch.zeros(K, d_out_local, r, dtype=dtype, device=device)
+            else:
+                spec = reader.modules[module_index[module]]
+                d_out_full = d_out_local * tp if kind == "column" else d_out_local
+                d_in_full = d_in_local * tp if kind == "row" else d_in_local
+                if (spec.d_out, spec.d_in) != (d_out_full, d_in_full):
+                    raise StoreMismatchError(
+                        f"jdlora store {reader.path}: module {module} is {spec.d_out} x {spec.d_in} in the store but "
+                        f"{d_out_full} x {d_in_full} in the model vLLM loaded (a store for another base model?)"
+                    )
+                U, Vt = reader.read_module_bases(module_index[module])
+                if kind == "column" and tp > 1:
+                    U = shard_expand_side(U, tp_rank, tp)
+                elif kind == "row" and tp > 1:
+                    Vt = shard_shrink_side(Vt, tp_rank, tp)
+                Vt = Vt.to(device=device, dtype=dtype).contiguous()
+                U = U.to(device=device, dtype=dtype).contiguous()
+            core = (num_slots, r) if reader.diagonal else (num_slots, r, r)
+            self.Vt.append(Vt)
+            self.U.append(U)
+            self.S.append(torch.zeros(core, dtype=dtype, device=device))
+
+    def set_slot(self, slot: int, cores: dict[str, torch.Tensor]) -> None:
+        """Copy an adapter's cores (store module name -> core) into ``slot``."""
+        for s, module in enumerate(self.slice_modules):
+            if module is None:
+                continue
+            self.S[s][slot].copy_(cores[module])
+
+    def clear_slot(self, slot: int) -> None:
+        for S in self.S:
+            S[slot].zero_()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.Vt, *self.U, *self.S))

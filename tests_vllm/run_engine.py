@@ -1,0 +1,54 @@
+"""Runs one vLLM engine on the CPU and writes the greedy tokens of a batch of requests.
+
+    python run_engine.py SPEC.json OUT.json
+
+SPEC: {"model": DIR, "store": STORE or null, "max_loras": int, "max_lora_rank": int,
+       "max_cpu_loras": int (optional), "max_tokens": int,
+       "requests": [{"prompt": str, "lora": null | {"name": str, "id": int, "path": str}}, ...]}
+OUT:  {"tokens": [[int, ...] or null, ...], "errors": [str or null, ...], "seconds": float}
+
+A request whose adapter fails to load gets an error entry; the others are still
+served (each request is submitted on its own after the mixed batch fails).
+"""
+
+import json
+import os
+import sys
+import time
+
+
+def main(spec_path: str, out_path: str) -> None:
+    with open(spec_path) as fh:
+        spec = json.load(fh)
+    if spec.get("store"):
+        os.environ["JDLORA_STORE"] = spec["store"]
+    else:
+        os.environ.pop("JDLORA_STORE", None)
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    t0 = time.time()
+    llm = LLM(model=spec["model"], tokenizer=spec["model"], enable_lora=True, max_loras=spec["max_loras"],
+              max_lora_rank=spec["max_lora_rank"], max_cpu_loras=spec.get("max_cpu_loras"), dtype="float32",
+              enforce_eager=True, max_model_len=128, max_num_seqs=64, seed=0, gpu_memory_utilization=0.5)
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    reqs = spec["requests"]
+    loras = [None if r["lora"] is None else LoRARequest(r["lora"]["name"], r["lora"]["id"], r["lora"]["path"])
+             for r in reqs]
+    prompts = [r["prompt"] for r in reqs]
+    tokens, errors = [None] * len(reqs), [None] * len(reqs)
+    try:
+        outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+    except Exception:
+        for i, (p, lr) in enumerate(zip(prompts, loras)):
+            try:
+                tokens[i] = list(llm.generate([p], params, lora_request=lr, use_tqdm=False)[0].outputs[0].token_ids)
+            except Exception as exc:  # the error the user would see for this request
+                errors[i] = f"{type(exc).__name__}: {exc}"
+    with open(out_path, "w") as fh:
+        json.dump({"tokens": tokens, "errors": errors, "seconds": time.time() - t0}, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

