@@ -3,9 +3,11 @@
     python run_engine.py SPEC.json OUT.json
 
 SPEC: {"model": DIR, "store": STORE or null, "max_loras": int, "max_lora_rank": int,
-       "max_cpu_loras": int (optional), "max_tokens": int,
+       "max_cpu_loras": int (optional), "max_tokens": int, "enable_lora": bool (default true),
+       "max_num_seqs": int (default 64), "warmup": int (base-model requests run before timing, default 0),
        "requests": [{"prompt": str, "lora": null | {"name": str, "id": int, "path": str}}, ...]}
-OUT:  {"tokens": [[int, ...] or null, ...], "errors": [str or null, ...], "seconds": float}
+OUT:  {"tokens": [[int, ...] or null, ...], "errors": [str or null, ...], "seconds": float,
+       "generate_seconds": float, "ttft": [float or null, ...]}
 
 A request whose adapter fails to load gets an error entry; the others are still
 served (each request is submitted on its own after the mixed batch fails).
@@ -28,26 +30,35 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm.lora.request import LoRARequest
 
     t0 = time.time()
-    llm = LLM(model=spec["model"], tokenizer=spec["model"], enable_lora=True, max_loras=spec["max_loras"],
-              max_lora_rank=spec["max_lora_rank"], max_cpu_loras=spec.get("max_cpu_loras"), dtype="float32",
-              enforce_eager=True, max_model_len=128, max_num_seqs=64, seed=0, gpu_memory_utilization=0.5)
+    lora_args = dict(enable_lora=True, max_loras=spec["max_loras"], max_lora_rank=spec["max_lora_rank"],
+                     max_cpu_loras=spec.get("max_cpu_loras")) if spec.get("enable_lora", True) else {}
+    llm = LLM(model=spec["model"], tokenizer=spec["model"], dtype="float32", enforce_eager=True, max_model_len=128,
+              max_num_seqs=spec.get("max_num_seqs", 64), seed=0, gpu_memory_utilization=0.5,
+              disable_log_stats=False, **lora_args)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     reqs = spec["requests"]
+    if spec.get("warmup"):
+        llm.generate([reqs[0]["prompt"]] * spec["warmup"], params, use_tqdm=False)
     loras = [None if r["lora"] is None else LoRARequest(r["lora"]["name"], r["lora"]["id"], r["lora"]["path"])
              for r in reqs]
     prompts = [r["prompt"] for r in reqs]
-    tokens, errors = [None] * len(reqs), [None] * len(reqs)
+    tokens, errors, ttft = [None] * len(reqs), [None] * len(reqs), [None] * len(reqs)
+    t1 = time.time()
     try:
         outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        gen_seconds = time.time() - t1
         tokens = [list(o.outputs[0].token_ids) for o in outs]
+        ttft = [getattr(o.metrics, "first_token_latency", None) if o.metrics is not None else None for o in outs]
     except Exception:
         for i, (p, lr) in enumerate(zip(prompts, loras)):
             try:
                 tokens[i] = list(llm.generate([p], params, lora_request=lr, use_tqdm=False)[0].outputs[0].token_ids)
             except Exception as exc:  # the error the user would see for this request
                 errors[i] = f"{type(exc).__name__}: {exc}"
+        gen_seconds = time.time() - t1
     with open(out_path, "w") as fh:
-        json.dump({"tokens": tokens, "errors": errors, "seconds": time.time() - t0}, fh)
+        json.dump({"tokens": tokens, "errors": errors, "seconds": time.time() - t0,
+                   "generate_seconds": gen_seconds, "ttft": ttft}, fh)
 
 
 if __name__ == "__main__":
