@@ -2,12 +2,12 @@
 
     python run_engine.py SPEC.json OUT.json
 
-SPEC: {"model": DIR, "store": STORE or null, "max_loras": int, "max_lora_rank": int,
+SPEC: {"model": DIR, "store": STORE or null, "store_only": bool (default false), "max_loras": int, "max_lora_rank": int,
        "max_cpu_loras": int (optional), "max_tokens": int, "enable_lora": bool (default true),
        "max_num_seqs": int (default 64), "warmup": int (base-model requests run before timing, default 0),
        "requests": [{"prompt": str, "lora": null | {"name": str, "id": int, "path": str}}, ...]}
 OUT:  {"tokens": [[int, ...] or null, ...], "errors": [str or null, ...], "seconds": float,
-       "generate_seconds": float, "ttft": [float or null, ...]}
+       "generate_seconds": float, "ttft": [float or null, ...], "plugin": {layers, table_bytes, ...} or {}}
 
 A request whose adapter fails to load gets an error entry; the others are still
 served (each request is submitted on its own after the mixed batch fails).
@@ -26,6 +26,7 @@ def main(spec_path: str, out_path: str) -> None:
         os.environ["JDLORA_STORE"] = spec["store"]
     else:
         os.environ.pop("JDLORA_STORE", None)
+    os.environ["JDLORA_STORE_ONLY"] = "1" if spec.get("store_only") else "0"
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -56,9 +57,15 @@ def main(spec_path: str, out_path: str) -> None:
             except Exception as exc:  # the error the user would see for this request
                 errors[i] = f"{type(exc).__name__}: {exc}"
         gen_seconds = time.time() - t1
+    plugin = {}
+    if spec.get("store"):  # the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        from jdlora_ops.integrations.vllm.state import STATE
+
+        plugin = {"layers": len(STATE.layers), "table_bytes": STATE.table_bytes, "store_only": STATE.store_only,
+                  "dense_bytes_dropped": STATE.dense_bytes_dropped}
     with open(out_path, "w") as fh:
         json.dump({"tokens": tokens, "errors": errors, "seconds": time.time() - t0,
-                   "generate_seconds": gen_seconds, "ttft": ttft}, fh)
+                   "generate_seconds": gen_seconds, "ttft": ttft, "plugin": plugin}, fh)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,10 @@ def _lora(name, lid, path):
     return {"name": name, "id": lid, "path": path}
 
 
-def run_engine(world, name, *, requests, store=None, max_loras, max_lora_rank=8, expect_fail=False):
+def run_engine(world, name, *, requests, store=None, max_loras, max_lora_rank=8, expect_fail=False,
+               store_only=False):
     spec = {"model": world["model"], "store": store, "max_loras": max_loras, "max_lora_rank": max_lora_rank,
-            "max_tokens": 8, "requests": requests}
+            "max_tokens": 8, "requests": requests, "store_only": store_only}
     spec_path = world["root"] / f"{name}.json"
     out_path = world["root"] / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
@@ -127,6 +128,23 @@ def test_lossy_store_matches_its_exported_peft_adapters(world, reference):
     assert got["errors"] == [None] * len(PROMPTS)
     assert got["tokens"] == want["tokens"]
     assert got["tokens"][N_ADAPTERS:] == base[N_ADAPTERS:]
+
+
+def test_store_only_mode_drops_dense_stacks_and_refuses_peft(world, reference):
+    """Store adapters in vLLM's slots without vLLM's dense per-slot stacks: same tokens; PEFT refused."""
+    want, base = reference
+    paths = [(f"adapter_{i}", 400 + i, world["lossless"]) for i in range(N_ADAPTERS)] + [None]
+    paths.append(("adapter_0", 1, world["adapters"][0]))  # a PEFT folder: refused in store-only mode
+    out = run_engine(world, "jd_store_only", requests=_requests(world, paths), store=world["lossless"],
+                     max_loras=64, store_only=True)
+    assert out["tokens"][:N_ADAPTERS] == want[:N_ADAPTERS]
+    assert out["tokens"][N_ADAPTERS] == base[N_ADAPTERS]
+    assert out["errors"][:N_ADAPTERS + 1] == [None] * (N_ADAPTERS + 1)
+    assert "PEFT adapters are not accepted" in out["errors"][N_ADAPTERS + 1]
+    plugin = out["plugin"]
+    assert plugin["store_only"] and plugin["layers"] == 8  # 2 layers x (qkv, o, gate_up, down)
+    # vLLM's dense stacks for 64 slots at max_lora_rank 8 are gone; the store's tables remain
+    assert plugin["dense_bytes_dropped"] > 4 * plugin["table_bytes"] > 0
 
 
 def test_unknown_store_adapter_fails_that_request_only(world, reference):

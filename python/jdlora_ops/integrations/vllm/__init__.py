@@ -12,7 +12,11 @@ Then:
 * a request names a store adapter with ``LoRARequest(name, id, STORE)`` (the
   path is the store directory), or in ``vllm serve`` by its ``model`` field
   (a LoRA resolver; needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``);
-* PEFT adapters are served in the same batches by the baseline ops.
+* PEFT adapters are served in the same batches by the baseline ops, unless
+  store-only mode is on (``JDLORA_STORE_ONLY=1`` or ``"jdlora_store_only":
+  true``): then vLLM's dense per-slot LoRA stacks are dropped as each layer
+  is created, so a slot costs one core per module and ``max_loras`` can be
+  in the thousands, and PEFT requests are refused.
 
 Checked against vLLM 0.32.0 (see :mod:`._vllm_private`). Nothing here imports
 vLLM until :func:`register` runs inside vLLM.
@@ -34,7 +38,7 @@ def register() -> None:
     if _REGISTERED:
         return
     from . import _vllm_private as vp
-    from .state import ENV_STORE, load_store_adapter, on_modules_created, store_path, validate_request
+    from .state import ENV_STORE, load_store_adapter, on_layer_created, on_modules_created, store_path, validate_request
 
     path = store_path()
     try:
@@ -45,7 +49,7 @@ def register() -> None:
         log.warning("jdlora_ops: vLLM %s is not a version the plugin was checked against; plugin not loaded",
                     vp.vllm_version())
         return
-    vp.install_hooks(on_modules_created, load_store_adapter, validate_request,
+    vp.install_hooks(on_layer_created, on_modules_created, load_store_adapter, validate_request,
                      "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper")
     if path is not None:
         from vllm.lora.resolver import LoRAResolverRegistry

@@ -7,10 +7,13 @@ silently stops firing would serve base-model outputs for adapter requests.
 The plugin leans on documented surfaces where vLLM has them (the
 ``vllm.general_plugins`` entry-point group, the platform's punica wrapper,
 ``LoRAResolverRegistry``, ``LoRARequest``, ``VllmConfig.additional_config``) and
-on four private names, patched here and nowhere else:
+on five private names, patched here and nowhere else:
 
 * ``LoRAModelManager._create_lora_modules``: after vLLM wraps the model's linear
   layers, each wrapped layer gets its JD tables;
+* ``vllm.lora.model_manager.from_layer``: each LoRA layer is handed to the
+  plugin as soon as it is created (store-only mode drops its dense stacks
+  there, before the next layer allocates its own);
 * ``WorkerLoRAManager._load_adapter``: a request whose path is the jdlora store
   loads the adapter's cores instead of a PEFT folder;
 * ``InputProcessor._validate_lora``: a request naming a store adapter is checked
@@ -96,19 +99,49 @@ def layer_geometry(layer) -> dict:
     }
 
 
+def drop_dense_stacks(layer) -> int:
+    """Replace a LoRA linear layer's dense ``[slots, 1, rank, d]`` stacks by rank-0 ones; returns bytes freed.
+
+    For store-only serving: vLLM still indexes the stacks by slot (and zeroes a
+    slot when it activates an adapter), which rank-0 stacks allow, while
+    ``set_lora`` (which would copy dense weights, e.g. vLLM's warm-up dummies)
+    becomes a reset of the slot.
+    """
+    import torch
+
+    freed = 0
+
+    def shrink(stacks, dim):
+        nonlocal freed
+        out = []
+        for t in stacks:
+            freed += t.numel() * t.element_size()
+            shape = list(t.shape)
+            shape[dim] = 0
+            out.append(torch.zeros(shape, dtype=t.dtype, device=t.device))
+        return tuple(out)
+
+    layer.lora_a_stacked = shrink(layer.lora_a_stacked, 2)
+    layer.lora_b_stacked = shrink(layer.lora_b_stacked, 3)
+    layer.set_lora = lambda index, lora_a, lora_b: layer.reset_lora(index)
+    return freed
+
+
 # --- hooks ------------------------------------------------------------------
 
 _INSTALLED = False
 
 
 def install_hooks(
+    on_layer_created: Callable[[object], None],
     on_modules_created: Callable[[object, dict, dict], None],
     load_store_adapter: Callable[[object, object], object | None],
     validate_request: Callable[[object, dict], None],
     wrapper_qualname: str,
 ) -> None:
-    """Patch the four private names (idempotent).
+    """Patch the five private names (idempotent).
 
+    * ``on_layer_created(layer)`` runs after vLLM wrapped one layer;
     * ``on_modules_created(manager, modules, packed_modules_mapping)`` runs after
       vLLM created its LoRA layers (``modules``: name -> layer);
     * ``load_store_adapter(worker_manager, lora_request)`` returns a ``LoRAModel``
@@ -122,6 +155,16 @@ def install_hooks(
         return
     from vllm.lora import model_manager, worker_manager
     from vllm.platforms import current_platform
+
+    make_layer = model_manager.from_layer
+
+    @functools.wraps(make_layer)
+    def from_layer(*args, **kwargs):
+        layer = make_layer(*args, **kwargs)
+        on_layer_created(layer)
+        return layer
+
+    model_manager.from_layer = from_layer
 
     create = model_manager.LoRAModelManager._create_lora_modules
 

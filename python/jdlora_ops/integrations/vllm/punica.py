@@ -62,7 +62,8 @@ class JDLoRAPunicaWrapper(_Base):
         kinds = {lid: (SLOT_JD if lid in STATE.store_models else SLOT_PEFT) for lid in set(mapping.index_mapping)
                  if lid is not None and lid > 0}
         self._has_jd = SLOT_JD in kinds.values()
-        self._has_peft = SLOT_PEFT in kinds.values()
+        # Store-only layers have rank-0 dense stacks: vLLM's warm-up dummies add nothing there.
+        self._has_peft = SLOT_PEFT in kinds.values() and not STATE.store_only
         m = self.token_lora_indices.to(torch.int32)
         kind = STATE.slot_kind[m.long().remainder(slots + 1)]  # slot -1 reads the trailing "empty" entry
         none = torch.full_like(m, -1)

@@ -18,13 +18,17 @@ from .tables import LayerTables, StoreMismatchError
 
 log = logging.getLogger("jdlora_ops.vllm")
 
-__all__ = ["STATE", "store_path", "on_modules_created", "load_store_adapter", "validate_request", "ENV_STORE",
-           "CONFIG_KEY"]
+__all__ = ["STATE", "store_path", "store_only", "on_layer_created", "on_modules_created", "load_store_adapter",
+           "validate_request", "ENV_STORE", "CONFIG_KEY", "ENV_STORE_ONLY", "CONFIG_STORE_ONLY"]
 
 #: Environment variable naming the store directory (``vllm serve ... `` with it set).
 ENV_STORE = "JDLORA_STORE"
 #: Key in ``--additional-config`` naming the store directory (takes precedence over the environment).
 CONFIG_KEY = "jdlora_store"
+#: Store-only serving (no PEFT adapters, no dense LoRA stacks): ``JDLORA_STORE_ONLY=1`` or
+#: ``--additional-config '{"jdlora_store_only": true}'``.
+ENV_STORE_ONLY = "JDLORA_STORE_ONLY"
+CONFIG_STORE_ONLY = "jdlora_store_only"
 
 #: Default packing of the model's projections into vLLM's merged layers.
 DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -39,6 +43,14 @@ def store_path(extra: dict | None = None) -> str | None:
     return os.path.abspath(os.fspath(p)) if p else None
 
 
+def store_only(extra: dict | None = None) -> bool:
+    """Whether the configured store is served alone (PEFT requests refused, dense stacks dropped)."""
+    extra = vp.additional_config() if extra is None else extra
+    if CONFIG_STORE_ONLY in extra:
+        return bool(extra[CONFIG_STORE_ONLY])
+    return os.environ.get(ENV_STORE_ONLY, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 _NAMES_CACHE: dict[str, set[str]] = {}
 
 
@@ -46,9 +58,20 @@ def validate_request(lora_request, extra: dict) -> None:
     """Front-end check of a request naming a store adapter (``ValueError`` when it cannot be served)."""
     from ...store import read_manifest
 
-    problem = store_request_problem(lora_request, store_path(extra), _NAMES_CACHE, read_manifest)
+    path = store_path(extra)
+    problem = store_request_problem(lora_request, path, _NAMES_CACHE, read_manifest)
+    if problem is None and path is not None and store_only(extra) and not _is_store(lora_request):
+        problem = (f"this server serves the jdlora store {path} only ({ENV_STORE_ONLY} / {CONFIG_STORE_ONLY!r}); "
+                   "PEFT adapters are not accepted")
     if problem:
         raise ValueError(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}")
+
+
+def _is_store(lora_request) -> bool:
+    from ...store import is_store
+
+    p = getattr(lora_request, "lora_path", None)
+    return bool(p) and is_store(p)
 
 
 def store_request_problem(lora_request, configured: str | None, cache: dict, read_manifest) -> str | None:
@@ -83,6 +106,9 @@ class PluginState:
         self.slot_kind: torch.Tensor | None = None  # int32 [slots + 1]; the last entry stands for slot -1
         self.slot_owner: list[int | None] = []
         self.store_models: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+        self.store_only = False
+        self.dense_bytes_dropped = 0
+        self.table_bytes = 0
 
     @property
     def active(self) -> bool:
@@ -127,6 +153,14 @@ def _slice_modules(name: str, n_slices: int, packed: dict) -> list[str]:
     return [f"{prefix}.{p}" if prefix else p for p in parts]
 
 
+def on_layer_created(layer) -> None:
+    """Store-only mode: drop a new LoRA linear layer's dense stacks before the next layer allocates its own."""
+    if store_path() is None or not store_only() or vp.layer_kind(layer) is None:
+        return
+    STATE.store_only = True
+    STATE.dense_bytes_dropped += vp.drop_dense_stacks(layer)
+
+
 def on_modules_created(manager, modules: dict, packed: dict) -> None:
     """Build the JD tables of every LoRA linear layer the store covers (start-up)."""
     path = store_path()
@@ -168,10 +202,12 @@ def on_modules_created(manager, modules: dict, packed: dict) -> None:
     STATE.adapter_cluster = torch.zeros(slots, dtype=torch.int32, device=device)
     STATE.slot_kind = torch.zeros(slots + 1, dtype=torch.int32, device=device)
     STATE.slot_owner = [None] * slots
-    nbytes = sum(t.nbytes() for t in STATE.layers.values())
-    log.info("jdlora: serving store %s (%d adapters, %d clusters, rank %d) on %d layers, %d slots, %.1f MiB of tables",
-             path, len(reader.adapter_names), reader.num_clusters, reader.rank, len(STATE.layers), slots,
-             nbytes / 2**20)
+    STATE.table_bytes = sum(t.nbytes() for t in STATE.layers.values())
+    log.info("jdlora: serving store %s (%d adapters, %d clusters, rank %d) on %d layers, %d slots, %.1f MiB of "
+             "tables%s", path, len(reader.adapter_names), reader.num_clusters, reader.rank, len(STATE.layers), slots,
+             STATE.table_bytes / 2**20,
+             f"; store only, {STATE.dense_bytes_dropped / 2**20:.1f} MiB of dense stacks dropped"
+             if STATE.store_only else "")
 
 
 def load_store_adapter(worker_manager, lora_request):
