@@ -105,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="dtype of the exported factors (default float32)")
     e.add_argument("--overwrite", action="store_true")
 
+    cal = sub.add_parser("calibrate", help="input second moments of the adapted modules of a base model")
+    cal.add_argument("model", metavar="MODEL_DIR", help="a transformers model folder (nothing is downloaded)")
+    cal.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files (paragraphs)")
+    cal.add_argument("--out", "-o", required=True, metavar="STATS", help="stats directory to create")
+    cal.add_argument("--adapters", nargs="+", metavar="ADAPTER_DIR", default=None,
+                     help="calibrate every module these PEFT adapters target")
+    cal.add_argument("--modules", nargs="+", metavar="NAME", default=None, help="module names to calibrate")
+    cal.add_argument("--batch-size", type=_positive("--batch-size"), default=8)
+    cal.add_argument("--max-length", type=_positive("--max-length"), default=512, help="tokens per text, at most")
+    cal.add_argument("--dtype", default="float32", help="dtype the model runs in (statistics are float64)")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--threads", type=_positive("--threads"), default=None)
+    cal.add_argument("--overwrite", action="store_true")
+    cal.add_argument("--quiet", "-q", action="store_true")
+
     d = sub.add_parser("demo", help="run the end-to-end demo", add_help=False)
     d.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -261,6 +276,26 @@ def cmd_demo(args) -> int:
     return demo_main(args.rest)
 
 
+def cmd_calibrate(args) -> int:
+    from .compress.calibration import adapter_modules, calibrate, read_texts, save_stats
+
+    _threads(args.threads)
+    if bool(args.adapters) == bool(args.modules):
+        raise CLIError("calibrate: give the modules with exactly one of --adapters or --modules")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise CLIError(f"--out {out}: exists (pass --overwrite to replace it)")
+    modules = adapter_modules(args.adapters) if args.adapters else list(args.modules)
+    texts = read_texts(args.text)
+    t0 = time.time()
+    stats = calibrate(args.model, texts, modules, batch_size=args.batch_size, max_length=args.max_length,
+                      dtype=_dtype(args.dtype), device=args.device, progress=not args.quiet)
+    save_stats(stats, out, overwrite=args.overwrite)
+    print(f"calibrated {len(modules)} modules on {stats.token_count} tokens of {len(texts)} texts in "
+          f"{time.time() - t0:.1f} s; stats {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -271,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
         return int(exc.code or 0)
-    handlers = {"compress": cmd_compress, "add": cmd_add, "inspect": cmd_inspect, "export": cmd_export}
+    handlers = {"compress": cmd_compress, "add": cmd_add, "inspect": cmd_inspect, "export": cmd_export,
+                "calibrate": cmd_calibrate}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:

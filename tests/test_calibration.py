@@ -1,0 +1,123 @@
+"""Calibration statistics (jdlora calibrate, jdlora_ops.compress.calibration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from jdlora_ops.cli import main as cli
+from jdlora_ops.compress.calibration import CalibrationError, load_stats, save_stats, whitening
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests_vllm"))
+import fixtures  # noqa: E402
+
+PARAGRAPHS = ["the man said to his mother that water is good", "one day the boy will go home",
+              "each year the people find a new way to live and work in the world",
+              "my father made a house", "there was a little animal near the water",
+              "what did the old man say about the land here"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    model = fixtures.make_model(str(root / "model"), hidden=64, intermediate=96, heads=2, kv_heads=1)
+    adapters = fixtures.make_adapters(model, str(root / "adapters"), n=2, clusters=1, targets=("q_proj", "v_proj"))
+    text = root / "calib.txt"
+    text.write_text("\n\n".join(PARAGRAPHS) + "\n")
+    return {"root": root, "model": model, "adapters": adapters, "text": str(text)}
+
+
+def _oracle_q_input_moment(model_dir: str, layer: int) -> tuple[torch.Tensor, int]:
+    """E[x x^T] of layer ``layer``'s q_proj input, one text at a time (no padding), float64."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    total = torch.zeros(64, 64, dtype=torch.float64)
+    n = 0
+    with torch.no_grad():
+        for p in PARAGRAPHS:
+            enc = tok([p], return_tensors="pt")
+            hs = model(**enc, output_hidden_states=True).hidden_states[layer]
+            x = model.model.layers[layer].input_layernorm(hs)[0].double()
+            total += x.T @ x
+            n += x.shape[0]
+    return total / n, n
+
+
+def test_cli_calibrate_matches_the_direct_computation(world, one_thread):
+    out = str(world["root"] / "stats")
+    assert cli(["calibrate", world["model"], "--text", world["text"], "--adapters", *world["adapters"],
+                "--out", out, "--batch-size", "4", "-q"]) == 0
+    stats = load_stats(out)
+    assert sorted(stats.second_moments) == sorted(
+        f"model.layers.{l}.self_attn.{p}" for l in range(2) for p in ("q_proj", "v_proj"))
+    for layer in range(2):
+        want, n = _oracle_q_input_moment(world["model"], layer)
+        got = stats.second_moments[f"model.layers.{layer}.self_attn.q_proj"]
+        assert stats.token_count == n  # padding of the batches of 4 is not counted
+        assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+        # q_proj and v_proj read the same input
+        torch.testing.assert_close(got, stats.second_moments[f"model.layers.{layer}.self_attn.v_proj"])
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    assert manifest["format"] == "jdlora-calibration" and manifest["token_count"] == stats.token_count
+
+
+def test_whitening_factors(world):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 12, generator=g, dtype=torch.float64)
+    X[:, 5:] = 0  # inputs confined to a subspace: C is singular, the damping makes S invertible
+    C = X.T @ X / 50
+    S, S_inv = whitening(C, damping=1e-2)
+    lam = 1e-2 * float(torch.trace(C)) / 12
+    torch.testing.assert_close(S @ S, C + lam * torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(S @ S_inv, torch.eye(12, dtype=torch.float64))
+    with pytest.raises(CalibrationError, match="damping must be > 0"):
+        whitening(C, damping=0)
+
+
+def test_bad_inputs_are_clear_errors_and_write_nothing(world, tmp_path, capsys):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    out = tmp_path / "stats"
+    assert cli(["calibrate", str(empty), "--text", world["text"], "--modules", "model.layers.0.self_attn.q_proj",
+                "--out", str(out), "-q"]) == 2
+    assert "the model does not load with transformers" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli(["calibrate", world["model"], "--text", str(tmp_path / "missing.txt"), "--modules",
+                "model.layers.0.self_attn.q_proj", "--out", str(out), "-q"]) == 2
+    assert "cannot read it as UTF-8 text" in capsys.readouterr().err
+    assert cli(["calibrate", world["model"], "--text", world["text"], "--modules", "model.layers.0.mlp.nope",
+                "--out", str(out), "-q"]) == 2
+    assert "the model has no module 'model.layers.0.mlp.nope'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_stats_checks(world, tmp_path):
+    from jdlora_ops.compress.calibration import CalibrationStats
+
+    good = CalibrationStats("m", {"a": torch.eye(3, dtype=torch.float64)}, 10)
+    path = save_stats(good, tmp_path / "s")
+    with pytest.raises(CalibrationError, match=r"module a has d_in = 4 but its second moment is \[3, 3\]"):
+        load_stats(path).check_modules({"a": 4})
+    with pytest.raises(CalibrationError, match="no second moment for 1 module"):
+        load_stats(path).check_modules({"b": 3})
+    asym = torch.eye(3, dtype=torch.float64)
+    asym[0, 1] = 1.0
+    with pytest.raises(CalibrationError, match="is not symmetric"):
+        save_stats(CalibrationStats("m", {"a": asym}, 10), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    nan = torch.eye(3, dtype=torch.float64)
+    nan[1, 1] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN or infinite"):
+        save_stats(CalibrationStats("m", {"a": nan}, 10), tmp_path / "u")
+    # a file tampered with after writing is refused on load
+    from safetensors.torch import save_file
+
+    save_file({"a": asym}, os.path.join(path, "second_moments.safetensors"))
+    with pytest.raises(CalibrationError, match="is not symmetric"):
+        load_stats(path)
