@@ -1,0 +1,140 @@
+"""Activation-aware joint compression: keep what the adapters do on the base model's inputs.
+
+With ``C_m = E[x x^T]`` the input second moment of module ``m``
+(:mod:`.calibration`) and ``S_m = (C_m + lambda I)^(1/2)``, the
+activation-weighted error of a reconstruction ``R`` is
+``||(dW - R) S||_F^2 = E ||(dW - R) x||^2 + lambda ||dW - R||_F^2``. Minimising
+it is the ordinary problem on whitened factors ``A_i S`` (same JD-Full /
+JD-Diag / clustering / baselines, same kernels and store format): compress
+``dW_i S = B_i (A_i S)`` to ``U Sigma_i V_w^T``, then serve
+``V^T = V_w^T S^(-1)``, so that ``U Sigma_i V^T x`` approximates ``dW_i x``
+where inputs actually lie. Only factors are transformed (``r x d_in`` per
+adapter); no ``d_out x d_in`` matrix is formed.
+
+The result's ``errors`` / ``rel_errors`` are the plain Frobenius ones (the
+store's usual meaning); the activation-weighted relative errors (with the
+undamped ``C``) are kept in ``metadata["activation_weighted_rel_errors"]``
+(module -> list over adapters), with ``metadata["calibration"]`` describing the
+stats and the damping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .calibration import CalibrationStats, whitening
+from .collection import AdapterCollection, ModuleFactors, RankGroup, column_layout
+from .result import CompressedCollection
+
+__all__ = ["WhitenedCollection", "compress_activation_aware", "reconstruction_errors", "update_norms",
+           "DEFAULT_DAMPING"]
+
+#: Damping of ``C`` relative to its mean eigenvalue (``lambda = damping * trace(C) / d``).
+DEFAULT_DAMPING = 1e-2
+
+
+class WhitenedCollection(AdapterCollection):
+    """``collection`` with every module's ``A_i`` replaced by ``A_i S_m``."""
+
+    def __init__(self, collection: AdapterCollection, factors: dict[str, torch.Tensor]):
+        self.base = collection
+        self.factors = factors
+
+    @property
+    def adapter_names(self):
+        return self.base.adapter_names
+
+    @property
+    def modules(self):
+        return self.base.modules
+
+    @property
+    def metadata(self) -> dict:
+        return dict(getattr(self.base, "metadata", {}) or {})
+
+    def load_module(self, module, *, dtype=torch.float32, device="cpu") -> ModuleFactors:
+        f = self.base.load_module(module, dtype=dtype, device=device)
+        S = self.factors[f.spec.name].to(device=f.device, dtype=f.dtype)
+        groups = [RankGroup(g.index, column_layout(torch.matmul(g.A, S)), g.Bt) for g in f.groups]
+        return ModuleFactors(f.spec, f.num_adapters, groups)
+
+
+def reconstruction_errors(f: ModuleFactors, U: torch.Tensor, Vt: torch.Tensor, sigma: torch.Tensor,
+                          assignment: torch.Tensor, M: torch.Tensor | None = None) -> torch.Tensor:
+    """``||(dW_i - U_k Sigma_i V_k^T) M||_F^2`` for every adapter (``M``: ``[d_in, d_in]`` or ``None`` = I).
+
+    From factors only: with ``P = (s B)^T U`` and ``Q = A M M^T V`` (``rho x r``)
+    and ``G = V^T M M^T V``, the error is
+    ``||dW M||^2 - 2 <P^T Q, Sigma> + <(U^T U) Sigma G, Sigma>``. Float64.
+    """
+    n = f.num_adapters
+    U, Vt, sigma = U.double(), Vt.double(), sigma.double()
+    core = sigma if sigma.dim() == 3 else torch.diag_embed(sigma)
+    VtM = Vt if M is None else Vt @ M.double()  # [K, r, d_in]
+    k = assignment.to(torch.long).cpu()
+    UtU = U.transpose(1, 2) @ U  # [K, r, r]
+    G = VtM @ VtM.transpose(1, 2)  # [K, r, r]
+    recon = torch.einsum("nij,njk,nkl->nil", UtU[k], core, G[k])
+    out = (recon * core).sum(dim=(1, 2))
+    out += update_norms(f, M)
+    for g in f.groups:
+        idx = g.index.cpu()
+        A = g.A.double() if M is None else g.A.double() @ M.double()
+        kk = k[idx]
+        P = g.Bt.double() @ U[kk]  # [g, rho, r]
+        Q = A @ VtM[kk].transpose(1, 2)  # [g, rho, r]
+        out[idx] -= 2 * (P.transpose(1, 2) @ Q * core[idx]).sum(dim=(1, 2))
+    return out.clamp_min(0)
+
+
+def update_norms(f: ModuleFactors, M: torch.Tensor | None = None) -> torch.Tensor:
+    """``||dW_i M||_F^2`` for every adapter (float64 ``[n]``; ``M = None`` is the identity)."""
+    out = torch.zeros(f.num_adapters, dtype=torch.float64)
+    for g in f.groups:
+        A = g.A.double() if M is None else g.A.double() @ M.double()
+        Bt = g.Bt.double()
+        out[g.index.cpu()] = ((A @ A.transpose(1, 2)) * (Bt @ Bt.transpose(1, 2))).sum(dim=(1, 2))
+    return out
+
+
+def compress_activation_aware(
+    collection: AdapterCollection, stats: CalibrationStats, rank: int, *, damping: float = DEFAULT_DAMPING,
+    **compress_args,
+) -> CompressedCollection:
+    """:func:`~jdlora_ops.compress.compress` in the activation-weighted metric (see the module docstring).
+
+    ``compress_args`` go to ``compress`` unchanged. Raises
+    :class:`~.calibration.CalibrationError` when ``stats`` lack a module of
+    the collection or have another ``d_in``.
+    """
+    from .clustering import compress
+
+    stats.check_modules({s.name: s.d_in for s in collection.modules}, where="calibration stats")
+    S, S_inv = {}, {}
+    for spec in collection.modules:
+        S[spec.name], S_inv[spec.name] = whitening(stats.second_moments[spec.name], damping)
+    result = compress(WhitenedCollection(collection, S), rank, **compress_args)
+    weighted = {}
+    for name, cm in result.modules.items():
+        f = collection.load_module(cm.spec, dtype=torch.float64)
+        cm.Vt = (cm.Vt.double() @ S_inv[name]).to(cm.Vt.dtype)
+        half = _sqrt_psd(stats.second_moments[name])
+        norms_c = update_norms(f, half)
+        err_c = reconstruction_errors(f, cm.U, cm.Vt, cm.sigma, result.assignment, half)
+        weighted[name] = torch.where(norms_c > 0, err_c / norms_c.clamp_min(1e-300), torch.zeros_like(err_c)).tolist()
+        plain = reconstruction_errors(f, cm.U, cm.Vt, cm.sigma, result.assignment)
+        norms = update_norms(f)
+        cm.norms_sq = norms.to(cm.norms_sq.dtype)
+        cm.errors = plain.to(cm.errors.dtype)
+        cm.rel_errors = torch.where(norms > 0, plain / norms.clamp_min(1e-300), torch.zeros_like(plain)).to(
+            cm.rel_errors.dtype)
+    meta = dict(result.metadata or {})
+    meta["activation_weighted_rel_errors"] = weighted
+    meta["calibration"] = {"model": stats.model, "token_count": stats.token_count, "damping": damping}
+    result.metadata = meta
+    return result
+
+
+def _sqrt_psd(C: torch.Tensor) -> torch.Tensor:
+    w, Q = torch.linalg.eigh(C.double())
+    return (Q * w.clamp_min(0).sqrt()) @ Q.T
