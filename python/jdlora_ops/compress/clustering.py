@@ -98,7 +98,7 @@ def compress(
     warmup_rounds: int = 5,
     restarts: int = 1,
     max_moves: int = 4,
-    move_rounds: int = 2,
+    move_rounds: int = 1,
     init_assignment: torch.Tensor | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,

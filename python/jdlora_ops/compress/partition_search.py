@@ -281,17 +281,25 @@ def search_partition(
             if not any(same_partition(lab, c) for _, c in candidates):
                 candidates.append((view, lab))
     scored: list[tuple[Trial, str]] = []
+    clock = time.perf_counter()
+
+    def lap() -> float:
+        nonlocal clock
+        now = time.perf_counter()
+        spent, clock = now - clock, now
+        return round(spent, 3)
+
     for view, lab in candidates:
         trial = fit(lab, 1, None)
         scored.append((trial, view))
-        steps.append({"step": "candidate", "view": view, "objective": trial.objective})
+        steps.append({"step": "candidate", "view": view, "objective": trial.objective, "seconds": lap()})
     best, view = min(scored, key=lambda tv: tv[0].objective)
     say(f"cluster search: {len(candidates)} spectral candidates, best from {view} (objective {best.objective:.6g})")
     if not torch.equal(best.proposed, best.assignment) and refine_rounds > 0:
         refined = fit(best.proposed, refine_rounds, best.warm)
         if refined.objective <= best.objective:
             best = refined
-    steps.append({"step": "refined", "objective": best.objective})
+    steps.append({"step": "refined", "objective": best.objective, "rounds": best.rounds, "seconds": lap()})
     tol = rtol * max(best.total, 0.0)
     W = affinities[view]
 
@@ -302,7 +310,7 @@ def search_partition(
             tries += 1
             trial = fit(best.proposed, move_rounds, best.warm)
             kept = _better(trial.objective, best.objective, tol)
-            steps.append({"step": "reassign", "objective": trial.objective, "kept": kept})
+            steps.append({"step": "reassign", "objective": trial.objective, "kept": kept, "seconds": lap()})
             if kept:
                 best = trial
                 continue
@@ -324,7 +332,7 @@ def search_partition(
             trial = fit(proposal, move_rounds, warm)
             kept = _better(trial.objective, best.objective, tol)
             steps.append({"step": "move", "split": c, "by": how, "freed": freed, "objective": trial.objective,
-                          "kept": kept})
+                          "kept": kept, "seconds": lap()})
             if kept:
                 say(f"cluster search: {how} move on cluster {c} (freeing {freed}): objective "
                     f"{best.objective:.6g} -> {trial.objective:.6g}")
