@@ -26,7 +26,7 @@ from ._linalg import F64, eps_of
 from .collection import AdapterCollection, CallableCollection, ModuleSpec
 from .jd import JDResult, check_rank, jd_diag, jd_full
 from .partition_search import Trial, fill_empty, kmeans, search_partition, subspace_affinities
-from .projection import evaluate_clusters, relative
+from .projection import check_nonzero, evaluate_clusters, relative
 from .result import METHODS, CompressedCollection, CompressedModule
 
 __all__ = ["compress", "adapter_signatures", "kmeans"]
@@ -196,12 +196,7 @@ def compress(
         collection, specs, assign, K, max(1, int(max_rounds)), None, keep=True, say=say, progress=progress, **opts
     )
     assign = trial.assignment
-    zero = [names[i] for i in (trial.norms <= 0).nonzero().flatten().tolist()]
-    if zero:
-        raise ValueError(
-            f"adapters must have a non-zero update on at least one module; zero update: {', '.join(zero[:5])}"
-            + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
-        )
+    check_nonzero(names, trial.norms)
 
     # Drop clusters that ended empty and renumber the rest.
     used = torch.unique(assign)
