@@ -53,6 +53,23 @@ def _positive(kind: str):
     return parse
 
 
+def _clusters(text: str):
+    if text == "auto":
+        return text
+    return _positive("--clusters")(text)
+
+
+def _range(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    try:
+        low, high = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clusters-range must be LOW:HIGH (integers), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"--clusters-range must satisfy 1 <= LOW <= HIGH, got {text!r}")
+    return low, high
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit status 2."""
 
@@ -68,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress PEFT adapter directories into a new store")
     c.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
     c.add_argument("--rank", "-r", type=_positive("--rank"), required=True, help="rank r of the shared bases")
-    c.add_argument("--clusters", "-k", type=_positive("--clusters"), default=1, help="number of clusters K (default 1)")
+    c.add_argument("--clusters", "-k", type=_clusters, default=1,
+                   help="number of clusters K (default 1), or 'auto': picked from --clusters-range by --tradeoff")
+    c.add_argument("--clusters-range", type=_range, default=None, metavar="LOW:HIGH",
+                   help="with --clusters auto: the cluster counts to consider (default 1:min(n, 64))")
+    c.add_argument("--tradeoff", type=float, default=1.0, metavar="T",
+                   help="with --clusters auto: minimise mean relative error + T x (compressed / original bytes)")
     c.add_argument("--method", choices=["full", "diag", "svd", "none"], default="full",
                    help="full (JD-Full), diag (JD-Diag), svd (per-adapter truncated SVD), none (no compression)")
     c.add_argument("--out", "-o", required=True, metavar="STORE", help="store directory to create")
@@ -146,13 +168,15 @@ def cmd_compress(args) -> int:
         raise StoreError(f"{args.out}: exists, is not empty and is not a jdlora store; refusing to write there")
     if args.max_rel_error is not None:
         check_budget(args.max_rel_error)
+    if not (args.tradeoff >= 0 and args.tradeoff != float("inf")):
+        raise CLIError(f"--tradeoff must be a number >= 0, got {args.tradeoff}")
     collection = PeftCollection(args.adapters)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
     t0 = time.perf_counter()
     result = compress(
         collection, args.rank, method=args.method, num_clusters=args.clusters, weights=args.weights,
         max_iter=args.max_iter, tol=args.tol, max_rounds=args.max_rounds, seed=args.seed, dtype=compute,
-        device=args.device, progress=not args.quiet, log=log,
+        device=args.device, progress=not args.quiet, log=log, cluster_range=args.clusters_range, tradeoff=args.tradeoff,
     )
     if args.max_rel_error is not None:
         apply_error_budget(result, collection, args.max_rel_error, dtype=compute, device=args.device)
@@ -161,6 +185,11 @@ def cmd_compress(args) -> int:
     save_store(out, result, overwrite=args.overwrite, dtype=store_dtype)
     s = result.summary()
     mem = result.memory(2)
+    count = result.metadata.get("cluster_count")
+    if count:
+        print("clusters auto (tradeoff %g): " % count["tradeoff"] + "; ".join(
+            f"K={p['clusters']} error {p['mean_rel_error']:.4f} bytes x{p['bytes_ratio']:.4f} score {p['score']:.4f}"
+            for p in count["curve"]) + f"; chose K={count['chosen']}")
     if result.individual:
         paths = [ind.label for ind in result.individual.values()]
         print(f"error budget {args.max_rel_error:g}: {len(paths)} adapter(s) kept outside the joint tables ("

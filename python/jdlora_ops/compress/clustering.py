@@ -23,13 +23,14 @@ from typing import Callable
 import torch
 
 from ._linalg import F64, eps_of
-from .collection import AdapterCollection, CallableCollection, ModuleSpec
+from .collection import AdapterCollection, ModuleSpec
 from .jd import JDResult, check_rank, jd_diag, jd_full
-from .partition_search import Trial, fill_empty, kmeans, search_partition, subspace_affinities
+from .cluster_count import candidate_counts, choose_num_clusters
+from .partition_search import Trial, fill_empty, search_partition, subspace_affinities
 from .projection import check_nonzero, evaluate_clusters, relative
 from .result import METHODS, CompressedCollection, CompressedModule
 
-__all__ = ["compress", "adapter_signatures", "kmeans"]
+__all__ = ["compress", "adapter_signatures"]
 
 
 def adapter_signatures(
@@ -100,6 +101,8 @@ def compress(
     max_moves: int = 4,
     move_rounds: int = 1,
     init_assignment: torch.Tensor | None = None,
+    cluster_range: tuple[int, int] | None = None,
+    tradeoff: float = 1.0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> CompressedCollection:
@@ -108,7 +111,10 @@ def compress(
     * ``method``: ``"full"`` or ``"diag"`` (``"svd"``/``"none"`` dispatch to the
       baselines, ignoring clustering arguments).
     * ``num_clusters``: ``1 <= K <= n``; ``K = n`` gives every adapter its own
-      cluster.
+      cluster. ``"auto"``: picked from ``cluster_range`` (``(low, high)``,
+      default ``(1, min(n, 64))``) by the error-per-byte ``tradeoff`` (see
+      :mod:`~jdlora_ops.compress.cluster_count`); the curve it saw goes to
+      ``metadata["cluster_count"]``.
     * The partition is searched on ``signature_modules`` modules spread over
       the model (all of them when there are no more), where the summed JD
       objective is cheap to evaluate (see
@@ -150,6 +156,14 @@ def compress(
         from .baselines import compress_none
 
         return compress_none(collection, dtype=dtype, device=device, progress=progress)
+    auto = num_clusters == "auto"
+    if auto:
+        low, high = cluster_range if cluster_range is not None else (1, min(n, 64))
+        counts = candidate_counts(int(low), int(high))
+        if high > n:
+            raise ValueError(f"cluster range (--clusters-range) must lie in [1, {n}] (the number of adapters), "
+                             f"got {low}:{high}")
+        num_clusters = counts[0]
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or not 1 <= num_clusters <= n:
         raise ValueError(
             f"num_clusters (--clusters) must be an integer from 1 to the number of adapters ({n}), got {num_clusters!r}"
@@ -168,6 +182,21 @@ def compress(
                 device=device)
 
     search = None
+    count_curve = None
+    if auto and init_assignment is None:
+        subset = _spread(specs, signature_modules)
+        choice = choose_num_clusters(
+            collection, rank, counts, tradeoff=tradeoff, subset=subset, method=method, seed=seed, dtype=dtype,
+            device=device, log=say,
+            fit_subset=lambda k: (lambda start, rounds, warm: _fit_rounds(collection, subset, start, k, rounds, warm,
+                                                                          **opts)[0]),
+            search_options=dict(restarts=restarts, refine_rounds=warmup_rounds, move_rounds=move_rounds,
+                                max_moves=max_moves),
+        )
+        K = choice.clusters
+        init_assignment = choice.assignment
+        count_curve = [p.as_dict() for p in choice.curve]
+        say(f"chose {K} clusters from {counts} (tradeoff {tradeoff:g})")
     if init_assignment is not None:
         assign = torch.as_tensor(init_assignment, dtype=torch.long).clone()
         if assign.shape != (n,) or int(assign.min()) < 0 or int(assign.max()) >= K:
@@ -214,8 +243,10 @@ def compress(
         "max_rounds": max_rounds,
         "seed": seed,
         "dtype": str(dtype).replace("torch.", ""),
-        "requested_clusters": num_clusters,
+        "requested_clusters": "auto" if auto else num_clusters,
     }
+    if count_curve is not None:
+        md["cluster_count"] = {"tradeoff": tradeoff, "curve": count_curve, "chosen": K}
     if search is not None:
         md["cluster_search"] = {"view": search.view, "seconds": round(search.seconds, 3), "steps": search.steps}
     return CompressedCollection(
@@ -288,14 +319,14 @@ def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, wei
                              for r in results])
             if keep:
                 out_modules[spec.name] = _assemble(spec, n, K, rank, method, results, members, dtype, device)
-            if K > 1:
-                valid = torch.tensor([r is not None for r in results])
-                for k in range(K):
-                    if members[k].numel() == 0:
-                        continue
-                    ev = evaluate_clusters(parts[k], U, V, method, valid=valid)
-                    c = relative(ev.errors, ev.norms_sq) if weights == "relative" else ev.errors
-                    cost[members[k]] += c.cpu()
+            # Costs under every cluster's bases (with K = 1 too: they are the per-adapter errors).
+            valid = torch.tensor([r is not None for r in results])
+            for k in range(K):
+                if members[k].numel() == 0:
+                    continue
+                ev = evaluate_clusters(parts[k], U, V, method, valid=valid)
+                c = relative(ev.errors, ev.norms_sq) if weights == "relative" else ev.errors
+                cost[members[k]] += c.cpu()
             del parts
         entry = {"round": rnd + 1, "objective": objective, "jd_iterations": inner,
                  "seconds": time.perf_counter() - t_round}
