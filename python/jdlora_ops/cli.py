@@ -1,13 +1,14 @@
 """The ``jdlora`` command: compress PEFT adapters into a store, grow it, inspect it, export from it.
 
-    jdlora compress ADAPTER_DIR... --rank R [--clusters K] [--method full|diag] [--max-rel-error E] --out STORE
+    jdlora compress ADAPTER_DIR... --rank R [--clusters K|auto] [--method full|diag] [--max-rel-error E] --out STORE
     jdlora add STORE ADAPTER_DIR... [--max-rel-error E]
     jdlora inspect STORE
     jdlora export STORE NAME --out DIR
     jdlora demo [ARGS...]
 
 Bad input (missing or damaged files, adapters of another base model or with
-other shapes, a rank the modules cannot hold, K < 1, ...) ends with a one-line
+other shapes, a rank the modules cannot hold, K outside [1, number of adapters],
+an error budget outside (0, 1], duplicate names, a zero update, ...) ends with a one-line
 ``jdlora: error: ...`` on stderr and exit status 2. Stores and exported
 adapters are written atomically.
 """

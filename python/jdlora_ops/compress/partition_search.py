@@ -22,13 +22,17 @@ empties. Three things get out of them:
   (column and row spaces together, each alone) and k-means seeds give
   candidates; each is scored by a JD fit of the summed objective, and the best
   one is refined by fit/reassign rounds.
-* **Moves.** Split the cluster with the largest error in two (spectral on its
-  members' affinities) and free a cluster id by dissolving the cluster that is
-  cheapest to dissolve (its members go to the clusters that fit them next best;
-  a cluster of one is usually the cheapest), then refine. A move is kept only
-  if the refined objective is lower, so the objective of the kept partitions
-  falls strictly; the search stops when no candidate move lowers it or after
-  ``max_moves`` tries.
+* **Moves.** Split a cluster with a large error in two and free a cluster id
+  for the second half, then refit. The id is freed by dissolving the cluster
+  that is cheapest to dissolve (its members go to the clusters that fit them
+  next best; a cluster of one is usually the cheapest), or by merging into the
+  split cluster the one that fits its members next best (two clusters that
+  share two groups then trade them). The split follows the members'
+  affinities (spectral, two ways) or their costs under a refit of the changed
+  cluster (the worst-fitted members leave). Clusters are tried from the
+  costliest down. A move is kept only if the refitted objective is lower, so
+  the objective of the kept partitions falls strictly; the search stops when
+  no candidate move lowers it or after ``max_moves`` tries.
 
 Everything is deterministic for a seed. The caller supplies the fit: a function
 from a partition to a :class:`Trial`.
@@ -256,10 +260,10 @@ def search_partition(
     fit: Fitter,
     *,
     seed: int = 0,
-    restarts: int = 2,
+    restarts: int = 1,
     refine_rounds: int = 5,
-    move_rounds: int = 3,
-    max_moves: int = 8,
+    move_rounds: int = 1,
+    max_moves: int = 4,
     rtol: float = 1e-9,
     log: Callable[[str], None] | None = None,
 ) -> SearchResult:
@@ -314,6 +318,7 @@ def search_partition(
             if kept:
                 best = trial
                 continue
+            best.proposed = best.assignment  # tried once; asking again would repeat the same fit
         own = best.cost.gather(1, best.assignment[:, None]).squeeze(1)
         per_cluster = torch.bincount(best.assignment, weights=own, minlength=K)
         sizes = torch.bincount(best.assignment, minlength=K)
@@ -365,10 +370,9 @@ def _propose(best: Trial, W: torch.Tensor, c: int, K: int, how: str, seed: int, 
     next_best, where = others.min(dim=1)
     new = assign.clone()
     if how == "pair":
-        mine = assign == c
-        affinity_to = cost[mine].sum(0)
-        affinity_to[c] = float("inf")
-        freed = int(affinity_to.argmin())
+        cost_elsewhere = cost[assign == c].sum(0)
+        cost_elsewhere[c] = float("inf")
+        freed = int(cost_elsewhere.argmin())
         new[assign == freed] = c
     else:
         delta = torch.full((K,), float("inf"), dtype=F64)
