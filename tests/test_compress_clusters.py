@@ -17,7 +17,7 @@ from jdlora_ops.compress import (
     kmeans,
     project_adapters,
 )
-from jdlora_ops.compress.clustering import _fill_empty
+from jdlora_ops.compress.partition_search import fill_empty as _fill_empty
 from jdlora_ops.synthetic import SyntheticCollection, SyntheticSpec, llama_like_modules, planted_collection
 
 F64 = torch.float64
@@ -66,28 +66,26 @@ def test_noisy_planted_clusters_beat_one_cluster():
     assert three.summary()["mean_rel_error"] < 0.05 < one.summary()["mean_rel_error"]
 
 
-def test_k_at_least_n_and_single_adapter():
+def test_k_equal_to_n_and_single_adapter():
     col, _ = planted_collection(MODS[:1], clusters=2, per_cluster=2, rank=2, adapter_ranks=(3,), seed=5)
-    res = compress(col, 3, num_clusters=10, dtype=F64)
+    res = compress(col, 3, num_clusters=4, dtype=F64)
     assert res.num_clusters == 4 and sorted(res.assignment.tolist()) == [0, 1, 2, 3]
     assert float(res.rel_errors().max()) < 1e-10  # own bases of rank 3 >= the adapters' rank
     names = col.adapter_names[:1]
     one = InMemoryCollection({names[0]: {MODS[0].name: col._adapters[names[0]][MODS[0].name]}})
-    res1 = compress(one, 2, num_clusters=3, dtype=F64)
+    res1 = compress(one, 2, num_clusters=1, dtype=F64)
     assert res1.num_clusters == 1 and res1.assignment.tolist() == [0]
 
 
 def test_zero_and_missing_adapters():
     col, _ = planted_collection(MODS, clusters=2, per_cluster=3, rank=2, adapter_ranks=(2,), seed=6)
     adapters = {k: dict(v) for k, v in col._adapters.items()}
-    adapters["zero"] = {m.name: (adapters["p000"][m.name][0], torch.zeros_like(adapters["p000"][m.name][1]), 1.0)
-                        for m in MODS}
     adapters["partial"] = {MODS[1].name: adapters["p004"][MODS[1].name]}
     col2 = InMemoryCollection(adapters, modules=MODS)
     for method in ("full", "diag"):
         res = compress(col2, 2, num_clusters=2, method=method, dtype=F64, tol=1e-12, max_iter=300)
-        i_zero, i_part = res.index("zero"), res.index("partial")
-        assert float(res.rel_errors()[i_zero].abs().max()) == 0.0
+        i_part = res.index("partial")
+        assert float(res.rel_errors()[i_part, 0]) == 0.0
         assert torch.isfinite(res.rel_errors()).all()
         assert res.metadata["ranks"][MODS[0].name][i_part] == 0
         assert res.metadata["ranks"][MODS[1].name][i_part] == 2
@@ -136,7 +134,9 @@ def test_streaming_reads_one_module_at_a_time():
     res = compress(stream, 2, num_clusters=2, dtype=F64, signature_modules=1, warmup_rounds=0, max_iter=100)
     assert same_partition(res.assignment, labels)
     rounds = len(res.history)
-    assert len(calls) == 1 + rounds * len(MODS)  # signatures read one module, then each round all once
+    head = len(calls) - rounds * len(MODS)
+    assert calls[head:] == [m.name for m in MODS] * rounds  # each round reads every module once
+    assert head >= 1 and set(calls[:head]) == {MODS[0].name}  # the partition search reads only its module
     assert peak[0] == 0  # a module's factors are released before the next module is read
 
 
@@ -170,12 +170,27 @@ def test_validation_errors():
     col, _ = planted_collection(MODS, clusters=1, per_cluster=2, rank=2, adapter_ranks=(2,))
     with pytest.raises(ValueError, match="larger than"):
         compress(col, 13, dtype=F64)
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match=r"num_clusters \(--clusters\) must be an integer from 1 to the number of adapters \(2\), got 0"):
         compress(col, 2, num_clusters=0)
+    with pytest.raises(ValueError, match=r"number of adapters \(2\), got 3"):
+        compress(col, 2, num_clusters=3)
     with pytest.raises(ValueError, match="method"):
         compress(col, 2, method="tucker")
     with pytest.raises(ValueError, match="no adapters"):
         compress(InMemoryCollection({}, modules=MODS), 2)
+
+
+def test_duplicate_names_and_zero_updates_are_refused():
+    col, _ = planted_collection(MODS, clusters=2, per_cluster=2, rank=2, adapter_ranks=(2,), seed=2)
+    twice = CallableCollection(["a", "b", "a", "c"], MODS, lambda spec, dt, dev: col.load_module(spec, dtype=dt, device=dev))
+    for method in ("full", "svd"):
+        with pytest.raises(ValueError, match="adapter names must be unique; repeated: 'a'"):
+            compress(twice, 2, num_clusters=2, method=method)
+    adapters = {k: dict(v) for k, v in col._adapters.items()}
+    adapters["zero"] = {m.name: (adapters["p000"][m.name][0], torch.zeros_like(adapters["p000"][m.name][1]), 1.0)
+                        for m in MODS}
+    with pytest.raises(ValueError, match="non-zero update on at least one module; zero update: zero"):
+        compress(InMemoryCollection(adapters, modules=MODS), 2, num_clusters=2, dtype=F64)
 
 
 # ------------------------------------------------------------- projection

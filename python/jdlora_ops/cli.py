@@ -1,13 +1,14 @@
 """The ``jdlora`` command: compress PEFT adapters into a store, grow it, inspect it, export from it.
 
-    jdlora compress ADAPTER_DIR... --rank R [--clusters K] [--method full|diag] --out STORE
-    jdlora add STORE ADAPTER_DIR...
+    jdlora compress ADAPTER_DIR... --rank R [--clusters K|auto] [--method full|diag] [--max-rel-error E] --out STORE
+    jdlora add STORE ADAPTER_DIR... [--max-rel-error E]
     jdlora inspect STORE
     jdlora export STORE NAME --out DIR
     jdlora demo [ARGS...]
 
 Bad input (missing or damaged files, adapters of another base model or with
-other shapes, a rank the modules cannot hold, K < 1, ...) ends with a one-line
+other shapes, a rank the modules cannot hold, K outside [1, number of adapters],
+an error budget outside (0, 1], duplicate names, a zero update, ...) ends with a one-line
 ``jdlora: error: ...`` on stderr and exit status 2. Stores and exported
 adapters are written atomically.
 """
@@ -53,6 +54,23 @@ def _positive(kind: str):
     return parse
 
 
+def _clusters(text: str):
+    if text == "auto":
+        return text
+    return _positive("--clusters")(text)
+
+
+def _range(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    try:
+        low, high = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clusters-range must be LOW:HIGH (integers), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"--clusters-range must satisfy 1 <= LOW <= HIGH, got {text!r}")
+    return low, high
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit status 2."""
 
@@ -68,10 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress PEFT adapter directories into a new store")
     c.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
     c.add_argument("--rank", "-r", type=_positive("--rank"), required=True, help="rank r of the shared bases")
-    c.add_argument("--clusters", "-k", type=_positive("--clusters"), default=1, help="number of clusters K (default 1)")
+    c.add_argument("--clusters", "-k", type=_clusters, default=1,
+                   help="number of clusters K (default 1), or 'auto': picked from --clusters-range by --tradeoff")
+    c.add_argument("--clusters-range", type=_range, default=None, metavar="LOW:HIGH",
+                   help="with --clusters auto: the cluster counts to consider (default 1:min(n, 64))")
+    c.add_argument("--tradeoff", type=float, default=1.0, metavar="T",
+                   help="with --clusters auto: minimise mean relative error + T x (compressed / original bytes)")
     c.add_argument("--method", choices=["full", "diag", "svd", "none"], default="full",
                    help="full (JD-Full), diag (JD-Diag), svd (per-adapter truncated SVD), none (no compression)")
     c.add_argument("--out", "-o", required=True, metavar="STORE", help="store directory to create")
+    c.add_argument("--max-rel-error", type=float, default=None, metavar="E",
+                   help="per-adapter error budget in (0, 1]: an adapter whose joint relative error exceeds E on "
+                        "some module is kept as its own truncated SVD at the smallest rank meeting E (or "
+                        "uncompressed when that needs its full rank)")
     c.add_argument("--weights", choices=["relative", "uniform"], default="relative",
                    help="objective weights: relative (1/||dW||^2, default) or uniform")
     c.add_argument("--max-iter", type=_positive("--max-iter"), default=50, help="JD iterations per cluster and module")
@@ -89,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("store", metavar="STORE")
     a.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
     a.add_argument("--cluster", type=int, default=None, help="put the adapters in this cluster (default: best)")
+    a.add_argument("--max-rel-error", type=float, default=None, metavar="E",
+                   help="error budget in (0, 1] (default: the store's, if it was compressed with one)")
     a.add_argument("--device", default="cpu")
     a.add_argument("--threads", type=_positive("--threads"), default=None)
     a.add_argument("--quiet", "-q", action="store_true")
@@ -137,6 +166,7 @@ def cmd_compress(args) -> int:
     import torch
 
     from .compress import compress
+    from .compress.error_budget import apply_error_budget, check_budget
     from .peft_io import PeftCollection
     from .store import StoreError, is_store, save_store
 
@@ -152,21 +182,36 @@ def cmd_compress(args) -> int:
             raise CLIError(f"{args.out}: {what} already exists (use --overwrite to replace a store)")
     if os.path.exists(out) and os.path.isdir(out) and os.listdir(out) and not is_store(out):
         raise StoreError(f"{args.out}: exists, is not empty and is not a jdlora store; refusing to write there")
+    if args.max_rel_error is not None:
+        check_budget(args.max_rel_error)
+    if not (args.tradeoff >= 0 and args.tradeoff != float("inf")):
+        raise CLIError(f"--tradeoff must be a number >= 0, got {args.tradeoff}")
     collection = PeftCollection(args.adapters)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
     t0 = time.perf_counter()
     result = compress(
         collection, args.rank, method=args.method, num_clusters=args.clusters, weights=args.weights,
         max_iter=args.max_iter, tol=args.tol, max_rounds=args.max_rounds, seed=args.seed, dtype=compute,
-        device=args.device, progress=not args.quiet, log=log,
+        device=args.device, progress=not args.quiet, log=log, cluster_range=args.clusters_range, tradeoff=args.tradeoff,
     )
+    if args.max_rel_error is not None:
+        apply_error_budget(result, collection, args.max_rel_error, dtype=compute, device=args.device)
     seconds = time.perf_counter() - t0
     result.metadata.setdefault("compressor", {})["seconds"] = round(seconds, 3)
     save_store(out, result, overwrite=args.overwrite, dtype=store_dtype)
     s = result.summary()
     mem = result.memory(2)
+    count = result.metadata.get("cluster_count")
+    if count:
+        print("clusters auto (tradeoff %g): " % count["tradeoff"] + "; ".join(
+            f"K={p['clusters']} error {p['mean_rel_error']:.4f} bytes x{p['bytes_ratio']:.4f} score {p['score']:.4f}"
+            for p in count["curve"]) + f"; chose K={count['chosen']}")
+    if result.individual:
+        paths = [ind.label for ind in result.individual.values()]
+        print(f"error budget {args.max_rel_error:g}: {len(paths)} adapter(s) kept outside the joint tables ("
+              + ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths))) + ")")
     print(
-        f"compressed {result.num_adapters} adapters x {len(result.modules)} modules "
+        f"compressed {result.num_adapters + len(result.individual)} adapters x {len(result.modules)} modules "
         f"({args.method}, r={args.rank}, {result.num_clusters} clusters) in {seconds:.1f} s: "
         f"relative error mean {s['mean_rel_error']:.4f} max {s['max_rel_error']:.4f}; "
         f"{_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} (bf16); store {args.out}"
@@ -175,7 +220,10 @@ def cmd_compress(args) -> int:
 
 
 def cmd_add(args) -> int:
+    import torch
+
     from .compress import project_adapters
+    from .compress.error_budget import check_budget, drop_from_tables, individual_adapters
     from .peft_io import PeftCollection
     from .store import load_store, read_manifest, save_store
 
@@ -188,10 +236,37 @@ def cmd_add(args) -> int:
     if args.cluster is not None and compressed.method in ("full", "diag"):
         if not 0 <= args.cluster < compressed.num_clusters:
             raise CLIError(f"--cluster {args.cluster} out of range: the store has {compressed.num_clusters} clusters")
+    budget = args.max_rel_error
+    if budget is None:
+        budget = (compressed.metadata or {}).get("max_rel_error")
+    if budget is not None:
+        budget = check_budget(budget)
+    n0 = compressed.num_adapters
     report = project_adapters(compressed, collection, cluster=args.cluster, device=args.device, progress=not args.quiet)
+    paths = ["jd"] * len(report.names)
+    if budget is not None and compressed.method in ("full", "diag") and report.rel_errors.numel():
+        over = (report.rel_errors > budget).any(dim=1)
+        if bool(over.any()):
+            names = [x for x, o in zip(report.names, over.tolist()) if o]
+            mods = list(compressed.modules)
+            jd = {x: dict(zip(mods, report.rel_errors[j].tolist())) for j, x in enumerate(report.names) if over[j]}
+            dtype = next(iter(compressed.modules.values())).U.dtype
+            compressed.individual.update(individual_adapters(collection, names, budget, jd_errors=jd,
+                                                             dtype=torch.float64, device=args.device))
+            for name in names:
+                ind = compressed.individual[name]
+                ind.factors = {m: (A.to(dtype), B.to(dtype)) for m, (A, B) in ind.factors.items()}
+            drop_from_tables(compressed, torch.cat([torch.zeros(n0, dtype=torch.bool), over]))
+            paths = [compressed.individual[x].label if o else "jd" for x, o in zip(report.names, over.tolist())]
+        compressed.metadata["max_rel_error"] = budget
     save_store(args.store, compressed, update=True, reuse_bases=compressed.method in ("full", "diag"),
                dtype=next(iter(compressed.modules.values())).U.dtype)
     for j, name in enumerate(report.names):
+        if paths[j] != "jd":
+            e = compressed.individual[name].rel_errors.values()
+            print(f"added {name}: {paths[j]} (joint error max {float(report.rel_errors[j].max()):.4f} > budget "
+                  f"{budget:g}), relative error max {max(e, default=0.0):.4f}")
+            continue
         e = report.rel_errors[j]
         print(
             f"added {name}: cluster {int(report.clusters[j])}, relative error mean {float(e.mean()):.4f} "
@@ -215,42 +290,66 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _store_bytes(path: str, manifest: dict) -> int:
+    files = [MANIFEST_NAME, *(manifest.get("files") or {}).values()]
+    return sum(os.path.getsize(os.path.join(path, f)) for f in files if os.path.isfile(os.path.join(path, f)))
+
+
+MANIFEST_NAME = "manifest.json"
+_BYTES_PER_VALUE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
 def cmd_inspect(args) -> int:
     from .store import read_manifest
 
     m = read_manifest(args.store)
     mods = m["modules"]
-    adapters = m["adapters"]
+    entries = [dict(a, path=a.get("path", "jd")) for a in m["adapters"]]
+    entries += [dict(a, cluster="-", path=f"svd-{a['rank']}" if a["path"] == "svd" else a["path"])
+                for a in m.get("individual") or []]
     mem = m.get("memory_bf16") or {}
+    on_disk = _store_bytes(args.store, m)
+    per_value = _BYTES_PER_VALUE.get(str(m.get("dtype")), 2)
+    original = mem.get("params_before", 0) * per_value
     if args.json:
         out = {k: m[k] for k in ("base_model", "method", "rank", "weights", "num_adapters", "num_clusters", "dtype")
                if k in m}
         out["memory_bf16"] = mem
-        out["adapters"] = [{k: a[k] for k in ("name", "cluster", "mean_error", "max_error")} for a in adapters]
+        out["store_bytes"] = on_disk
+        out["original_bytes_in_store_dtype"] = original
+        out["max_rel_error"] = (m.get("metadata") or {}).get("max_rel_error")
+        out["adapters"] = [{k: a[k] for k in ("name", "path", "cluster", "mean_error", "max_error")} for a in entries]
         print(json.dumps(out, indent=1))
         return 0
     print(f"store      {args.store}")
     print(f"base model {m.get('base_model')}")
     print(f"method     {m['method']}  rank {m['rank']}  weights {m.get('weights')}  dtype {m.get('dtype')}")
-    print(f"adapters   {len(adapters)}  clusters {m.get('num_clusters')}  modules {len(mods)}")
+    paths = [a["path"] for a in entries]
+    budget = (m.get("metadata") or {}).get("max_rel_error")
+    print(f"adapters   {len(entries)}  clusters {m.get('num_clusters')}  modules {len(mods)}"
+          + (f"  error budget {budget:g}: " + ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths)))
+             if budget is not None else ""))
     if mem:
         print(
             f"memory     {_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} in bf16 "
             f"({mem['params_before']:,} -> {mem['params_after']:,} parameters, x{mem['ratio']:.1f})"
         )
-    all_errs = [e for a in adapters for e in a["errors"]]
+    if original:
+        print(f"store      {_bytes(on_disk)} on disk ({m.get('dtype')}) against {_bytes(original)} of original "
+              f"adapters in {m.get('dtype')} (x{original / max(on_disk, 1):.1f})")
+    all_errs = [e for a in entries for e in a["errors"]]
     if all_errs:
         print(f"error      relative squared error mean {sum(all_errs) / len(all_errs):.4f} max {max(all_errs):.4f}")
     print()
-    rows = [[a["name"], str(a["cluster"]), f"{a['mean_error']:.4f}", f"{a['max_error']:.4f}",
+    rows = [[a["name"], a["path"], str(a["cluster"]), f"{a['mean_error']:.4f}", f"{a['max_error']:.4f}",
              mods[max(range(len(mods)), key=lambda j: a["errors"][j])]["name"] if a["errors"] else "-"]
-            for a in adapters]
-    print(_table(rows, ["adapter", "cluster", "mean err", "max err", "worst module"]))
+            for a in entries]
+    print(_table(rows, ["adapter", "path", "cluster", "mean err", "max err", "worst module"]))
     if args.modules or len(mods) <= 12:
         print()
         mrows = []
         for j, md in enumerate(mods):
-            col = [a["errors"][j] for a in adapters if a["errors"]]
+            col = [a["errors"][j] for a in entries if a["errors"]]
             mrows.append([md["name"], f"{md['d_out']}x{md['d_in']}", str(md["rank"]),
                           f"{(sum(col) / len(col)) if col else 0:.4f}", f"{max(col) if col else 0:.4f}"])
         print(_table(mrows, ["module", "shape", "rank", "mean err", "max err"]))
@@ -263,8 +362,8 @@ def cmd_export(args) -> int:
 
     dtype = _dtype(args.dtype)
     compressed = load_store(args.store)
-    if args.name not in compressed.adapter_names:
-        raise CLIError(f"no adapter named {args.name!r} in {args.store} ({compressed.num_adapters} adapters)")
+    if args.name not in compressed.all_names:
+        raise CLIError(f"no adapter named {args.name!r} in {args.store} ({len(compressed.all_names)} adapters)")
     out = export_peft_adapter(compressed, args.name, args.out, dtype=dtype, overwrite=args.overwrite)
     print(f"exported {args.name} to {out}")
     return 0

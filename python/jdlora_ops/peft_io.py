@@ -358,17 +358,23 @@ def export_peft_adapter(
     ``target_modules`` listing the exported module paths, so PEFT loads it onto
     the same base model.
     """
-    i = compressed.index(name)
-    ranks = compressed.metadata.get("ranks") or {}
     factors = {}
     rank_pattern = {}
-    for mod, cm in compressed.modules.items():
-        per = ranks.get(mod)
-        if per is not None and i < len(per) and int(per[i]) == 0:
-            continue
-        B, A = compressed.lora_factors(i, mod)
-        factors[mod] = (B.to(dtype), A.to(dtype))
-        rank_pattern[mod] = cm.rank
+    if name in compressed.individual:
+        # Kept outside the joint tables (error budget): its own truncated SVD or original factors.
+        for mod, (A, B) in compressed.individual[name].factors.items():
+            factors[mod] = (B.to(dtype), A.to(dtype))
+            rank_pattern[mod] = int(A.shape[0])
+    else:
+        i = compressed.index(name)
+        ranks = compressed.metadata.get("ranks") or {}
+        for mod, cm in compressed.modules.items():
+            per = ranks.get(mod)
+            if per is not None and i < len(per) and int(per[i]) == 0:
+                continue
+            B, A = compressed.lora_factors(i, mod)
+            factors[mod] = (B.to(dtype), A.to(dtype))
+            rank_pattern[mod] = cm.rank
     if not factors:
         raise ValueError(f"adapter {name!r} has no modules to export")
     r = max(rank_pattern.values())

@@ -10,12 +10,21 @@ A store is a directory::
                                       "<module>::sigma" [n, r, r] or [n, r],
                                       "<module>::norms_sq", "::errors",
                                       "::rel_errors" [n]
+      individual-<id>.safetensors     only when some adapters exceeded the
+                                      error budget: "<j>::<module>::A" [k, d_in],
+                                      "<j>::<module>::B" [d_out, k] of the j-th
+                                      entry of the manifest's "individual"
 
-``manifest.json`` (format ``jdlora-store``, ``format_version`` 1) records the
+``manifest.json`` (format ``jdlora-store``, ``format_version`` 2) records the
 base model, the method, the rank, the weights, the modules with their shapes and
 rank, the clusters, every adapter's name, cluster, per-module relative error,
 original ranks and PEFT config, how the PEFT scaling was folded, the memory
-before and after, the fitting history and the names of the two tensor files.
+before and after, the fitting history and the names of the tensor files.
+Adapters kept outside the joint tables (``jdlora compress --max-rel-error``)
+are listed under ``individual`` with their path (``svd`` at a rank, or
+``full``), per-module errors, original ranks and config. ``format_version`` 2
+added that list (a version-1 reader would silently miss those adapters, so it
+refuses version 2); version-1 stores read as before.
 
 Writes are atomic. A new store is assembled in a temporary sibling directory
 and renamed into place. An existing store is updated by writing tensor files
@@ -39,14 +48,16 @@ import tempfile
 import torch
 
 from .compress.collection import ModuleSpec
-from .compress.result import METHODS, CompressedCollection, CompressedModule, sigma_is_diagonal
+from .compress.result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, sigma_is_diagonal
 
 __all__ = ["StoreError", "save_store", "load_store", "read_manifest", "is_store", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "jdlora-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-_OWNED = re.compile(r"^(bases|cores)-[0-9a-f]{16}\.safetensors$|^\.(manifest|bases|cores)\..*\.tmp$")
+_OWNED = re.compile(
+    r"^(bases|cores|individual)-[0-9a-f]{16}\.safetensors$|^\.(manifest|bases|cores|individual)\..*\.tmp$"
+)
 SCALING_NOTE = (
     "PEFT scaling folded into the cores: each adapter's update is s * B @ A with s = lora_alpha / r "
     "(lora_alpha / sqrt(r) with use_rslora), r and lora_alpha per module from rank_pattern / alpha_pattern; "
@@ -97,6 +108,7 @@ def _manifest(c: CompressedCollection, files: dict, dtype: torch.dtype) -> dict:
         errs = [float(x) for x in rel[i].tolist()] if rel.numel() else []
         entry = {
             "name": name,
+            "path": "jd",
             "cluster": int(c.assignment[i]),
             "errors": errs,
             "mean_error": (sum(errs) / len(errs)) if errs else 0.0,
@@ -120,6 +132,24 @@ def _manifest(c: CompressedCollection, files: dict, dtype: torch.dtype) -> dict:
                 "sigma": "diag" if cm.sigma.dim() == 2 else "full",
             }
         )
+    individual = []
+    for ind in c.individual.values():
+        errs = [float(ind.rel_errors.get(m, 0.0)) for m in names]
+        entry = {
+            "name": ind.name,
+            "path": ind.path,
+            "rank": ind.rank,
+            "errors": errs,
+            "mean_error": (sum(errs) / len(errs)) if errs else 0.0,
+            "max_error": max(errs) if errs else 0.0,
+            "ranks": [int(ind.ranks.get(m, 0)) for m in names],
+            "modules": [m for m in names if m in ind.factors],
+        }
+        if ind.jd_rel_errors:
+            entry["jd_errors"] = [float(ind.jd_rel_errors.get(m, 0.0)) for m in names]
+        if ind.name in configs:
+            entry["peft_config"] = configs[ind.name]
+        individual.append(entry)
     extra = {k: v for k, v in c.metadata.items() if k not in ("ranks", "configs", "base_model")}
     return {
         "format": FORMAT,
@@ -138,6 +168,7 @@ def _manifest(c: CompressedCollection, files: dict, dtype: torch.dtype) -> dict:
         "files": files,
         "modules": modules,
         "adapters": adapters,
+        "individual": individual,
         "history": c.history,
         "metadata": extra,
     }
@@ -190,7 +221,15 @@ def save_store(
         cores[f"{m}::norms_sq"] = cm.norms_sq.to(torch.float64)
         cores[f"{m}::errors"] = cm.errors.to(torch.float64)
         cores[f"{m}::rel_errors"] = cm.rel_errors.to(torch.float64)
-    manifest = _manifest(compressed, {"bases": bases_name, "cores": cores_name}, dt)
+    files = {"bases": bases_name, "cores": cores_name}
+    individual = {}
+    for j, ind in enumerate(compressed.individual.values()):
+        for m, (A, B) in ind.factors.items():
+            individual[f"{j}::{m}::A"] = A.to(dt)
+            individual[f"{j}::{m}::B"] = B.to(dt)
+    if compressed.individual:
+        files["individual"] = f"individual-{secrets.token_hex(8)}.safetensors"
+    manifest = _manifest(compressed, files, dt)
 
     if not existing:
         parent = os.path.dirname(path)
@@ -199,6 +238,8 @@ def save_store(
         try:
             _write_tensors(os.path.join(tmp, bases_name), bases)
             _write_tensors(os.path.join(tmp, cores_name), cores)
+            if "individual" in files:
+                _write_tensors(os.path.join(tmp, files["individual"]), individual)
             _write_json(os.path.join(tmp, MANIFEST), manifest)
             os.chmod(tmp, 0o755)
             _fsync_dir(tmp)
@@ -214,7 +255,10 @@ def save_store(
     # Update in place: new files under fresh names, then the manifest swap is the commit.
     staged = []
     try:
-        for name, tensors, needed in ((bases_name, bases, write_bases), (cores_name, cores, True)):
+        writes = [(bases_name, bases, write_bases), (cores_name, cores, True)]
+        if "individual" in files:
+            writes.append((files["individual"], individual, True))
+        for name, tensors, needed in writes:
             if not needed:
                 continue
             kind = name.split("-")[0]
@@ -236,7 +280,7 @@ def save_store(
             except OSError:
                 pass
         raise
-    keep = {MANIFEST, bases_name, cores_name}
+    keep = {MANIFEST, *files.values()}
     for f in os.listdir(path):
         if f not in keep and _OWNED.match(f):
             try:
@@ -340,7 +384,48 @@ def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu") -
             md["name"]: [int(a.get("ranks", [0] * len(m["modules"]))[j]) for a in m["adapters"]]
             for j, md in enumerate(m["modules"])
         }
+    individual = _load_individual(path, m, modules, device)
+    for entry in m.get("individual") or []:
+        if "peft_config" in entry:
+            metadata.setdefault("configs", {})[entry["name"]] = entry["peft_config"]
     return CompressedCollection(
         m["method"], int(m["rank"]), names, assignment, K, modules,
         weights=m.get("weights", "relative"), metadata=metadata, history=list(m.get("history") or []),
+        individual=individual,
     )
+
+
+def _load_individual(path: str, m: dict, modules: dict, device) -> dict[str, IndividualAdapter]:
+    entries = m.get("individual") or []
+    if not entries:
+        return {}
+    from safetensors.torch import load_file
+
+    fname = (m.get("files") or {}).get("individual")
+    f = os.path.join(path, str(fname))
+    if not fname or not os.path.isfile(f):
+        raise StoreError(f"{path}: missing tensor file {fname!r} of the individually stored adapters")
+    try:
+        tensors = load_file(f, device=str(device))
+    except Exception as exc:
+        raise StoreError(f"{f}: damaged tensor file ({exc})") from exc
+    names = [md["name"] for md in m["modules"]]
+    out = {}
+    try:
+        for j, e in enumerate(entries):
+            factors = {}
+            for mod in e["modules"]:
+                A, B = tensors[f"{j}::{mod}::A"], tensors[f"{j}::{mod}::B"]
+                spec = modules[mod].spec
+                if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != (
+                        spec.d_out, spec.d_in):
+                    raise StoreError(f"{path}: factors of individual adapter {e['name']!r}, module {mod} do not "
+                                     f"match the manifest")
+                factors[mod] = (A, B)
+            rel = dict(zip(names, (float(x) for x in e["errors"])))
+            jd = dict(zip(names, (float(x) for x in e.get("jd_errors", []))))
+            ranks = dict(zip(names, (int(x) for x in e.get("ranks", []))))
+            out[e["name"]] = IndividualAdapter(e["name"], e["path"], int(e["rank"]), factors, rel, ranks, jd)
+    except KeyError as exc:
+        raise StoreError(f"{path}: tensor or entry {exc} of the individually stored adapters is missing") from exc
+    return out

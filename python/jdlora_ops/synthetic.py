@@ -392,3 +392,48 @@ def planted_collection(
             scale = 2.0 / (i % 3 + 1)
             adapters[f"p{i:03d}"][spec.name] = (A, B / scale, scale)
     return InMemoryCollection(adapters, modules=list(modules)), labels
+
+
+def planted_partition(
+    modules: Sequence[ModuleSpec],
+    sizes: Sequence[int],
+    *,
+    rank: int,
+    adapter_ranks: Sequence[int] = (0,),
+    scale_range: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+):
+    """A collection whose best ``len(sizes)``-cluster JD-Full at rank ``rank`` is exact.
+
+    Cluster ``k`` has ``sizes[k]`` adapters and, per module, its own random
+    ``rank``-dimensional column and row subspaces ``U_k``, ``V_k``; every update
+    is ``U_k X_i Y_i V_k^T`` with Gaussian ``X_i: [rank, rho_i]``,
+    ``Y_i: [rho_i, rank]`` and ``rho_i = adapter_ranks[i % len]`` (0 or larger
+    than ``rank`` mean ``rank``), so it lies inside its cluster's subspaces
+    whatever its rank. Adapter magnitudes are spread log-uniformly over
+    ``scale_range`` (the largest over the smallest). Adapters are interleaved
+    across clusters (adapter ``i`` is not in cluster ``i // size``) so that no
+    method can profit from the order. Returns ``(InMemoryCollection, labels [n])``.
+    """
+    from .compress.collection import InMemoryCollection
+
+    gen = torch.Generator().manual_seed(int(seed))
+    labels = torch.cat([torch.full((int(s),), k, dtype=torch.long) for k, s in enumerate(sizes)])
+    labels = labels[torch.randperm(labels.numel(), generator=gen)]
+    n = labels.numel()
+    magnitudes = torch.exp(torch.rand(n, generator=gen, dtype=torch.float64) * math.log(max(scale_range, 1.0)))
+    ranks = [int(adapter_ranks[i % len(adapter_ranks)]) for i in range(n)]
+    ranks = [rank if rho <= 0 or rho > rank else rho for rho in ranks]
+    adapters: dict[str, dict] = {f"a{i:03d}": {} for i in range(n)}
+    for spec in modules:
+        Us = [torch.linalg.qr(torch.randn(spec.d_out, rank, generator=gen, dtype=dtype))[0] for _ in sizes]
+        Vs = [torch.linalg.qr(torch.randn(spec.d_in, rank, generator=gen, dtype=dtype))[0] for _ in sizes]
+        for i in range(n):
+            k, rho = int(labels[i]), ranks[i]
+            X = torch.randn(rank, rho, generator=gen, dtype=dtype)
+            Y = torch.randn(rho, rank, generator=gen, dtype=dtype)
+            B = Us[k] @ X * float(magnitudes[i])
+            A = Y @ Vs[k].t()
+            adapters[f"a{i:03d}"][spec.name] = (A, B / 2.0, 2.0)
+    return InMemoryCollection(adapters, modules=list(modules)), labels

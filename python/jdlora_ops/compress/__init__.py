@@ -5,12 +5,19 @@
 * :func:`jd_full`, :func:`jd_diag`: one module, one cluster.
 * :func:`compress_svd`, :func:`compress_none`, :func:`truncated_svd`: baselines.
 * :func:`project_adapters`: add adapters to a compressed collection.
+* :func:`apply_error_budget`: keep adapters the joint tables fit worse than a
+  budget as their own truncated SVD or factors (:class:`IndividualAdapter`).
+* :func:`search_partition`, :func:`subspace_affinities`: how the clusters are
+  found; :func:`choose_num_clusters`: ``num_clusters="auto"``.
 * :class:`AdapterCollection` and its implementations produce a module's
   factors on demand (:class:`ModuleFactors`).
 """
 
 from .baselines import compress_none, compress_svd, truncated_svd
-from .clustering import adapter_signatures, compress, kmeans
+from .cluster_count import choose_num_clusters
+from .clustering import adapter_signatures, compress
+from .error_budget import apply_error_budget, check_budget
+from .partition_search import kmeans, search_partition, subspace_affinities
 from .collection import (
     AdapterCollection,
     CallableCollection,
@@ -23,10 +30,16 @@ from .collection import (
 )
 from .jd import JDResult, diag_solve, full_sigma, jd_diag, jd_full
 from .projection import ClusterEvaluation, ProjectionReport, evaluate_clusters, project_adapters
-from .result import METHODS, CompressedCollection, CompressedModule
+from .result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter
 
 __all__ = [
     "AdapterCollection",
+    "IndividualAdapter",
+    "apply_error_budget",
+    "check_budget",
+    "choose_num_clusters",
+    "search_partition",
+    "subspace_affinities",
     "CallableCollection",
     "ClusterEvaluation",
     "CompressedCollection",

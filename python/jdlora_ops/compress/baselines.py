@@ -14,7 +14,7 @@ import torch
 from ._linalg import F64
 from .collection import AdapterCollection, ModuleFactors
 from .jd import check_rank
-from .projection import ProjectionReport, merge_metadata, relative
+from .projection import ProjectionReport, check_nonzero, merge_metadata, relative
 from .result import CompressedCollection, CompressedModule
 
 __all__ = ["truncated_svd", "compress_svd", "compress_none", "append_individual"]
@@ -92,6 +92,8 @@ def _individual(collection, rank, method, dtype, device, progress) -> Compressed
             modules[spec.name] = _svd_module(f, rank)
         else:
             modules[spec.name] = _none_module(f, rank)
+    check_nonzero(list(names), sum(cm.norms_sq.double().cpu() for cm in modules.values()) if modules
+                  else torch.zeros(n))
     md = dict(getattr(collection, "metadata", {}) or {})
     md["ranks"] = ranks
     return CompressedCollection(
@@ -143,11 +145,16 @@ def append_individual(
     new_specs = {s.name for s in new.modules}
     rel_cols = []
     new_ranks = {}
+    adds = {}
     for name, cm in compressed.modules.items():
         dt = dtype or cm.U.dtype
         f = new.load_module(name, dtype=dt, device=device) if name in new_specs else ModuleFactors(cm.spec, m, [])
         new_ranks[name] = f.ranks().tolist()
-        add = _svd_module(f, cm.rank) if compressed.method == "svd" else _none_module(f, cm.rank)
+        adds[name] = _svd_module(f, cm.rank) if compressed.method == "svd" else _none_module(f, cm.rank)
+    # Checked before anything is appended, so a refused adapter leaves the collection as it was.
+    check_nonzero(names, sum(a.norms_sq.double().cpu() for a in adds.values()) if adds else torch.zeros(m))
+    for name, cm in compressed.modules.items():
+        add = adds[name]
         cm.U = torch.cat([cm.U, add.U.to(cm.U)], dim=0)
         cm.Vt = torch.cat([cm.Vt, add.Vt.to(cm.Vt)], dim=0)
         cm.sigma = torch.cat([cm.sigma, add.sigma.to(cm.sigma)], dim=0)

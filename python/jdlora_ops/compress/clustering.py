@@ -7,7 +7,9 @@ every module once: it fits JD per cluster (warm-started from the previous
 round's bases), then scores every adapter under every cluster's bases. After the
 round each adapter moves to the cluster with the lowest summed cost; rounds
 repeat until no adapter moves (or ``max_rounds``). Both steps lower the
-objective, so it decreases from round to round like k-means.
+objective, so it decreases from round to round like k-means. Such rounds stop
+in local minima, so the starting partition comes from a search on a few
+modules (:mod:`~jdlora_ops.compress.partition_search`).
 
 Only one module's factors are in memory at a time; the bases and cores of all
 modules are kept (they are the output).
@@ -20,13 +22,15 @@ from typing import Callable
 
 import torch
 
-from ._linalg import F64
-from .collection import AdapterCollection, CallableCollection, ModuleSpec
+from ._linalg import F64, eps_of
+from .collection import AdapterCollection, ModuleSpec
 from .jd import JDResult, check_rank, jd_diag, jd_full
-from .projection import evaluate_clusters, relative
+from .cluster_count import candidate_counts, choose_num_clusters
+from .partition_search import Trial, fill_empty, search_partition, subspace_affinities
+from .projection import check_nonzero, evaluate_clusters, relative
 from .result import METHODS, CompressedCollection, CompressedModule
 
-__all__ = ["compress", "adapter_signatures", "kmeans"]
+__all__ = ["compress", "adapter_signatures"]
 
 
 def adapter_signatures(
@@ -71,67 +75,6 @@ def adapter_signatures(
     return torch.cat(parts, dim=1) if parts else torch.zeros(n, 0, dtype=F64)
 
 
-def kmeans(X: torch.Tensor, K: int, *, seed: int = 0, iters: int = 50) -> torch.Tensor:
-    """k-means++ seeding and Lloyd iterations; int64 labels ``[n]`` in ``[0, K)``.
-
-    Deterministic for a given ``seed``. Every cluster is non-empty when
-    ``K <= n`` (an emptied cluster takes the point farthest from its centre).
-    """
-    X = X.to(F64)
-    n = X.shape[0]
-    if K >= n:
-        return torch.arange(n)
-    gen = torch.Generator().manual_seed(int(seed) + 104729)
-    centers = [int(torch.randint(n, (1,), generator=gen))]
-    d2 = (X - X[centers[0]]).square().sum(1)
-    for _ in range(1, K):
-        p = d2.clone()
-        p[centers] = 0
-        if float(p.sum()) <= 0:
-            p = torch.ones(n, dtype=F64)
-            p[centers] = 0
-        c = int(torch.multinomial(p, 1, generator=gen))
-        centers.append(c)
-        d2 = torch.minimum(d2, (X - X[c]).square().sum(1))
-    C = X[centers].clone()
-    labels = torch.cdist(X, C).argmin(1)
-    for _ in range(iters):
-        for k in range(K):
-            members = labels == k
-            if bool(members.any()):
-                C[k] = X[members].mean(0)
-        dist = torch.cdist(X, C)
-        new = dist.argmin(1)
-        new = _fill_empty(new, dist.gather(1, new[:, None]).squeeze(1), K)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    return labels
-
-
-def _fill_empty(labels: torch.Tensor, cost: torch.Tensor, K: int) -> torch.Tensor:
-    """Give every empty cluster the costliest point of a cluster that has two or more."""
-    labels = labels.clone()
-    cost = cost.clone().to(F64)
-    for k in range(K):
-        if bool((labels == k).any()):
-            continue
-        counts = torch.bincount(labels, minlength=K)
-        movable = counts[labels] >= 2
-        if not bool(movable.any()):
-            break
-        c = torch.where(movable, cost, torch.full_like(cost, -float("inf")))
-        i = int(c.argmax())
-        labels[i] = k
-        cost[i] = -float("inf")
-    return labels
-
-
-def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
-    pairs = set(zip(a.tolist(), b.tolist()))
-    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
-
-
 def _spread(modules: list[ModuleSpec], k: int) -> list[ModuleSpec]:
     if k <= 0 or k >= len(modules):
         return list(modules)
@@ -154,7 +97,12 @@ def compress(
     device: torch.device | str = "cpu",
     signature_modules: int = 4,
     warmup_rounds: int = 5,
+    restarts: int = 1,
+    max_moves: int = 4,
+    move_rounds: int = 1,
     init_assignment: torch.Tensor | None = None,
+    cluster_range: tuple[int, int] | None = None,
+    tradeoff: float = 1.0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> CompressedCollection:
@@ -162,29 +110,44 @@ def compress(
 
     * ``method``: ``"full"`` or ``"diag"`` (``"svd"``/``"none"`` dispatch to the
       baselines, ignoring clustering arguments).
-    * ``num_clusters``: ``K >= 1``; ``K >= n`` gives every adapter its own
-      cluster. Clusters are initialised by k-means++ over
-      :func:`adapter_signatures` of ``signature_modules`` modules spread over
-      the model (on the column-space part, the row-space part and both; the
-      partition with the lowest JD objective on those modules wins), refined
-      by up to ``warmup_rounds`` fit/reassign rounds on those modules alone
-      (cheap, and close to the full objective), or taken from
-      ``init_assignment``.
+    * ``num_clusters``: ``1 <= K <= n``; ``K = n`` gives every adapter its own
+      cluster. ``"auto"``: picked from ``cluster_range`` (``(low, high)``,
+      default ``(1, min(n, 64))``) by the error-per-byte ``tradeoff`` (see
+      :mod:`~jdlora_ops.compress.cluster_count`); the curve it saw goes to
+      ``metadata["cluster_count"]``.
+    * The partition is searched on ``signature_modules`` modules spread over
+      the model (all of them when there are no more), where the summed JD
+      objective is cheap to evaluate (see
+      :mod:`~jdlora_ops.compress.partition_search`): spectral clustering of
+      subspace affinities with ``restarts`` k-means seeds per view, each
+      candidate scored by a JD fit, the best refined by up to
+      ``warmup_rounds`` fit/reassign rounds, then up to ``max_moves``
+      split-and-dissolve moves (each followed by ``move_rounds`` rounds), kept
+      only when they lower the objective. ``init_assignment`` skips the search.
+    * Then fit/reassign rounds over all modules: ``max_rounds`` caps them, i.e.
+      the passes over the data. If adapters would still move after the last
+      round, the moves are not applied (the result stays consistent with the
+      last fit) and the history says so. The objective never rises from round
+      to round.
     * ``max_iter``, ``tol``: per-(cluster, module) JD stopping rule (see
-      :func:`~jdlora_ops.compress.jd.jd_full`); ``max_rounds``: cap on the
-      fit/reassign rounds, i.e. on passes over the data. If adapters would
-      still move after the last round, the moves are not applied (the result
-      stays consistent with the last fit) and the history says so.
+      :func:`~jdlora_ops.compress.jd.jd_full`).
     * ``weights``: ``"relative"`` or ``"uniform"``; also decides whether
       reassignment compares summed relative or absolute errors.
     * ``dtype``: compute dtype (float32/float64); factors are converted as
       each module is read.
 
-    Raises ``ValueError`` for a rank a module cannot hold, ``K < 1``, an
-    empty collection or an unknown method.
+    Raises ``ValueError`` (naming the argument, the expected and the actual
+    value) for a rank a module cannot hold, ``K`` outside ``[1, n]``, an empty
+    collection, duplicate adapter names, an adapter whose update is zero on
+    every module, or an unknown method.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    names = list(collection.adapter_names)
+    n = len(names)
+    if n == 0:
+        raise ValueError("the collection holds no adapters")
+    _check_unique(names)
     if method == "svd":
         from .baselines import compress_svd
 
@@ -193,14 +156,20 @@ def compress(
         from .baselines import compress_none
 
         return compress_none(collection, dtype=dtype, device=device, progress=progress)
-    if not isinstance(num_clusters, int) or num_clusters < 1:
-        raise ValueError(f"the number of clusters must be an integer >= 1, got {num_clusters!r}")
+    auto = num_clusters == "auto"
+    if auto:
+        low, high = cluster_range if cluster_range is not None else (1, min(n, 64))
+        counts = candidate_counts(int(low), int(high))
+        if high > n:
+            raise ValueError(f"cluster range (--clusters-range) must lie in [1, {n}] (the number of adapters), "
+                             f"got {low}:{high}")
+        num_clusters = counts[0]
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or not 1 <= num_clusters <= n:
+        raise ValueError(
+            f"num_clusters (--clusters) must be an integer from 1 to the number of adapters ({n}), got {num_clusters!r}"
+        )
     if weights not in ("relative", "uniform"):
         raise ValueError(f"weights must be 'relative' or 'uniform', got {weights!r}")
-    names = list(collection.adapter_names)
-    n = len(names)
-    if n == 0:
-        raise ValueError("the collection holds no adapters")
     specs = list(collection.modules)
     if not specs:
         raise ValueError("the collection has no modules")
@@ -208,13 +177,31 @@ def compress(
         check_rank(rank, spec.d_out, spec.d_in, f"module {spec.name}")
     say = log or (lambda _msg: None)
     device = torch.device(device)
+    K = num_clusters
+    opts = dict(rank=rank, method=method, weights=weights, max_iter=max_iter, tol=tol, seed=seed, dtype=dtype,
+                device=device)
 
-    K = min(num_clusters, n)
+    search = None
+    count_curve = None
+    if auto and init_assignment is None:
+        subset = _spread(specs, signature_modules)
+        choice = choose_num_clusters(
+            collection, rank, counts, tradeoff=tradeoff, subset=subset, method=method, seed=seed, dtype=dtype,
+            device=device, log=say,
+            fit_subset=lambda k: (lambda start, rounds, warm: _fit_rounds(collection, subset, start, k, rounds, warm,
+                                                                          **opts)[0]),
+            search_options=dict(restarts=restarts, refine_rounds=warmup_rounds, move_rounds=move_rounds,
+                                max_moves=max_moves),
+        )
+        K = choice.clusters
+        init_assignment = choice.assignment
+        count_curve = [p.as_dict() for p in choice.curve]
+        say(f"chose {K} clusters from {counts} (tradeoff {tradeoff:g})")
     if init_assignment is not None:
         assign = torch.as_tensor(init_assignment, dtype=torch.long).clone()
         if assign.shape != (n,) or int(assign.min()) < 0 or int(assign.max()) >= K:
-            raise ValueError(f"init_assignment must be [n] integers in [0, {K})")
-        assign = _fill_empty(assign, torch.zeros(n), K)
+            raise ValueError(f"init_assignment must be [{n}] integers in [0, {K}), got shape {tuple(assign.shape)}")
+        assign = fill_empty(assign, torch.zeros(n), K)
     elif K == 1:
         assign = torch.zeros(n, dtype=torch.long)
     elif K == n:
@@ -222,117 +209,23 @@ def compress(
     else:
         t = time.perf_counter()
         subset = _spread(specs, signature_modules)
-        sig = adapter_signatures(collection, modules=subset, rank=rank, seed=seed, dtype=dtype, device=device)
-        sides = sig.view(n, len(subset), 2, -1)
-        # Which of the two subspaces should group adapters depends on the collection (in real
-        # LoRA collections A stays close to its seed's initialisation, so row spaces group by
-        # seed while column spaces group by task). Cluster on each view and on both, and keep
-        # the partition whose JD fit on the signature modules has the lowest objective.
-        candidates: dict[str, torch.Tensor] = {}
-        for view, X in (("column and row spaces", sig), ("column spaces", sides[:, :, 0].reshape(n, -1)),
-                        ("row spaces", sides[:, :, 1].reshape(n, -1))):
-            lab = kmeans(X, K, seed=seed)
-            if not any(_same_partition(lab, c) for c in candidates.values()):
-                candidates[view] = lab
-        sub = CallableCollection(names, subset, lambda spec, dt, dev: collection.load_module(spec, dtype=dt, device=dev))
-        scores = {}
-        if len(candidates) > 1:
-            for view, lab in candidates.items():
-                trial = compress(
-                    sub, rank, method=method, num_clusters=K, weights=weights, max_iter=max_iter, tol=tol,
-                    max_rounds=1, seed=seed, dtype=dtype, device=device, init_assignment=lab, warmup_rounds=0,
-                )
-                scores[view] = trial.history[0]["objective"]
-        best = min(scores, key=scores.get) if scores else next(iter(candidates))
-        assign = candidates[best]
-        say(f"initial clusters: k-means++ on signatures of {best} ({len(subset)} modules; objectives "
-            + ", ".join(f"{k}: {v:.5g}" for k, v in scores.items()) + f") in {time.perf_counter() - t:.1f} s")
-        if warmup_rounds > 0 and len(subset) < len(specs):
-            t = time.perf_counter()
-            pre = compress(
-                sub, rank, method=method, num_clusters=K, weights=weights, max_iter=max_iter, tol=tol,
-                max_rounds=warmup_rounds, seed=seed, dtype=dtype, device=device, init_assignment=assign,
-            )
-            assign = pre.assignment
-            say(f"refined the clusters on {len(subset)} modules in {len(pre.history)} rounds, "
-                f"{time.perf_counter() - t:.1f} s")
+        aff = subspace_affinities(collection, subset, rank=rank, seed=seed, dtype=dtype, device=device)
+        say(f"subspace affinities of {n} adapters on {len(subset)} modules in {time.perf_counter() - t:.1f} s")
 
-    fit = jd_full if method == "full" else jd_diag
-    warm: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    history: list[dict] = []
-    ranks: dict[str, list[int]] = {}
-    out_modules: dict[str, CompressedModule] = {}
-    rounds = max(1, int(max_rounds))
-    for rnd in range(rounds):
-        t_round = time.perf_counter()
-        cost = torch.zeros(n, K, dtype=F64)
-        members = [(assign == k).nonzero().flatten() for k in range(K)]
-        inner = 0
-        objective = 0.0
-        it = specs
-        if progress:
-            from tqdm.auto import tqdm
+        def fit_subset(start: torch.Tensor, rounds: int, warm: dict | None) -> Trial:
+            return _fit_rounds(collection, subset, start, K, rounds, warm, **opts)[0]
 
-            it = tqdm(specs, desc=f"round {rnd + 1}", unit="module", leave=False)
-        for mi, spec in enumerate(it):
-            f = collection.load_module(spec, dtype=dtype, device=device)
-            if rnd == 0:
-                ranks[spec.name] = f.ranks().tolist()
-            parts = f.partition(assign, K) if K > 1 else [f]
-            del f
-            results: list[JDResult | None] = [None] * K
-            for k in range(K):
-                if members[k].numel() == 0:
-                    continue
-                res = fit(
-                    parts[k], rank, weights=weights, max_iter=max_iter, tol=tol,
-                    seed=seed * 1_000_003 + mi * 1009 + k, dtype=dtype, device=device, init=warm.get((mi, k)),
-                )
-                warm[(mi, k)] = (res.U, res.V)
-                results[k] = res
-                inner += res.iterations
-                objective += res.history[-1]
-            out_modules[spec.name] = _assemble(spec, n, K, rank, method, results, members, dtype, device)
-            if K > 1:
-                valid = torch.tensor([r is not None for r in results])
-                U = out_modules[spec.name].U
-                V = out_modules[spec.name].Vt.transpose(1, 2)
-                for k in range(K):
-                    if members[k].numel() == 0:
-                        continue
-                    ev = evaluate_clusters(parts[k], U, V, method, valid=valid)
-                    c = relative(ev.errors, ev.norms_sq) if weights == "relative" else ev.errors
-                    cost[members[k]] += c.cpu()
-            del parts
-        entry = {"round": rnd + 1, "objective": objective, "jd_iterations": inner, "seconds": time.perf_counter() - t_round}
-        if K == 1:
-            entry["moved"] = 0
-            history.append(entry)
-            break
-        own = cost.gather(1, assign[:, None]).squeeze(1)
-        best_cost, best = cost.min(dim=1)
-        stay = own <= best_cost * (1 + 1e-9) + 1e-300
-        new = torch.where(stay, assign, best)
-        new = _fill_empty(new, cost.gather(1, new[:, None]).squeeze(1), K)
-        moved = int((new != assign).sum())
-        entry["moved"] = moved
-        entry["cost"] = float(own.sum())
-        history.append(entry)
-        say(f"round {rnd + 1}: objective {objective:.6g}, {moved} adapters would move, {entry['seconds']:.1f} s")
-        if moved == 0:
-            break
-        if rnd + 1 == rounds:
-            # At the cap the fitted bases and cores belong to the current assignment; moving
-            # adapters now would need one more pass over the data, so the moves are dropped.
-            entry["moved"] = 0
-            entry["moves_not_applied"] = moved
-            say("round cap reached; keeping the last fitted assignment")
-            break
-        fresh = [k for k in range(K) if members[k].numel() == 0 and bool((new == k).any())]
-        for k in fresh:
-            for mi in range(len(specs)):
-                warm.pop((mi, k), None)
-        assign = new
+        search = search_partition(aff, K, fit_subset, seed=seed, restarts=restarts, refine_rounds=warmup_rounds,
+                                  move_rounds=move_rounds, max_moves=max_moves, log=say)
+        assign = search.best.assignment
+        say(f"cluster search on {len(subset)} modules: objective {search.best.objective:.6g} in "
+            f"{search.seconds:.1f} s")
+
+    trial, history, out_modules, ranks = _fit_rounds(
+        collection, specs, assign, K, max(1, int(max_rounds)), None, keep=True, say=say, progress=progress, **opts
+    )
+    assign = trial.assignment
+    check_nonzero(names, trial.norms)
 
     # Drop clusters that ended empty and renumber the rest.
     used = torch.unique(assign)
@@ -350,11 +243,130 @@ def compress(
         "max_rounds": max_rounds,
         "seed": seed,
         "dtype": str(dtype).replace("torch.", ""),
-        "requested_clusters": num_clusters,
+        "requested_clusters": "auto" if auto else num_clusters,
     }
+    if count_curve is not None:
+        md["cluster_count"] = {"tradeoff": tradeoff, "curve": count_curve, "chosen": K}
+    if search is not None:
+        md["cluster_search"] = {"view": search.view, "seconds": round(search.seconds, 3), "steps": search.steps}
     return CompressedCollection(
         method, rank, names, remap[assign], int(used.numel()), out_modules, weights=weights, metadata=md, history=history
     )
+
+
+def _check_unique(names: list[str]) -> None:
+    seen: set[str] = set()
+    dup = sorted({x for x in names if x in seen or seen.add(x)})
+    if dup:
+        raise ValueError(f"adapter names must be unique; repeated: {', '.join(map(repr, dup))}")
+
+
+def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, weights, max_iter, tol, seed, dtype,
+                device, keep=False, say=None, progress=False):
+    """Fit/reassign rounds over ``specs`` from ``assign``, at most ``rounds`` fits.
+
+    Each round reads every module once: JD per cluster (warm-started from the
+    previous round's bases), then every adapter's cost under every cluster.
+    Adapters then move to their cheapest cluster; rounds end when none moves.
+    The returned :class:`Trial` describes the last fit (its partition, objective
+    and costs); with ``keep`` the assembled modules, history and ranks come too.
+    """
+    fit = jd_full if method == "full" else jd_diag
+    say = say or (lambda _msg: None)
+    n = assign.numel()
+    warm = dict(warm or {})
+    history: list[dict] = []
+    ranks: dict[str, list[int]] = {}
+    out_modules: dict[str, CompressedModule] = {}
+    for rnd in range(rounds):
+        t_round = time.perf_counter()
+        cost = torch.zeros(n, K, dtype=F64)
+        norms = torch.zeros(n, dtype=F64)
+        scale = torch.zeros(n, dtype=F64)
+        members = [(assign == k).nonzero().flatten() for k in range(K)]
+        inner = 0
+        objective = 0.0
+        total = 0.0
+        it = specs
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(specs, desc=f"round {rnd + 1}", unit="module", leave=False)
+        for mi, spec in enumerate(it):
+            f = collection.load_module(spec, dtype=dtype, device=device)
+            if keep and rnd == 0:
+                ranks[spec.name] = f.ranks().tolist()
+            parts = f.partition(assign, K) if K > 1 else [f]
+            del f
+            results: list[JDResult | None] = [None] * K
+            for k in range(K):
+                if members[k].numel() == 0:
+                    continue
+                res = fit(
+                    parts[k], rank, weights=weights, max_iter=max_iter, tol=tol,
+                    seed=seed * 1_000_003 + mi * 1009 + k, dtype=dtype, device=device, init=warm.get((mi, k)),
+                )
+                warm[(mi, k)] = (res.U, res.V)
+                results[k] = res
+                inner += res.iterations
+                objective += res.history[-1]
+                total += float((res.weights.to(F64) * res.norms_sq.to(F64)).sum())
+                norms[members[k]] += res.norms_sq.to(F64).cpu()
+                scale[members[k]] += (res.weights.to(F64) * res.norms_sq.to(F64)).cpu()
+            U = torch.stack([r.U if r is not None else torch.zeros(spec.d_out, rank, dtype=dtype, device=device)
+                             for r in results])
+            V = torch.stack([r.V if r is not None else torch.zeros(spec.d_in, rank, dtype=dtype, device=device)
+                             for r in results])
+            if keep:
+                out_modules[spec.name] = _assemble(spec, n, K, rank, method, results, members, dtype, device)
+            # Costs under every cluster's bases (with K = 1 too: they are the per-adapter errors).
+            valid = torch.tensor([r is not None for r in results])
+            for k in range(K):
+                if members[k].numel() == 0:
+                    continue
+                ev = evaluate_clusters(parts[k], U, V, method, valid=valid)
+                c = relative(ev.errors, ev.norms_sq) if weights == "relative" else ev.errors
+                cost[members[k]] += c.cpu()
+            del parts
+        entry = {"round": rnd + 1, "objective": objective, "jd_iterations": inner,
+                 "seconds": time.perf_counter() - t_round}
+        if K == 1:
+            entry["moved"] = 0
+            history.append(entry)
+            trial = Trial(assign, objective, cost, total, assign, warm, rnd + 1)
+            break
+        own = cost.gather(1, assign[:, None]).squeeze(1)
+        best_cost, best = cost.min(dim=1)
+        # Differences at the rounding level of an adapter's own scale are ties, not moves
+        # (an exactly fitted adapter would otherwise wander between clusters on noise).
+        stay = own <= best_cost * (1 + 1e-9) + 100 * eps_of(dtype) * scale
+        new = torch.where(stay, assign, best)
+        new = fill_empty(new, cost.gather(1, new[:, None]).squeeze(1), K)
+        moved = int((new != assign).sum())
+        entry["moved"] = moved
+        entry["cost"] = float(own.sum())
+        history.append(entry)
+        if keep:
+            say(f"round {rnd + 1}: objective {objective:.6g}, {moved} adapters would move, {entry['seconds']:.1f} s")
+        trial = Trial(assign, objective, cost, total, new, warm, rnd + 1)
+        if moved == 0:
+            break
+        if rnd + 1 == rounds:
+            # At the cap the fitted bases and cores belong to the current assignment; moving
+            # adapters now would need one more pass over the data, so the moves are dropped.
+            entry["moved"] = 0
+            entry["moves_not_applied"] = moved
+            if keep:
+                say("round cap reached; keeping the last fitted assignment")
+            break
+        # A cluster that was empty has no bases to warm-start from.
+        for k in range(K):
+            if members[k].numel() == 0:
+                for mi in range(len(specs)):
+                    warm.pop((mi, k), None)
+        assign = new
+    trial.norms, trial.scale = norms, scale
+    return trial, history, out_modules, ranks
 
 
 def _assemble(spec, n, K, rank, method, results, members, dtype, device) -> CompressedModule:

@@ -159,7 +159,7 @@ def project_adapters(
     """
     t0 = time.perf_counter()
     names = list(new.adapter_names)
-    dup = set(names) & set(compressed.adapter_names)
+    dup = set(names) & set(compressed.all_names)
     if dup or len(set(names)) != len(names):
         raise ValueError(f"adapter names already in the collection or repeated: {sorted(dup) or names}")
     known = {m.name: m for m in compressed.module_specs}
@@ -205,6 +205,7 @@ def project_adapters(
             cost += relative(ev.errors, ev.norms_sq).cpu()
         else:
             cost += ev.errors.cpu()
+    check_nonzero(names, sum(ev.norms_sq.cpu() for ev in per_module.values()) if per_module else torch.zeros(m))
     if cluster is None:
         chosen = cost.argmin(dim=1) if K else torch.zeros(m, dtype=torch.long)
     else:
@@ -227,6 +228,16 @@ def project_adapters(
     merge_metadata(compressed, new, new_ranks)
     rel = torch.stack(rel_cols, dim=1) if rel_cols else torch.zeros(m, 0, dtype=F64)
     return ProjectionReport(names, chosen, rel, cost, time.perf_counter() - t0)
+
+
+def check_nonzero(names: list[str], norms: torch.Tensor) -> None:
+    """``ValueError`` naming the adapters whose summed ``||dW||^2`` over all modules is zero."""
+    zero = [names[i] for i in (norms <= 0).nonzero().flatten().tolist()]
+    if zero:
+        raise ValueError(
+            f"adapters must have a non-zero update on at least one module; zero update: {', '.join(zero[:5])}"
+            + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
+        )
 
 
 def merge_metadata(compressed: CompressedCollection, new: AdapterCollection, new_ranks: dict[str, list[int]]) -> None:

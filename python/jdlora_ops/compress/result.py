@@ -7,7 +7,7 @@ import torch
 
 from .collection import ModuleSpec
 
-__all__ = ["METHODS", "CompressedModule", "CompressedCollection"]
+__all__ = ["METHODS", "CompressedModule", "CompressedCollection", "IndividualAdapter"]
 
 #: Compression methods. ``full``/``diag``: joint diagonalisation with full or
 #: diagonal cores; ``svd``: per-adapter truncated SVD (one "cluster" per
@@ -57,6 +57,36 @@ class CompressedModule:
 
 
 @dataclass
+class IndividualAdapter:
+    """An adapter kept outside the joint tables because its joint error exceeded the budget.
+
+    * ``path``: ``"svd"`` (per-adapter truncated SVD at rank ``rank``) or
+      ``"full"`` (its own factors, uncompressed: the SVD would need full rank).
+    * ``factors``: module name -> ``(A [k, d_in], B [d_out, k])`` with the PEFT
+      scaling folded into ``B`` (``B @ A`` is the served update); modules the
+      adapter lacks are absent.
+    * ``rel_errors``: module name -> relative squared error of ``B @ A``
+      (0 for ``"full"``); ``jd_rel_errors``: the same under the joint tables,
+      when known; ``ranks``: module name -> the adapter's original rank.
+    """
+
+    name: str
+    path: str
+    rank: int
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rel_errors: dict[str, float]
+    ranks: dict[str, int]
+    jd_rel_errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"svd-{self.rank}" if self.path == "svd" else self.path
+
+    def params(self) -> int:
+        return sum(A.numel() + B.numel() for A, B in self.factors.values())
+
+
+@dataclass
 class CompressedCollection:
     """A compressed collection of adapters of one base model.
 
@@ -69,6 +99,9 @@ class CompressedCollection:
       else a store should carry (JSON-serialisable).
     * ``history``: one dict per round of the clustered fit (objective, number
       of reassigned adapters, seconds).
+    * ``individual``: name -> :class:`IndividualAdapter`, adapters served
+      outside the joint tables (per-adapter error budget); they are not among
+      ``adapter_names``.
     """
 
     method: str
@@ -80,6 +113,7 @@ class CompressedCollection:
     weights: str = "relative"
     metadata: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    individual: dict[str, IndividualAdapter] = field(default_factory=dict)
 
     # ------------------------------------------------------------- queries
     @property
@@ -102,8 +136,27 @@ class CompressedCollection:
             return torch.zeros(self.num_adapters, 0, dtype=torch.float64)
         return torch.stack([m.rel_errors.double().cpu() for m in self.modules.values()], dim=1)
 
+    @property
+    def all_names(self) -> list[str]:
+        """Every adapter: those in the joint tables, then the individual ones."""
+        return list(self.adapter_names) + list(self.individual)
+
+    def path_of(self, name: str) -> str:
+        """``"jd"``, ``"svd-k"`` or ``"full"``: how adapter ``name`` is stored."""
+        if name in self.individual:
+            return self.individual[name].label
+        self.index(name)
+        return "jd"
+
     def reconstruct(self, adapter: str | int, module: str) -> torch.Tensor:
         """Dense ``[d_out, d_in]`` reconstruction of one adapter on one module."""
+        if isinstance(adapter, str) and adapter in self.individual:
+            ind = self.individual[adapter]
+            spec = self.modules[module].spec
+            if module not in ind.factors:
+                return torch.zeros(spec.d_out, spec.d_in, dtype=torch.float64)
+            A, B = ind.factors[module]
+            return B @ A
         i = adapter if isinstance(adapter, int) else self.index(adapter)
         cm = self.modules[module]
         k = int(self.assignment[i])
@@ -111,11 +164,15 @@ class CompressedCollection:
 
     def lora_factors(self, adapter: str | int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-``r`` LoRA factors ``(B [d_out, r], A [r, d_in])`` with ``B @ A`` equal
-        to the reconstruction (scaling 1).
+        to the reconstruction (scaling 1); for an individual adapter its own
+        factors (``None`` when it lacks the module).
 
         The core is split by its SVD, ``Sigma = P S Q^T``: ``B = U P S^(1/2)``,
         ``A = S^(1/2) Q^T Vt``, so both factors have comparable magnitudes.
         """
+        if isinstance(adapter, str) and adapter in self.individual:
+            ab = self.individual[adapter].factors.get(module)
+            return None if ab is None else (ab[1].to(torch.float64), ab[0].to(torch.float64))
         i = adapter if isinstance(adapter, int) else self.index(adapter)
         cm = self.modules[module]
         k = int(self.assignment[i])
@@ -131,7 +188,8 @@ class CompressedCollection:
 
         ``before``: the adapters' own factors, ``sum_i sum_m r_i (d_out + d_in)``
         (from ``metadata["ranks"]`` when present, else the stored rank).
-        ``after``: the bases of the non-empty clusters plus every adapter's core.
+        ``after``: the bases of the non-empty clusters plus every adapter's core,
+        plus the factors of the individual adapters.
         """
         ranks = self.metadata.get("ranks", {})
         before = 0
@@ -148,6 +206,12 @@ class CompressedCollection:
                 after += self.num_adapters * cm.rank * width + cm.sigma.numel()
             else:
                 after += used * cm.rank * width + cm.sigma.numel()
+        for ind in self.individual.values():
+            for name, r in ind.ranks.items():
+                cm = self.modules.get(name)
+                if cm is not None:
+                    before += int(r) * (cm.spec.d_out + cm.spec.d_in)
+            after += ind.params()
         return {
             "params_before": before,
             "params_after": after,
@@ -157,8 +221,11 @@ class CompressedCollection:
         }
 
     def summary(self) -> dict:
-        """Mean and max relative error over all (adapter, module) pairs."""
-        e = self.rel_errors()
+        """Mean and max relative error over all (adapter, module) pairs, individual adapters included."""
+        e = self.rel_errors().flatten()
+        if self.individual:
+            extra = [float(ind.rel_errors.get(m, 0.0)) for ind in self.individual.values() for m in self.modules]
+            e = torch.cat([e, torch.tensor(extra, dtype=torch.float64)])
         if e.numel() == 0:
             return {"mean_rel_error": 0.0, "max_rel_error": 0.0}
         return {"mean_rel_error": float(e.mean()), "max_rel_error": float(e.max())}

@@ -186,7 +186,11 @@ class AdapterCache:
     * ``max_clusters``, ``max_adapters``: cluster and adapter slots of the
       compressed tables (default: every cluster; every adapter);
       ``max_uncompressed`` slots of rank ``uncompressed_rank`` (default: the
-      collection's rank, or 16) for uncompressed adapters.
+      larger of the collection's rank, or 16, and the ranks of the adapters it
+      stores outside the joint tables) for uncompressed adapters (default: as
+      many as those adapters, 0 when there are none). Adapters a store keeps
+      outside the joint tables (its error budget) are registered as
+      uncompressed adapters when the cache opens.
     * ``device`` (default: CUDA when available), ``dtype`` of the tables
       (default float32 on the CPU, bfloat16 on CUDA; it must be the model's).
     * ``lazy``: read the store on demand (default: when the store is larger
@@ -203,7 +207,7 @@ class AdapterCache:
         modules: Sequence[ModuleSpec] | None = None,
         max_clusters: int | None = None,
         max_adapters: int | None = None,
-        max_uncompressed: int = 0,
+        max_uncompressed: int | None = None,
         uncompressed_rank: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -238,6 +242,9 @@ class AdapterCache:
         rank = reader.rank if reader is not None else 0
         K = reader.num_clusters if reader is not None else 0
         n = len(reader.adapter_names) if reader is not None else 0
+        individual = reader.individual_adapters() if reader is not None else []
+        if max_uncompressed is None:
+            max_uncompressed = len(individual)
         C = K if max_clusters is None else int(max_clusters)
         A = n if max_adapters is None else int(max_adapters)
         if reader is None:
@@ -247,7 +254,8 @@ class AdapterCache:
                 raise ValueError(f"AdapterCache: {what} must be an integer >= 0, got {v!r}")
         if reader is not None and n and (C < 1 or A < 1):
             raise ValueError("AdapterCache: a compressed collection needs max_clusters >= 1 and max_adapters >= 1")
-        ru = int(uncompressed_rank) if uncompressed_rank is not None else (rank or 16)
+        ru = int(uncompressed_rank) if uncompressed_rank is not None else max(
+            [rank or 16] + [int(A.shape[0]) for _, f, _ in individual for A, _ in f.values()])
         if lazy is None:
             lazy = reader is not None and reader.path is not None and reader.nbytes > _physical_memory() // 2
         self.lazy = bool(lazy)
@@ -276,6 +284,9 @@ class AdapterCache:
         self._ready: dict[tuple[str, int], object] = {}
         self._last_use: dict[tuple[str, int], dict[int, object]] = {}
         self._inflight: list[tuple[object, list]] = []
+        for name, factors, config in individual:
+            checked = self._check_factors(name, {m: (A, B, 1.0) for m, (A, B) in factors.items()}, config, None)
+            self._register_checked(name, checked, config)
 
     # ================================================================ queries
     @property

@@ -88,6 +88,11 @@ class CollectionReader:
         """All adapters' cores of module ``m``: ``[n, r, r]`` or ``[n, r]``."""
         raise NotImplementedError
 
+    def individual_adapters(self) -> list[tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor]], dict | None]]:
+        """Adapters stored outside the joint tables (error budget): ``(name, {module: (A, B)},
+        config)``, with the scaling folded into ``B``. None by default."""
+        return []
+
 
 class MemoryReader(CollectionReader):
     """A :class:`CompressedCollection` held in memory (its tensors are shared, not copied)."""
@@ -127,6 +132,9 @@ class MemoryReader(CollectionReader):
 
     def read_module_cores(self, m):
         return self._mods[m].sigma
+
+    def individual_adapters(self):
+        return [(ind.name, dict(ind.factors), self.configs.get(ind.name)) for ind in self.collection.individual.values()]
 
 
 class StoreReader(CollectionReader):
@@ -224,6 +232,29 @@ class StoreReader(CollectionReader):
 
     def read_module_cores(self, m):
         return self._read("cores", f"{self.modules[m].name}::sigma")
+
+    def individual_adapters(self):
+        entries = self.manifest.get("individual") or []
+        if not entries:
+            return []
+        from safetensors import safe_open
+
+        fname = str((self.manifest.get("files") or {}).get("individual"))
+        f = os.path.join(self.path, fname)
+        if not os.path.isfile(f):
+            raise StoreError(f"{self.path}: missing tensor file {fname!r} of the individually stored adapters")
+        out = []
+        try:
+            fh = safe_open(f, framework="pt")
+            for j, e in enumerate(entries):
+                factors = {mod: (fh.get_tensor(f"{j}::{mod}::A"), fh.get_tensor(f"{j}::{mod}::B"))
+                           for mod in e["modules"]}
+                out.append((str(e["name"]), factors, e.get("peft_config")))
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{f}: cannot read the individually stored adapters ({exc})") from exc
+        return out
 
 
 @dataclass

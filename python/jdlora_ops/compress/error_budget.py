@@ -1,0 +1,163 @@
+"""Per-adapter error budget: adapters the joint tables fit badly are kept on their own.
+
+After joint compression, an adapter whose relative error exceeds the budget ``E``
+on any module leaves the joint tables. It is kept as its own truncated SVD at
+the smallest rank ``k`` that meets ``E`` on every module, or as its original
+factors when that rank is its full rank (an SVD of full rank saves nothing).
+Servers then serve it through the uncompressed baseline ops, in the same batch
+as the jointly compressed adapters.
+
+The singular values come from the factors (``truncated_svd``); each module is
+read once, for the adapters over budget only. The joint bases are not refitted
+without the adapters that leave (they were fitted with them; refitting would
+cost another pass over the collection).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._linalg import F64
+from .baselines import truncated_svd
+from .collection import AdapterCollection
+from .result import CompressedCollection, IndividualAdapter
+
+__all__ = ["check_budget", "apply_error_budget", "smallest_rank", "individual_adapters"]
+
+
+def check_budget(max_rel_error) -> float:
+    """``max_rel_error`` as a float in ``(0, 1]``, or a ``ValueError`` naming it."""
+    try:
+        e = float(max_rel_error)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_rel_error (--max-rel-error) must be a number in (0, 1], got {max_rel_error!r}") from None
+    if isinstance(max_rel_error, bool) or not math.isfinite(e) or not 0.0 < e <= 1.0:
+        raise ValueError(f"max_rel_error (--max-rel-error) must be a number in (0, 1], got {max_rel_error!r}")
+    return e
+
+
+def smallest_rank(s2: torch.Tensor, norms: torch.Tensor, budget: float) -> torch.Tensor:
+    """Per row, the smallest ``k`` with ``sum_{j >= k} s2_j <= budget * norm`` (``s2`` descending)."""
+    tail = s2.flip(1).cumsum(1).flip(1)  # tail[:, k] = sum_{j >= k} s2_j
+    tail = torch.cat([tail, torch.zeros(s2.shape[0], 1, dtype=tail.dtype)], dim=1)
+    ok = tail <= budget * norms[:, None] * (1 + 1e-12)
+    return ok.to(torch.int64).argmax(dim=1)  # first k that meets the budget
+
+
+def individual_adapters(
+    collection: AdapterCollection,
+    names: list[str],
+    budget: float,
+    *,
+    jd_errors: dict[str, dict[str, float]] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> dict[str, IndividualAdapter]:
+    """Truncated SVD (or original factors) of the adapters ``names`` of ``collection`` meeting ``budget``."""
+    all_names = list(collection.adapter_names)
+    idx = torch.tensor([all_names.index(x) for x in names], dtype=torch.long)
+    m = len(names)
+    need = torch.zeros(m, dtype=torch.long)
+    full_rank = torch.zeros(m, dtype=torch.long)
+    spectra = []
+    for spec in collection.modules:
+        f = collection.load_module(spec, dtype=dtype, device=device).select(idx)
+        ranks = f.ranks()
+        k_max = max([0] + [g.rank for g in f.groups])
+        s2 = torch.zeros(m, max(k_max, 1), dtype=F64)
+        if k_max:
+            _, s, _, _, norms = truncated_svd(f, k_max)
+            s2 = s.to(F64).cpu().square()
+            need = torch.maximum(need, smallest_rank(s2, norms.to(F64).cpu(), budget))
+        full_rank = torch.maximum(full_rank, ranks)
+        spectra.append(ranks)
+        del f
+    out: dict[str, IndividualAdapter] = {}
+    keep_full = need >= full_rank
+    ks = torch.where(keep_full, full_rank, need).clamp_min(1)
+    factors: list[dict] = [{} for _ in range(m)]
+    errors: list[dict] = [{} for _ in range(m)]
+    orig: list[dict] = [{} for _ in range(m)]
+    for spec, ranks in zip(collection.modules, spectra):
+        f = collection.load_module(spec, dtype=dtype, device=device).select(idx)
+        for j in range(m):
+            orig[j][spec.name] = int(ranks[j])
+        k_here = int(ks.max()) if m else 1
+        U, s, V, err, norms = truncated_svd(f, k_here) if f.groups else (None, None, None, None, None)
+        for g in f.groups:
+            for t, j in enumerate(g.index.tolist()):
+                if bool(keep_full[j]):
+                    A, B = g.A[t].clone(), g.Bt[t].t().clone()
+                    errors[j][spec.name] = 0.0
+                else:
+                    k = min(int(ks[j]), g.rank)
+                    root = s[j, :k].sqrt()
+                    B = U[j, :, :k] * root
+                    A = root[:, None] * V[j, :, :k].t()
+                    s2 = s[j].to(F64).square()
+                    tail = float(s2[k:].sum()) + float(err[j]) if k < s.shape[1] else float(err[j])
+                    errors[j][spec.name] = tail / float(norms[j]) if float(norms[j]) > 0 else 0.0
+                factors[j][spec.name] = (A.contiguous(), B.contiguous())
+        del f
+    for j, name in enumerate(names):
+        path = "full" if bool(keep_full[j]) else "svd"
+        out[name] = IndividualAdapter(name, path, int(ks[j]), factors[j], errors[j], orig[j],
+                                      dict((jd_errors or {}).get(name, {})))
+    return out
+
+
+def apply_error_budget(
+    result: CompressedCollection,
+    collection: AdapterCollection,
+    max_rel_error: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """Move the adapters of ``result`` whose joint error exceeds ``max_rel_error`` on some
+    module out of the joint tables, into ``result.individual`` (in place). Returns their names.
+
+    Clusters left without adapters are dropped. ``result.metadata["max_rel_error"]``
+    records the budget so that adapters added later follow the same rule.
+    """
+    budget = check_budget(max_rel_error)
+    result.metadata["max_rel_error"] = budget
+    if result.method not in ("full", "diag") or result.num_adapters == 0:
+        return []
+    rel = result.rel_errors()
+    over = (rel > budget).any(dim=1)
+    if not bool(over.any()):
+        return []
+    mods = list(result.modules)
+    names = [x for x, o in zip(result.adapter_names, over.tolist()) if o]
+    jd = {x: {m: float(rel[i, j]) for j, m in enumerate(mods)} for i, x in enumerate(result.adapter_names) if over[i]}
+    result.individual.update(individual_adapters(collection, names, budget, jd_errors=jd, dtype=dtype, device=device))
+    drop_from_tables(result, over)
+    return names
+
+
+def drop_from_tables(result: CompressedCollection, drop: torch.Tensor) -> None:
+    """Remove the adapters where ``drop`` (bool ``[n]``) from the joint tables; renumber clusters."""
+    keep = (~drop).nonzero().flatten()
+    assign = result.assignment[keep]
+    used = torch.unique(assign)
+    remap = torch.full((max(result.num_clusters, 1),), -1, dtype=torch.long)
+    remap[used] = torch.arange(used.numel())
+    for cm in result.modules.values():
+        kd = keep.to(cm.sigma.device)
+        cm.sigma = cm.sigma[kd].contiguous()
+        cm.norms_sq = cm.norms_sq[kd]
+        cm.errors = cm.errors[kd]
+        cm.rel_errors = cm.rel_errors[kd]
+        ud = used.to(cm.U.device)
+        cm.U = cm.U[ud].contiguous()
+        cm.Vt = cm.Vt[ud].contiguous()
+    ranks = result.metadata.get("ranks") or {}
+    for mod, per in ranks.items():
+        ranks[mod] = [per[i] for i in keep.tolist() if i < len(per)]
+    result.adapter_names = [result.adapter_names[i] for i in keep.tolist()]
+    result.assignment = remap[assign] if assign.numel() else assign
+    result.num_clusters = int(used.numel())
+
