@@ -121,3 +121,46 @@ def test_stats_checks(world, tmp_path):
     save_file({"a": asym}, os.path.join(path, "second_moments.safetensors"))
     with pytest.raises(CalibrationError, match="is not symmetric"):
         load_stats(path)
+
+
+def test_cli_activation_aware_compress_inspect_export(world, tmp_path, capsys, one_thread):
+    from jdlora_ops.peft_io import read_peft_adapter
+    from jdlora_ops.store import load_store
+
+    stats = str(tmp_path / "stats")
+    assert cli(["calibrate", world["model"], "--text", world["text"], "--adapters", *world["adapters"],
+                "--out", stats, "-q"]) == 0
+    store = str(tmp_path / "store")
+    assert cli(["compress", *world["adapters"], "--rank", "2", "--calibration", stats, "--out", store, "-q",
+                "--compute-dtype", "float64", "--store-dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "activation-weighted relative error mean" in out
+    assert cli(["inspect", store]) == 0
+    out = capsys.readouterr().out
+    assert "activation-weighted mean" in out and "act. err" in out
+    assert cli(["inspect", store, "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["calibration"]["stats"] == stats and all("activation_weighted_mean_error" in a for a in js["adapters"])
+    # the exported PEFT adapter is the store's (un-whitened) reconstruction
+    c = load_store(store)
+    exp = str(tmp_path / "exp")
+    assert cli(["export", store, "adapter_1", "--out", exp, "--dtype", "float64"]) == 0
+    peft = read_peft_adapter(exp)
+    i = c.adapter_names.index("adapter_1")
+    for name, cm in c.modules.items():
+        A, B, scale = peft.load(name)
+        k = int(c.assignment[i])
+        want = cm.U[k].double() @ cm.core(i).double() @ cm.Vt[k].double()
+        torch.testing.assert_close(scale * B.double() @ A.double(), want, rtol=1e-9, atol=1e-12)
+
+
+def test_cli_calibration_bad_inputs(world, tmp_path, capsys):
+    stats = str(tmp_path / "stats_q")
+    assert cli(["calibrate", world["model"], "--text", world["text"], "--modules",
+                "model.layers.0.self_attn.q_proj", "--out", stats, "-q"]) == 0
+    store = tmp_path / "store"
+    assert cli(["compress", *world["adapters"], "--rank", "2", "--calibration", stats, "--out", str(store), "-q"]) == 2
+    assert "no second moment for 3 module(s)" in capsys.readouterr().err
+    assert cli(["compress", *world["adapters"], "--rank", "2", "--damping", "0.1", "--out", str(store), "-q"]) == 2
+    assert "--damping needs --calibration" in capsys.readouterr().err
+    assert not store.exists()

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--store-dtype", default=None, help="dtype of stored bases and cores (default: compute dtype)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
+    c.add_argument("--calibration", default=None, metavar="STATS",
+                   help="activation-aware: weight errors by the inputs in these stats (jdlora calibrate)")
+    c.add_argument("--damping", type=float, default=None,
+                   help="with --calibration: C + damping * trace(C)/d * I is whitened (default 0.01)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
@@ -186,16 +190,34 @@ def cmd_compress(args) -> int:
         check_budget(args.max_rel_error)
     if not (args.tradeoff >= 0 and args.tradeoff != float("inf")):
         raise CLIError(f"--tradeoff must be a number >= 0, got {args.tradeoff}")
+    if args.damping is not None and args.calibration is None:
+        raise CLIError("--damping needs --calibration")
+    if args.damping is not None and not args.damping > 0:
+        raise CLIError(f"--damping must be > 0, got {args.damping}")
     collection = PeftCollection(args.adapters)
+    stats = None
+    if args.calibration is not None:
+        from .compress.calibration import load_stats
+
+        stats = load_stats(args.calibration)
+        stats.check_modules({m.name: m.d_in for m in collection.modules}, where=f"--calibration {args.calibration}")
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
     t0 = time.perf_counter()
-    result = compress(
-        collection, args.rank, method=args.method, num_clusters=args.clusters, weights=args.weights,
+    common = dict(
+        method=args.method, num_clusters=args.clusters, weights=args.weights,
         max_iter=args.max_iter, tol=args.tol, max_rounds=args.max_rounds, seed=args.seed, dtype=compute,
         device=args.device, progress=not args.quiet, log=log, cluster_range=args.clusters_range, tradeoff=args.tradeoff,
     )
-    if args.max_rel_error is not None:
-        apply_error_budget(result, collection, args.max_rel_error, dtype=compute, device=args.device)
+    if stats is not None:
+        from .compress.activation_aware import DEFAULT_DAMPING, compress_activation_aware
+
+        result = compress_activation_aware(
+            collection, stats, args.rank, damping=args.damping or DEFAULT_DAMPING, max_rel_error=args.max_rel_error,
+            stats_path=os.path.abspath(args.calibration), **common)
+    else:
+        result = compress(collection, args.rank, **common)
+        if args.max_rel_error is not None:
+            apply_error_budget(result, collection, args.max_rel_error, dtype=compute, device=args.device)
     seconds = time.perf_counter() - t0
     result.metadata.setdefault("compressor", {})["seconds"] = round(seconds, 3)
     save_store(out, result, overwrite=args.overwrite, dtype=store_dtype)
@@ -216,7 +238,17 @@ def cmd_compress(args) -> int:
         f"relative error mean {s['mean_rel_error']:.4f} max {s['max_rel_error']:.4f}; "
         f"{_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} (bf16); store {args.out}"
     )
+    aw = _activation_weighted(result.metadata)
+    if aw:
+        vals = [v for per in aw.values() for v in per]
+        print(f"activation-weighted relative error mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} "
+              f"(inputs of {args.calibration})")
     return 0
+
+
+def _activation_weighted(metadata: dict | None) -> dict:
+    """module -> per-adapter activation-weighted relative errors of an activation-aware store ({} otherwise)."""
+    return dict((metadata or {}).get("activation_weighted_rel_errors") or {})
 
 
 def cmd_add(args) -> int:
@@ -311,6 +343,12 @@ def cmd_inspect(args) -> int:
     on_disk = _store_bytes(args.store, m)
     per_value = _BYTES_PER_VALUE.get(str(m.get("dtype")), 2)
     original = mem.get("params_before", 0) * per_value
+    aw = _activation_weighted(m.get("metadata"))
+    if aw:
+        jd = [a for a in entries if a["path"] == "jd"]
+        for i, a in enumerate(jd):
+            vals = [per[i] for per in aw.values() if i < len(per)]
+            a["activation_weighted_mean_error"] = sum(vals) / len(vals) if vals else 0.0
     if args.json:
         out = {k: m[k] for k in ("base_model", "method", "rank", "weights", "num_adapters", "num_clusters", "dtype")
                if k in m}
@@ -318,7 +356,9 @@ def cmd_inspect(args) -> int:
         out["store_bytes"] = on_disk
         out["original_bytes_in_store_dtype"] = original
         out["max_rel_error"] = (m.get("metadata") or {}).get("max_rel_error")
-        out["adapters"] = [{k: a[k] for k in ("name", "path", "cluster", "mean_error", "max_error")} for a in entries]
+        out["adapters"] = [{k: a[k] for k in ("name", "path", "cluster", "mean_error", "max_error",
+                                              "activation_weighted_mean_error") if k in a} for a in entries]
+        out["calibration"] = (m.get("metadata") or {}).get("calibration")
         print(json.dumps(out, indent=1))
         return 0
     print(f"store      {args.store}")
@@ -340,11 +380,19 @@ def cmd_inspect(args) -> int:
     all_errs = [e for a in entries for e in a["errors"]]
     if all_errs:
         print(f"error      relative squared error mean {sum(all_errs) / len(all_errs):.4f} max {max(all_errs):.4f}")
+    if aw:
+        vals = [v for per in aw.values() for v in per]
+        cal = (m.get("metadata") or {}).get("calibration") or {}
+        print(f"           activation-weighted mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} (calibrated on "
+              f"{cal.get('token_count')} tokens, damping {cal.get('damping')})")
     print()
-    rows = [[a["name"], a["path"], str(a["cluster"]), f"{a['mean_error']:.4f}", f"{a['max_error']:.4f}",
-             mods[max(range(len(mods)), key=lambda j: a["errors"][j])]["name"] if a["errors"] else "-"]
+    rows = [[a["name"], a["path"], str(a["cluster"]), f"{a['mean_error']:.4f}", f"{a['max_error']:.4f}"]
+            + ([f"{a['activation_weighted_mean_error']:.4f}" if "activation_weighted_mean_error" in a else "-"]
+               if aw else [])
+            + [mods[max(range(len(mods)), key=lambda j: a["errors"][j])]["name"] if a["errors"] else "-"]
             for a in entries]
-    print(_table(rows, ["adapter", "path", "cluster", "mean err", "max err", "worst module"]))
+    print(_table(rows, ["adapter", "path", "cluster", "mean err", "max err"] + (["act. err"] if aw else [])
+                 + ["worst module"]))
     if args.modules or len(mods) <= 12:
         print()
         mrows = []

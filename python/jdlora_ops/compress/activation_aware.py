@@ -99,21 +99,31 @@ def update_norms(f: ModuleFactors, M: torch.Tensor | None = None) -> torch.Tenso
 
 def compress_activation_aware(
     collection: AdapterCollection, stats: CalibrationStats, rank: int, *, damping: float = DEFAULT_DAMPING,
-    **compress_args,
+    max_rel_error: float | None = None, stats_path: str | None = None, **compress_args,
 ) -> CompressedCollection:
     """:func:`~jdlora_ops.compress.compress` in the activation-weighted metric (see the module docstring).
 
-    ``compress_args`` go to ``compress`` unchanged. Raises
+    ``compress_args`` go to ``compress`` unchanged. ``max_rel_error``: the
+    per-adapter error budget (:mod:`.error_budget`), applied in the metric
+    that was minimised (the damped activation-weighted one); adapters kept on
+    their own get whitened SVDs, un-whitened like ``V``. Raises
     :class:`~.calibration.CalibrationError` when ``stats`` lack a module of
     the collection or have another ``d_in``.
     """
     from .clustering import compress
+    from .error_budget import apply_error_budget
 
     stats.check_modules({s.name: s.d_in for s in collection.modules}, where="calibration stats")
     S, S_inv = {}, {}
     for spec in collection.modules:
         S[spec.name], S_inv[spec.name] = whitening(stats.second_moments[spec.name], damping)
-    result = compress(WhitenedCollection(collection, S), rank, **compress_args)
+    whitened = WhitenedCollection(collection, S)
+    result = compress(whitened, rank, **compress_args)
+    if max_rel_error is not None:
+        apply_error_budget(result, whitened, max_rel_error, dtype=compress_args.get("dtype", torch.float32),
+                           device=compress_args.get("device", "cpu"))
+        for ind in result.individual.values():
+            ind.factors = {m: ((A.double() @ S_inv[m]).to(A.dtype), B) for m, (A, B) in ind.factors.items()}
     weighted = {}
     for name, cm in result.modules.items():
         f = collection.load_module(cm.spec, dtype=torch.float64)
@@ -130,7 +140,8 @@ def compress_activation_aware(
             cm.rel_errors.dtype)
     meta = dict(result.metadata or {})
     meta["activation_weighted_rel_errors"] = weighted
-    meta["calibration"] = {"model": stats.model, "token_count": stats.token_count, "damping": damping}
+    meta["calibration"] = {"model": stats.model, "token_count": stats.token_count, "damping": damping,
+                           "stats": stats_path}
     result.metadata = meta
     return result
 
