@@ -164,3 +164,33 @@ def test_cli_calibration_bad_inputs(world, tmp_path, capsys):
     assert cli(["compress", *world["adapters"], "--rank", "2", "--damping", "0.1", "--out", str(store), "-q"]) == 2
     assert "--damping needs --calibration" in capsys.readouterr().err
     assert not store.exists()
+
+
+def test_cli_add_projects_in_the_activation_weighted_metric(world, tmp_path, capsys, one_thread):
+    from jdlora_ops.peft_io import read_peft_adapter
+    from jdlora_ops.store import load_store
+
+    stats = str(tmp_path / "stats")
+    assert cli(["calibrate", world["model"], "--text", world["text"], "--adapters", *world["adapters"],
+                "--out", stats, "-q"]) == 0
+    store = str(tmp_path / "store")
+    assert cli(["compress", world["adapters"][0], "--rank", "3", "--calibration", stats, "--out", store, "-q",
+                "--compute-dtype", "float64", "--store-dtype", "float64", "--damping", "0.05"]) == 0
+    capsys.readouterr()
+    assert cli(["add", store, world["adapters"][1], "-q"]) == 0  # stats found through the store's metadata
+    assert "added adapter_1: cluster 0" in capsys.readouterr().out
+    c = load_store(store)
+    i = c.adapter_names.index("adapter_1")
+    from jdlora_ops.compress.calibration import load_stats, whitening
+
+    st = load_stats(stats)
+    peft = read_peft_adapter(world["adapters"][1])
+    for name, cm in c.modules.items():
+        A, B, scale = peft.load(name)
+        dW = scale * B.double() @ A.double()
+        S, _ = whitening(st.second_moments[name], 0.05)
+        want = cm.U[0].double().T @ dW @ (S @ S) @ cm.Vt[0].double().T  # Sigma = U^T dW S V_w, V_w^T = V^T S
+        torch.testing.assert_close(cm.core(i).double(), want, rtol=1e-8, atol=1e-10)
+    aw = c.metadata["activation_weighted_rel_errors"]
+    assert all(len(v) == 2 for v in aw.values())
+    assert cli(["add", store, world["adapters"][1], "--calibration", str(tmp_path / "nope"), "-q"]) == 2

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("store", metavar="STORE")
     a.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
     a.add_argument("--cluster", type=int, default=None, help="put the adapters in this cluster (default: best)")
+    a.add_argument("--calibration", default=None, metavar="STATS",
+                   help="stats of an activation-aware store (default: the path it was compressed with)")
     a.add_argument("--max-rel-error", type=float, default=None, metavar="E",
                    help="error budget in (0, 1] (default: the store's, if it was compressed with one)")
     a.add_argument("--device", default="cpu")
@@ -252,10 +254,8 @@ def _activation_weighted(metadata: dict | None) -> dict:
 
 
 def cmd_add(args) -> int:
-    import torch
-
     from .compress import project_adapters
-    from .compress.error_budget import check_budget, drop_from_tables, individual_adapters
+    from .compress.error_budget import budget_new_adapters, check_budget
     from .peft_io import PeftCollection
     from .store import load_store, read_manifest, save_store
 
@@ -273,24 +273,25 @@ def cmd_add(args) -> int:
         budget = (compressed.metadata or {}).get("max_rel_error")
     if budget is not None:
         budget = check_budget(budget)
-    n0 = compressed.num_adapters
-    report = project_adapters(compressed, collection, cluster=args.cluster, device=args.device, progress=not args.quiet)
-    paths = ["jd"] * len(report.names)
-    if budget is not None and compressed.method in ("full", "diag") and report.rel_errors.numel():
-        over = (report.rel_errors > budget).any(dim=1)
-        if bool(over.any()):
-            names = [x for x, o in zip(report.names, over.tolist()) if o]
-            mods = list(compressed.modules)
-            jd = {x: dict(zip(mods, report.rel_errors[j].tolist())) for j, x in enumerate(report.names) if over[j]}
-            dtype = next(iter(compressed.modules.values())).U.dtype
-            compressed.individual.update(individual_adapters(collection, names, budget, jd_errors=jd,
-                                                             dtype=torch.float64, device=args.device))
-            for name in names:
-                ind = compressed.individual[name]
-                ind.factors = {m: (A.to(dtype), B.to(dtype)) for m, (A, B) in ind.factors.items()}
-            drop_from_tables(compressed, torch.cat([torch.zeros(n0, dtype=torch.bool), over]))
-            paths = [compressed.individual[x].label if o else "jd" for x, o in zip(report.names, over.tolist())]
-        compressed.metadata["max_rel_error"] = budget
+    calibration = (compressed.metadata or {}).get("calibration")
+    if calibration:
+        from .compress.activation_aware import project_activation_aware
+        from .compress.calibration import load_stats
+
+        stats_path = args.calibration or calibration.get("stats")
+        if not stats_path:
+            raise CLIError(f"{args.store} was compressed activation-aware: give its stats with --calibration")
+        stats = load_stats(stats_path)
+        report, paths = project_activation_aware(compressed, collection, stats, damping=calibration["damping"],
+                                                 budget=budget, cluster=args.cluster, device=args.device,
+                                                 progress=not args.quiet)
+    else:
+        if args.calibration:
+            raise CLIError(f"--calibration: {args.store} was not compressed activation-aware")
+        report = project_adapters(compressed, collection, cluster=args.cluster, device=args.device,
+                                  progress=not args.quiet)
+        paths = (budget_new_adapters(compressed, collection, report, budget, device=args.device)
+                 if budget is not None else ["jd"] * len(report.names))
     save_store(args.store, compressed, update=True, reuse_bases=compressed.method in ("full", "diag"),
                dtype=next(iter(compressed.modules.values())).U.dtype)
     for j, name in enumerate(report.names):

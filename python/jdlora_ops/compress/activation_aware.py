@@ -26,7 +26,8 @@ from .calibration import CalibrationStats, whitening
 from .collection import AdapterCollection, ModuleFactors, RankGroup, column_layout
 from .result import CompressedCollection
 
-__all__ = ["WhitenedCollection", "compress_activation_aware", "reconstruction_errors", "update_norms",
+__all__ = ["WhitenedCollection", "compress_activation_aware", "project_activation_aware",
+           "reconstruction_errors", "update_norms",
            "DEFAULT_DAMPING"]
 
 #: Damping of ``C`` relative to its mean eigenvalue (``lambda = damping * trace(C) / d``).
@@ -149,3 +150,73 @@ def compress_activation_aware(
 def _sqrt_psd(C: torch.Tensor) -> torch.Tensor:
     w, Q = torch.linalg.eigh(C.double())
     return (Q * w.clamp_min(0).sqrt()) @ Q.T
+
+
+def project_activation_aware(
+    compressed: CompressedCollection, new: AdapterCollection, stats: CalibrationStats, *, damping: float,
+    budget: float | None = None, cluster: int | None = None, device: torch.device | str = "cpu",
+    progress: bool = False,
+):
+    """:func:`~.projection.project_adapters` (and the error budget) in the activation-weighted metric
+    of an activation-aware ``compressed`` (in place). Returns ``(report, paths)``.
+
+    The cores minimise the same damped metric the collection was compressed
+    with: the stored ``V^T`` is whitened back (``V_w^T = V^T S``), the new
+    adapters' ``A`` whitened, and the original ``V^T`` restored afterwards.
+    ``report.rel_errors`` and the stored errors of the new adapters are the
+    plain ones; their activation-weighted errors are appended to
+    ``metadata["activation_weighted_rel_errors"]``.
+    """
+    from .error_budget import budget_new_adapters
+    from .projection import project_adapters
+
+    stats.check_modules({s.name: s.d_in for s in compressed.module_specs}, where="calibration stats")
+    S, S_inv = {}, {}
+    for name in compressed.modules:
+        S[name], S_inv[name] = whitening(stats.second_moments[name], damping)
+    n_old = compressed.num_adapters
+    saved = {name: cm.Vt for name, cm in compressed.modules.items()}
+    for name, cm in compressed.modules.items():
+        cm.Vt = (cm.Vt.double() @ S[name]).to(cm.Vt.dtype)
+    whitened = WhitenedCollection(new, S)
+    try:
+        report = project_adapters(compressed, whitened, cluster=cluster, device=device, progress=progress)
+        paths = (budget_new_adapters(compressed, whitened, report, budget, device=device)
+                 if budget is not None else ["jd"] * len(report.names))
+    finally:
+        for name, cm in compressed.modules.items():
+            cm.Vt = saved[name]
+    for name in [x for x, p in zip(report.names, paths) if p != "jd"]:
+        ind = compressed.individual[name]
+        ind.factors = {m: ((A.double() @ S_inv[m]).to(A.dtype), B) for m, (A, B) in ind.factors.items()}
+    # plain and activation-weighted errors of the new adapters still in the joint tables
+    kept = list(range(n_old, compressed.num_adapters))
+    names_kept = [compressed.adapter_names[i] for i in kept]
+    weighted = dict(compressed.metadata.get("activation_weighted_rel_errors") or {})
+    plain_rows = {x: {} for x in names_kept}
+    if kept:
+        idx = torch.tensor(kept, dtype=torch.long)
+        sub = torch.tensor([list(new.adapter_names).index(x) for x in names_kept], dtype=torch.long)
+        for name, cm in compressed.modules.items():
+            f = new.load_module(cm.spec, dtype=torch.float64).select(sub)
+            half = _sqrt_psd(stats.second_moments[name])
+            asg = compressed.assignment[idx]
+            core = cm.sigma[idx]
+            plain = reconstruction_errors(f, cm.U, cm.Vt, core, asg)
+            norms = update_norms(f)
+            rel = torch.where(norms > 0, plain / norms.clamp_min(1e-300), torch.zeros_like(plain))
+            wn = update_norms(f, half)
+            w = reconstruction_errors(f, cm.U, cm.Vt, core, asg, half)
+            weighted[name] = list(weighted.get(name, []))[:n_old] + torch.where(
+                wn > 0, w / wn.clamp_min(1e-300), torch.zeros_like(w)).tolist()
+            cm.norms_sq[idx] = norms.to(cm.norms_sq.dtype)
+            cm.errors[idx] = plain.to(cm.errors.dtype)
+            cm.rel_errors[idx] = rel.to(cm.rel_errors.dtype)
+            for j, x in enumerate(names_kept):
+                plain_rows[x][name] = float(rel[j])
+    compressed.metadata["activation_weighted_rel_errors"] = weighted
+    mods = list(compressed.modules)
+    for j, x in enumerate(report.names):
+        if x in plain_rows:
+            report.rel_errors[j] = torch.tensor([plain_rows[x][m] for m in mods], dtype=report.rel_errors.dtype)
+    return report, paths

@@ -24,7 +24,7 @@ from .baselines import truncated_svd
 from .collection import AdapterCollection
 from .result import CompressedCollection, IndividualAdapter
 
-__all__ = ["check_budget", "apply_error_budget", "smallest_rank", "individual_adapters"]
+__all__ = ["check_budget", "apply_error_budget", "budget_new_adapters", "smallest_rank", "individual_adapters"]
 
 
 def check_budget(max_rel_error) -> float:
@@ -161,3 +161,37 @@ def drop_from_tables(result: CompressedCollection, drop: torch.Tensor) -> None:
     result.assignment = remap[assign] if assign.numel() else assign
     result.num_clusters = int(used.numel())
 
+
+
+def budget_new_adapters(
+    compressed: CompressedCollection,
+    collection: AdapterCollection,
+    report,
+    budget: float,
+    *,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """After :func:`~.projection.project_adapters` added ``collection``'s adapters (``report``), move those
+    over ``budget`` out of the joint tables as in :func:`apply_error_budget` (in place).
+
+    Returns every new adapter's serving path (``"jd"``, ``"svd-k"`` or ``"full"``), in ``report.names`` order.
+    """
+    paths = ["jd"] * len(report.names)
+    compressed.metadata["max_rel_error"] = budget
+    if compressed.method not in ("full", "diag") or not report.rel_errors.numel():
+        return paths
+    over = (report.rel_errors > budget).any(dim=1)
+    if not bool(over.any()):
+        return paths
+    n0 = compressed.num_adapters - len(report.names)
+    names = [x for x, o in zip(report.names, over.tolist()) if o]
+    mods = list(compressed.modules)
+    jd = {x: dict(zip(mods, report.rel_errors[j].tolist())) for j, x in enumerate(report.names) if over[j]}
+    dtype = next(iter(compressed.modules.values())).U.dtype
+    compressed.individual.update(individual_adapters(collection, names, budget, jd_errors=jd,
+                                                     dtype=torch.float64, device=device))
+    for name in names:
+        ind = compressed.individual[name]
+        ind.factors = {m: (A.to(dtype), B.to(dtype)) for m, (A, B) in ind.factors.items()}
+    drop_from_tables(compressed, torch.cat([torch.zeros(n0, dtype=torch.bool), over]))
+    return [compressed.individual[x].label if o else "jd" for x, o in zip(report.names, over.tolist())]
