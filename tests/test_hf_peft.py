@@ -144,3 +144,70 @@ def test_lossy_output_error_next_to_reconstruction_error(setup, record_property)
     (r2, rec2, out2), (r6, rec6, out6) = report
     assert 0.05 < rec2 < 1 and 0 < rec6 < rec2, report
     assert 0.01 < out2 < 2 and out6 < out2, report
+
+
+# --------------------------------------------------------------- autocast and mixed dtypes
+def _build(kind: str, tmp_path_factory):
+    """(our copy of the base model, PEFT model with 3 adapters, adapter root, target modules) for a model kind."""
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        base, targets = transformers.LlamaForCausalLM(cfg), ["q_proj", "k_proj", "v_proj", "o_proj"]
+    elif kind == "bert":  # an encoder with query/key/value
+        cfg = transformers.BertConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64)
+        base, targets = transformers.BertModel(cfg), ["query", "key", "value"]
+    else:  # fused q/k/v in one Linear
+        cfg = transformers.Phi3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0)
+        base, targets = transformers.Phi3ForCausalLM(cfg), ["qkv_proj", "o_proj", "gate_up_proj"]
+    base = base.eval()
+    ours = copy.deepcopy(base)
+    pm = None
+    for n, r in zip(NAMES[:3], (2, 4, 3)):
+        lc = peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=targets, init_lora_weights=False)
+        pm = peft.get_peft_model(base, lc, adapter_name=n) if pm is None else (pm.add_adapter(n, lc) or pm)
+    pm.eval()
+    root = tmp_path_factory.mktemp(f"adapters_{kind}")
+    pm.save_pretrained(str(root), selected_adapters=NAMES[:3], save_embedding_layers=False)
+    return ours, pm, root
+
+
+def _output(out):
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "phi3"])
+@pytest.mark.parametrize("mode", ["autocast_bf16", "bf16_tables"])
+def test_mixed_dtypes_match_peft(kind, mode, tmp_path_factory):
+    """Under CPU bf16 autocast (base layers in bf16, hidden states in fp32), and with bf16 tables serving an
+    fp32 model, the served outputs match PEFT's under the same conditions to within bf16 rounding of the
+    adapters' effect."""
+    ours, pm, root = _build(kind, tmp_path_factory)
+    col = PeftCollection([os.path.join(root, n) for n in NAMES[:3]])
+    c = compress(col, 9, num_clusters=1, dtype=torch.float64)  # lossless: ranks 2 + 4 + 3
+    assert c.summary()["max_rel_error"] < 1e-10
+    tables = torch.bfloat16 if mode == "bf16_tables" else torch.float32
+    cache = AdapterCache(c, dtype=tables, device="cpu")
+    served = wrap_model(ours, cache)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 97, (3, 7), generator=gen)
+    adapters = ["task1", None, "task2"]
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast_bf16" else torch.autocast("cpu",
+                                                                                                     enabled=False)
+    try:
+        with ctx:
+            got = _output(served(ids, adapters)).float()
+            ref = _output(peft_logits(pm, ids, adapters)).float()
+            with torch.no_grad(), pm.disable_adapter():
+                base = _output(pm(input_ids=ids)).float()
+    finally:
+        served.unwrap()
+    effect = (ref - base).norm(dim=(1, 2))
+    assert float(effect[1]) == 0.0 and float(effect[[0, 2]].min()) > 0
+    # rows with an adapter: error small next to the adapter's effect; the base row is PEFT's base row
+    err = (got - ref).norm(dim=(1, 2))
+    assert float((err[[0, 2]] / effect[[0, 2]]).max()) < 0.05, (err, effect)
+    assert float(err[1]) <= 0.05 * float(ref[1].norm())

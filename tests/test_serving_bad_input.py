@@ -259,6 +259,6 @@ def test_wrap_model_refuses_other_shapes(coll):
     assert [type(m).__name__ for m in bad.modules()] == before
     with pytest.raises(AdapterMismatchError, match="no module 'model.layers.0.self_attn.q_proj'"):
         wrap_model(nn.Linear(3, 3), cache)
+    # another dtype than the tables' is served (x cast to the tables' dtype, the update added in the model's)
     good = Model(40).double()
-    with pytest.raises(AdapterMismatchError, match="torch.float64"):
-        wrap_model(good, cache)
+    wrap_model(good, cache).unwrap()

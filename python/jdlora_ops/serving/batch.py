@@ -71,6 +71,9 @@ class BatchPlan:
 
         ``x``: ``[T, d_in]``, the module's input; ``y``: ``[T, d_y]``, the base
         layer's output (written in place; row stride free, unit column stride).
+        ``x`` and ``y`` may have other dtypes than the tables (and than each
+        other, as under autocast): the update is computed in the tables' dtype
+        with float32 accumulation and added to ``y`` in ``y``'s dtype.
         ``module`` may list several modules that share the input (e.g.
         ``q_proj``, ``k_proj``, ``v_proj`` of one layer) whose outputs are
         column slices of ``y`` at ``slice_offsets`` (default: back to back);
@@ -92,14 +95,23 @@ class BatchPlan:
         if not (self.has_compressed or self.has_uncompressed):
             return y
         tabs = [self.cache.tables[n] for n in names]
+        # The ops take one dtype for x, y and the tables. Autocast (a bf16 base
+        # layer output for fp32 hidden states) or tables kept in another dtype
+        # than the model meet here: x is cast to the tables' dtype and the
+        # update is added to y in y's dtype; the ops never cast.
+        td = self.cache.dtype
+        xs = x if x.dtype == td else x.to(td)
+        out = y if y.dtype == td else torch.zeros(y.shape, dtype=td, device=y.device)
         if self.has_compressed:
-            jd_fused(x, [t.V for t in tabs], [t.S for t in tabs], [t.U for t in tabs], self.meta, y, slice_offsets)
+            jd_fused(xs, [t.V for t in tabs], [t.S for t in tabs], [t.U for t in tabs], self.meta, out, slice_offsets)
         if self.has_uncompressed:
             ru = self.cache.tables.uncompressed_rank
             h = self.planner._h_flat[: len(tabs) * T * ru].view(len(tabs), T, ru)
             scales = self.cache.tables.lora_scales
-            lora_shrink(x, [t.lora_A for t in tabs], scales, self.meta_uncompressed, out=h)
-            lora_expand(h, [t.lora_B for t in tabs], self.meta_uncompressed, y, slice_offsets)
+            lora_shrink(xs, [t.lora_A for t in tabs], scales, self.meta_uncompressed, out=h)
+            lora_expand(h, [t.lora_B for t in tabs], self.meta_uncompressed, out, slice_offsets)
+        if out is not y:
+            y.add_(out.to(y.dtype))
         return y
 
     def release(self) -> None:

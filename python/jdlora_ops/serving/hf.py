@@ -159,7 +159,8 @@ def wrap_model(model: nn.Module, cache: AdapterCache, *, max_tokens: int = 4096)
     """Wrap every module of ``cache`` in ``model``; returns the :class:`ServedModel`.
 
     Every module must exist in the model as an ``nn.Linear`` of the cache's
-    ``d_out x d_in`` with the cache's dtype and device; otherwise
+    ``d_out x d_in`` on the cache's device (its dtype may differ from the
+    tables', and autocast may be on: see :meth:`BatchPlan.apply`); otherwise
     :class:`AdapterMismatchError` is raised and the model is left unchanged.
     ``max_tokens``: the most tokens one forward may hold.
     """
@@ -180,10 +181,10 @@ def wrap_model(model: nn.Module, cache: AdapterCache, *, max_tokens: int = 4096)
                 f"wrap_model: {spec.name} is {mod.out_features} x {mod.in_features} in the model but "
                 f"{spec.d_out} x {spec.d_in} in the adapters (adapters for another base model?)"
             )
-        if mod.weight.dtype != cache.dtype or mod.weight.device != cache.device:
+        if mod.weight.device != cache.device:
             raise AdapterMismatchError(
-                f"wrap_model: {spec.name} is {mod.weight.dtype} on {mod.weight.device}, the cache's tables are "
-                f"{cache.dtype} on {cache.device}; open the cache with the model's dtype and device"
+                f"wrap_model: {spec.name} is on {mod.weight.device}, the cache's tables are on {cache.device}; "
+                f"open the cache on the model's device"
             )
         found[spec.name] = mod
     current = _PlanSlot()
