@@ -91,7 +91,7 @@ def test_compress_bad_input(tmp_path, capsys, adapters, case):
     needles = []
     if case == "missing_dir":
         args[2] = tmp_path / "nope"
-        needles = ["nope", "not an adapter directory"]
+        needles = ["nope", "no such adapter directory"]
     elif case == "corrupt_weights":
         bad = tmp_path / "bad"
         shutil.copytree(dirs[1], bad)

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     c = sub.add_parser("compress", help="compress PEFT adapter directories into a new store")
-    c.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    c.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
+                   help="adapter directories, folders of them, glob patterns or files listing them")
     c.add_argument("--rank", "-r", type=_positive("--rank"), required=True, help="rank r of the shared bases")
     c.add_argument("--clusters", "-k", type=_clusters, default=1,
                    help="number of clusters K (default 1), or 'auto': picked from --clusters-range by --tradeoff")
@@ -168,6 +169,15 @@ def _threads(n):
         torch.set_num_threads(n)
 
 
+def _adapter_paths(args) -> list[str]:
+    from .peft_io import find_adapter_dirs
+
+    paths, notes = find_adapter_dirs(args.adapters)
+    if notes and not args.quiet:
+        print(f"found {len(paths)} adapters (" + "; ".join(notes) + ")", file=sys.stderr)
+    return paths
+
+
 def cmd_compress(args) -> int:
     import torch
 
@@ -196,7 +206,15 @@ def cmd_compress(args) -> int:
         raise CLIError("--damping needs --calibration")
     if args.damping is not None and not args.damping > 0:
         raise CLIError(f"--damping must be > 0, got {args.damping}")
-    collection = PeftCollection(args.adapters)
+    collection = PeftCollection(_adapter_paths(args))
+    rank = args.rank
+    if args.method in ("svd", "none"):
+        top = max((e.rank for a in collection.adapters for e in a.modules.values()), default=0)
+        if args.method == "svd" and rank > top:
+            # A per-adapter SVD above the adapters' own rank stores zeros and grows the store.
+            print(f"jdlora: --rank {rank} is above the adapters' largest rank {top}; per-adapter SVD uses rank {top}",
+                  file=sys.stderr)
+            rank = top
     stats = None
     if args.calibration is not None:
         from .compress.calibration import load_stats
@@ -214,10 +232,10 @@ def cmd_compress(args) -> int:
         from .compress.activation_aware import DEFAULT_DAMPING, compress_activation_aware
 
         result = compress_activation_aware(
-            collection, stats, args.rank, damping=args.damping or DEFAULT_DAMPING, max_rel_error=args.max_rel_error,
+            collection, stats, rank, damping=args.damping or DEFAULT_DAMPING, max_rel_error=args.max_rel_error,
             stats_path=os.path.abspath(args.calibration), **common)
     else:
-        result = compress(collection, args.rank, **common)
+        result = compress(collection, rank, **common)
         if args.max_rel_error is not None:
             apply_error_budget(result, collection, args.max_rel_error, dtype=compute, device=args.device)
     seconds = time.perf_counter() - t0
@@ -236,7 +254,8 @@ def cmd_compress(args) -> int:
               + ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths))) + ")")
     print(
         f"compressed {result.num_adapters + len(result.individual)} adapters x {len(result.modules)} modules "
-        f"({args.method}, r={args.rank}, {result.num_clusters} clusters) in {seconds:.1f} s: "
+        f"({args.method}, r={rank}, "
+        f"{'per adapter' if args.method in ('svd', 'none') else f'{result.num_clusters} clusters'}) in {seconds:.1f} s: "
         f"relative error mean {s['mean_rel_error']:.4f} max {s['max_rel_error']:.4f}; "
         f"{_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} (bf16); store {args.out}"
     )
@@ -263,7 +282,7 @@ def cmd_add(args) -> int:
     manifest = read_manifest(args.store)
     compressed = load_store(args.store)
     collection = PeftCollection(
-        args.adapters, expect_base_model=manifest.get("base_model"), expect_modules=compressed.module_specs
+        _adapter_paths(args), expect_base_model=manifest.get("base_model"), expect_modules=compressed.module_specs
     )
     if args.cluster is not None and compressed.method in ("full", "diag"):
         if not 0 <= args.cluster < compressed.num_clusters:
@@ -394,6 +413,8 @@ def cmd_inspect(args) -> int:
             for a in entries]
     print(_table(rows, ["adapter", "path", "cluster", "mean err", "max err"] + (["act. err"] if aw else [])
                  + ["worst module"]))
+    if not args.modules and len(mods) > 12:
+        print(f"\n({len(mods)} modules: pass --modules for the per-module table)")
     if args.modules or len(mods) <= 12:
         print()
         mrows = []

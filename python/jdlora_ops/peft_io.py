@@ -38,6 +38,7 @@ from .compress.result import CompressedCollection
 
 __all__ = [
     "AdapterFormatError",
+    "find_adapter_dirs",
     "PeftAdapter",
     "PeftCollection",
     "read_peft_adapter",
@@ -196,6 +197,55 @@ def read_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftA
             raise AdapterFormatError(f"{path}: module {mod} has rank {r} but the config says {r_cfg}")
         modules[mod] = _Entry(ab["A"], ab["B"], r, int(sb[0]), int(sa[1]), peft_scaling(config, mod, r))
     return PeftAdapter(path, name, config, modules)
+
+
+def _is_adapter_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+
+
+def find_adapter_dirs(args: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """Adapter directories named by command-line arguments; returns ``(paths, notes)``.
+
+    Each argument is an adapter directory, a folder whose sub-folders are
+    adapters (taken in sorted order), a glob pattern, or a text file listing
+    one adapter directory per line (relative to the file; ``#`` comments).
+    ``notes`` says what each non-adapter argument expanded to.
+    """
+    import glob
+
+    paths: list[str] = []
+    notes: list[str] = []
+    for arg in map(os.fspath, args):
+        if _is_adapter_dir(arg):
+            paths.append(arg)
+        elif os.path.isdir(arg):
+            subs = sorted(os.path.join(arg, d) for d in os.listdir(arg) if _is_adapter_dir(os.path.join(arg, d)))
+            if not subs:
+                raise AdapterFormatError(f"{arg}: neither an adapter directory nor a folder of adapter directories "
+                                         f"(no {ADAPTER_CONFIG} in it or in its sub-folders)")
+            paths += subs
+            notes.append(f"{arg}: {len(subs)} adapter folders")
+        elif os.path.isfile(arg):
+            base = os.path.dirname(os.path.abspath(arg))
+            try:
+                with open(arg, encoding="utf-8") as fh:
+                    lines = [ln.strip() for ln in fh]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise AdapterFormatError(f"{arg}: cannot read it as a list of adapter directories ({exc})") from exc
+            listed = [ln if os.path.isabs(ln) else os.path.join(base, ln) for ln in lines if ln and not ln.startswith("#")]
+            if not listed:
+                raise AdapterFormatError(f"{arg}: lists no adapter directory")
+            paths += listed
+            notes.append(f"{arg}: {len(listed)} adapter folders listed")
+        elif any(ch in arg for ch in "*?["):
+            hits = sorted(p for p in glob.glob(arg) if _is_adapter_dir(p))
+            if not hits:
+                raise AdapterFormatError(f"{arg}: the pattern matches no adapter directory")
+            paths += hits
+            notes.append(f"{arg}: {len(hits)} adapter folders matched")
+        else:
+            raise AdapterFormatError(f"{arg}: no such adapter directory, folder, list file or pattern")
+    return paths, notes
 
 
 class PeftCollection(AdapterCollection):
