@@ -3,7 +3,8 @@
     jdlora compress ADAPTER_DIR... --rank R [--clusters K|auto] [--method full|diag] [--max-rel-error E] --out STORE
     jdlora add STORE ADAPTER_DIR... [--max-rel-error E]
     jdlora inspect STORE
-    jdlora export STORE NAME --out DIR
+    jdlora export STORE NAME --out DIR | jdlora export STORE (NAME...|--all) --out-dir DIR
+    jdlora calibrate MODEL_DIR --text FILE... (--adapters DIR...|--modules NAME...) --out STATS
     jdlora demo [ARGS...]
 
 Bad input (missing or damaged files, adapters of another base model or with
@@ -107,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-rounds", type=_positive("--max-rounds"), default=10, help="cluster fit/reassign rounds")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--compute-dtype", default="float32", help="float32 (default) or float64")
-    c.add_argument("--store-dtype", default=None, help="dtype of stored bases and cores (default: compute dtype)")
+    c.add_argument("--store-dtype", default=None,
+                   help="dtype of stored bases and cores (default: the adapters' dtype when they share one, else "
+                        "float32)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
     c.add_argument("--calibration", default=None, metavar="STATS",
@@ -134,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--modules", action="store_true", help="also print the per-module table")
     i.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
 
-    e = sub.add_parser("export", help="write one adapter back as a PEFT adapter directory")
+    e = sub.add_parser("export", help="write adapters back as PEFT adapter directories")
     e.add_argument("store", metavar="STORE")
-    e.add_argument("name", metavar="NAME")
-    e.add_argument("--out", "-o", required=True, metavar="DIR")
-    e.add_argument("--dtype", default="float32", help="dtype of the exported factors (default float32)")
+    e.add_argument("names", nargs="*", metavar="NAME")
+    e.add_argument("--all", action="store_true", help="export every adapter of the store")
+    e.add_argument("--out", "-o", default=None, metavar="DIR", help="the folder of one exported adapter")
+    e.add_argument("--out-dir", default=None, metavar="DIR", help="write DIR/<name>/ for each adapter")
+    e.add_argument("--dtype", default=None, help="dtype of the exported factors (default: the store's)")
     e.add_argument("--overwrite", action="store_true")
 
     cal = sub.add_parser("calibrate", help="input second moments of the adapted modules of a base model")
@@ -184,7 +189,7 @@ def cmd_compress(args) -> int:
     from .compress import compress
     from .compress.error_budget import apply_error_budget, check_budget
     from .peft_io import PeftCollection
-    from .store import StoreError, is_store, save_store
+    from .store import StoreError, is_store, read_manifest, save_store
 
     _threads(args.threads)
     compute = _dtype(args.compute_dtype)
@@ -240,6 +245,9 @@ def cmd_compress(args) -> int:
             apply_error_budget(result, collection, args.max_rel_error, dtype=compute, device=args.device)
     seconds = time.perf_counter() - t0
     result.metadata.setdefault("compressor", {})["seconds"] = round(seconds, 3)
+    if store_dtype is None:
+        store_dtype = collection.dtype if collection.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+            else torch.float32
     save_store(out, result, overwrite=args.overwrite, dtype=store_dtype)
     s = result.summary()
     mem = result.memory(2)
@@ -256,8 +264,9 @@ def cmd_compress(args) -> int:
         f"compressed {result.num_adapters + len(result.individual)} adapters x {len(result.modules)} modules "
         f"({args.method}, r={rank}, "
         f"{'per adapter' if args.method in ('svd', 'none') else f'{result.num_clusters} clusters'}) in {seconds:.1f} s: "
-        f"relative error mean {s['mean_rel_error']:.4f} max {s['max_rel_error']:.4f}; "
-        f"{_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} (bf16); store {args.out}"
+        f"relative squared error mean {s['mean_rel_error']:.4f} max {s['max_rel_error']:.4f}; "
+        f"store {args.out}: {_bytes(_store_bytes(out, read_manifest(out)))} written in "
+        f"{str(store_dtype).replace('torch.', '')} (the adapters: {_bytes(_adapter_bytes(collection))})"
     )
     aw = _activation_weighted(result.metadata)
     if aw:
@@ -340,6 +349,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     line = lambda r: "  ".join(str(x).rjust(w) if k else str(x).ljust(w) for k, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _adapter_bytes(collection) -> int:
+    """Bytes of the adapters' safetensors files as given."""
+    from .peft_io import ADAPTER_WEIGHTS
+
+    return sum(os.path.getsize(os.path.join(a.path, ADAPTER_WEIGHTS)) for a in collection.adapters)
 
 
 def _store_bytes(path: str, manifest: dict) -> int:
@@ -430,12 +446,28 @@ def cmd_export(args) -> int:
     from .peft_io import export_peft_adapter
     from .store import load_store
 
-    dtype = _dtype(args.dtype)
+    from .store import read_manifest
+
+    if args.all == bool(args.names):
+        raise CLIError("export: name the adapters or pass --all (not both)")
+    if (args.out is None) == (args.out_dir is None):
+        raise CLIError("export: give exactly one of --out (one adapter) or --out-dir")
     compressed = load_store(args.store)
-    if args.name not in compressed.all_names:
-        raise CLIError(f"no adapter named {args.name!r} in {args.store} ({len(compressed.all_names)} adapters)")
-    out = export_peft_adapter(compressed, args.name, args.out, dtype=dtype, overwrite=args.overwrite)
-    print(f"exported {args.name} to {out}")
+    names = list(compressed.all_names) if args.all else list(args.names)
+    if args.out is not None and len(names) != 1:
+        raise CLIError(f"export: --out takes one adapter, {len(names)} given; use --out-dir")
+    missing = [x for x in names if x not in compressed.all_names]
+    if missing:
+        raise CLIError(f"no adapter named {missing[0]!r} in {args.store} ({len(compressed.all_names)} adapters)")
+    dtype = _dtype(args.dtype or str(read_manifest(args.store).get("dtype") or "float32"))
+    outs = [args.out] if args.out is not None else [os.path.join(args.out_dir, x) for x in names]
+    if not args.overwrite:
+        taken = [o for o in outs if os.path.exists(o) and (not os.path.isdir(o) or os.listdir(o))]
+        if taken:
+            raise CLIError(f"{taken[0]}: exists and is not empty (pass --overwrite to replace it)")
+    for name, out in zip(names, outs):
+        out = export_peft_adapter(compressed, name, out, dtype=dtype, overwrite=args.overwrite)
+        print(f"exported {name} to {out}")
     return 0
 
 

@@ -90,6 +90,7 @@ class _Entry:
     d_out: int
     d_in: int
     scale: float
+    dtype: str = "F32"  # safetensors dtype name of the factors
 
 
 @dataclass
@@ -163,6 +164,7 @@ def read_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftA
         with safe_open(weights, framework="pt") as fh:
             keys = list(fh.keys())
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in keys}
+            dtypes = {k: fh.get_slice(k).get_dtype() for k in keys}
     except Exception as exc:
         raise AdapterFormatError(f"{weights}: not a readable safetensors file ({exc})") from exc
     pairs: dict[str, dict[str, str]] = {}
@@ -195,7 +197,8 @@ def read_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftA
         r_cfg = config.get("r") if r_cfg is None else r_cfg
         if r_cfg is not None and int(r_cfg) != r:
             raise AdapterFormatError(f"{path}: module {mod} has rank {r} but the config says {r_cfg}")
-        modules[mod] = _Entry(ab["A"], ab["B"], r, int(sb[0]), int(sa[1]), peft_scaling(config, mod, r))
+        modules[mod] = _Entry(ab["A"], ab["B"], r, int(sb[0]), int(sa[1]), peft_scaling(config, mod, r),
+                              dtypes[ab["B"]])
     return PeftAdapter(path, name, config, modules)
 
 
@@ -309,6 +312,13 @@ class PeftCollection(AdapterCollection):
         base = next(iter(bases)) if bases else None
         self.metadata = {"base_model": base, "configs": {a.name: dict(a.config) for a in self.adapters}}
 
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The factors' dtype when every adapter stores the same one (``None`` otherwise)."""
+        names = {e.dtype for a in self.adapters for e in a.modules.values()}
+        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        return table.get(names.pop()) if len(names) == 1 else None
     @property
     def adapter_names(self) -> list[str]:
         return [a.name for a in self.adapters]
@@ -389,6 +399,25 @@ _DROP_KEYS = (
 )
 
 
+def compact_factors(B: torch.Tensor, A: torch.Tensor, rank: int, tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` re-factored at ``rank`` when ``B @ A`` has (numerically) that rank, else unchanged.
+
+    A reconstruction at the store's rank ``r`` of an adapter of rank
+    ``r_i < r`` is often exactly of rank ``r_i`` (a lossless store): then the
+    export has the adapter's own rank and size. Exact singular values come
+    from ``B = Q_b R_b``, ``A^T = Q_a R_a`` and the SVD of ``R_b R_a^T``
+    (``r x r``); the tail must hold at most ``tol`` of the energy.
+    """
+    Qb, Rb = torch.linalg.qr(B.to(torch.float64))
+    Qa, Ra = torch.linalg.qr(A.to(torch.float64).T)
+    P, S, Qh = torch.linalg.svd(Rb @ Ra.T)
+    energy = float(S.square().sum())
+    if energy == 0 or float(S[rank:].square().sum()) > tol * energy:
+        return B, A
+    root = S[:rank].sqrt()
+    return Qb @ (P[:, :rank] * root), (root[:, None] * Qh[:rank]) @ Qa.T
+
+
 def export_peft_adapter(
     compressed: CompressedCollection,
     name: str,
@@ -423,8 +452,10 @@ def export_peft_adapter(
             if per is not None and i < len(per) and int(per[i]) == 0:
                 continue
             B, A = compressed.lora_factors(i, mod)
+            if per is not None and i < len(per) and 0 < int(per[i]) < cm.rank:
+                B, A = compact_factors(B, A, int(per[i]))
             factors[mod] = (B.to(dtype), A.to(dtype))
-            rank_pattern[mod] = cm.rank
+            rank_pattern[mod] = int(A.shape[0])
     if not factors:
         raise ValueError(f"adapter {name!r} has no modules to export")
     r = max(rank_pattern.values())
