@@ -125,10 +125,11 @@ def compress(
       split-and-dissolve moves (each followed by ``move_rounds`` rounds), kept
       only when they lower the objective. ``init_assignment`` skips the search.
     * Then fit/reassign rounds over all modules: ``max_rounds`` caps them, i.e.
-      the passes over the data. If adapters would still move after the last
-      round, the moves are not applied (the result stays consistent with the
-      last fit) and the history says so. The objective never rises from round
-      to round.
+      the passes over the data, and they stop early when moving adapters would
+      lower the objective by at most ``tol`` times ``sum w_i ||dW_i||^2`` (a
+      pass over the data is not worth less). Moves not applied are recorded in
+      the history (the result stays consistent with the last fit). The
+      objective never rises from round to round.
     * ``max_iter``, ``tol``: per-(cluster, module) JD stopping rule (see
       :func:`~jdlora_ops.compress.jd.jd_full`).
     * ``weights``: ``"relative"`` or ``"uniform"``; also decides whether
@@ -343,13 +344,23 @@ def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, wei
         new = torch.where(stay, assign, best)
         new = fill_empty(new, cost.gather(1, new[:, None]).squeeze(1), K)
         moved = int((new != assign).sum())
+        gain = float((own - cost.gather(1, new[:, None]).squeeze(1)).sum())
         entry["moved"] = moved
         entry["cost"] = float(own.sum())
         history.append(entry)
         if keep:
-            say(f"round {rnd + 1}: objective {objective:.6g}, {moved} adapters would move, {entry['seconds']:.1f} s")
+            say(f"round {rnd + 1}: objective {objective:.6g}, {moved} adapters would move (gain {gain:.3g}), "
+                f"{entry['seconds']:.1f} s")
         trial = Trial(assign, objective, cost, total, new, warm, rnd + 1)
         if moved == 0:
+            break
+        if gain <= tol * total and not bool(torch.isinf(own).any()):
+            # The JD stopping rule's scale: another pass over every module would gain less than
+            # one more JD iteration is allowed to, so the moves are not worth their cost.
+            entry["moved"] = 0
+            entry["moves_not_applied"] = moved
+            if keep:
+                say(f"stopping: moving would lower the objective by {gain:.3g} <= tol x {total:.6g}")
             break
         if rnd + 1 == rounds:
             # At the cap the fitted bases and cores belong to the current assignment; moving
