@@ -75,3 +75,43 @@ def test_inspect_says_when_it_hides_the_module_table(tmp_path, capsys):
     capsys.readouterr()
     assert cli(["inspect", str(tmp_path / "s")]) == 0
     assert "(14 modules: pass --modules for the per-module table)" in capsys.readouterr().out
+
+
+def test_export_all_in_the_adapters_dtype_and_rank(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 16, "intermediate_size": 24,
+                                                   "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                   "num_hidden_layers": 1}))
+    paths = fixtures.make_adapters(str(model), str(tmp_path / "ads"), n=3, clusters=3, rank=2,
+                                   targets=("q_proj", "v_proj"))
+    for p in paths:  # the adapters as users often have them: fp16
+        f = os.path.join(p, "adapter_model.safetensors")
+        save_file({k: v.half() for k, v in load_file(f).items()}, f)
+    store = tmp_path / "store"
+    assert cli(["compress", *paths, "--rank", "4", "--clusters", "3", "--out", str(store), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "written in float16" in out
+    assert json.load(open(store / "manifest.json"))["dtype"] == "float16"
+    assert cli(["export", str(store), "--all", "--out-dir", str(tmp_path / "exp")]) == 0
+    assert capsys.readouterr().out.count("exported ") == 3
+    for i, p in enumerate(paths):
+        got = load_file(str(tmp_path / "exp" / f"adapter_{i}" / "adapter_model.safetensors"))
+        orig = load_file(os.path.join(p, "adapter_model.safetensors"))
+        assert all(v.dtype == torch.float16 for v in got.values())
+        assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in orig.items()}  # rank 2
+        assert os.path.getsize(tmp_path / "exp" / f"adapter_{i}" / "adapter_model.safetensors") <= \
+            os.path.getsize(os.path.join(p, "adapter_model.safetensors")) + 256
+    assert cli(["export", str(store), "adapter_0", "adapter_1", "--out-dir", str(tmp_path / "two")]) == 0
+    assert sorted(os.listdir(tmp_path / "two")) == ["adapter_0", "adapter_1"]
+    capsys.readouterr()
+    assert cli(["export", str(store), "adapter_0", "adapter_1", "--out", str(tmp_path / "x")]) == 2
+    assert "--out takes one adapter, 2 given" in capsys.readouterr().err
+    assert cli(["export", str(store), "adapter_0", "--all", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "name the adapters or pass --all" in capsys.readouterr().err
+    assert cli(["export", str(store), "adapter_9", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "no adapter named 'adapter_9'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
