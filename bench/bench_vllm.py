@@ -164,7 +164,7 @@ def main(argv=None) -> None:
     lines = [f"# vLLM on the CPU: {N_ADAPTERS} adapters ({doc['date']}, commit {commit})", "",
              f"{doc['machine']}; vLLM {doc['vllm']} (CPU build), one thread per engine; {doc['model']}; "
              f"{args.requests} requests submitted at once, {args.max_tokens} greedy tokens each. Store: JD-Full "
-             f"r = {JD_RANK}, {N_CLUSTERS} clusters, mean relative error {doc['store_mean_error']:.2e}. "
+             f"r = {JD_RANK}, {N_CLUSTERS} clusters, mean relative squared error {doc['store_mean_error']:.2e}. "
              "Time to first token includes queueing (all requests arrive at t = 0).", "",
              "| setting | spread | adapters in requests | slots (max_loras / cpu) | tokens/s | vs base | vs one "
              "adapter | TTFT median (s) | TTFT p90 (s) | errors |",

@@ -134,7 +134,7 @@ def test_cli_activation_aware_compress_inspect_export(world, tmp_path, capsys, o
     assert cli(["compress", *world["adapters"], "--rank", "2", "--calibration", stats, "--out", store, "-q",
                 "--compute-dtype", "float64", "--store-dtype", "float64"]) == 0
     out = capsys.readouterr().out
-    assert "activation-weighted relative error mean" in out
+    assert "activation-weighted relative squared error mean" in out
     assert cli(["inspect", store]) == 0
     out = capsys.readouterr().out
     assert "activation-weighted mean" in out and "act. err" in out

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clusters-range", type=_range, default=None, metavar="LOW:HIGH",
                    help="with --clusters auto: the cluster counts to consider (default 1:min(n, 64))")
     c.add_argument("--tradeoff", type=float, default=1.0, metavar="T",
-                   help="with --clusters auto: minimise mean relative error + T x (compressed / original bytes)")
+                   help="with --clusters auto: minimise mean relative squared error + T x (compressed / original bytes)")
     c.add_argument("--method", choices=["full", "diag", "svd", "none"], default="full",
                    help="full (JD-Full), diag (JD-Diag), svd (per-adapter truncated SVD), none (no compression)")
     c.add_argument("--out", "-o", required=True, metavar="STORE", help="store directory to create")
@@ -271,7 +271,7 @@ def cmd_compress(args) -> int:
     aw = _activation_weighted(result.metadata)
     if aw:
         vals = [v for per in aw.values() for v in per]
-        print(f"activation-weighted relative error mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} "
+        print(f"activation-weighted relative squared error mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} "
               f"(inputs of {args.calibration})")
     return 0
 
@@ -326,11 +326,11 @@ def cmd_add(args) -> int:
         if paths[j] != "jd":
             e = compressed.individual[name].rel_errors.values()
             print(f"added {name}: {paths[j]} (joint error max {float(report.rel_errors[j].max()):.4f} > budget "
-                  f"{budget:g}), relative error max {max(e, default=0.0):.4f}")
+                  f"{budget:g}), relative squared error max {max(e, default=0.0):.4f}")
             continue
         e = report.rel_errors[j]
         print(
-            f"added {name}: cluster {int(report.clusters[j])}, relative error mean {float(e.mean()):.4f} "
+            f"added {name}: cluster {int(report.clusters[j])}, relative squared error mean {float(e.mean()):.4f} "
             f"max {float(e.max()):.4f}"
         )
     print(f"projected {len(report.names)} adapter(s) in {report.seconds * 1e3:.1f} ms; store {args.store}")
