@@ -4,6 +4,7 @@
     jdlora add STORE ADAPTER_DIR... [--max-rel-error E]
     jdlora inspect STORE
     jdlora export STORE NAME --out DIR | jdlora export STORE (NAME...|--all) --out-dir DIR
+    jdlora verify STORE
     jdlora calibrate MODEL_DIR --text FILE... (--adapters DIR...|--modules NAME...) --out STATS
     jdlora demo [ARGS...]
 
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out-dir", default=None, metavar="DIR", help="write DIR/<name>/ for each adapter")
     e.add_argument("--dtype", default=None, help="dtype of the exported factors (default: the store's)")
     e.add_argument("--overwrite", action="store_true")
+
+    v = sub.add_parser("verify", help="check every file of a store against its manifest checksums")
+    v.add_argument("store", metavar="STORE")
 
     cal = sub.add_parser("calibrate", help="input second moments of the adapted modules of a base model")
     cal.add_argument("model", metavar="MODEL_DIR", help="a transformers model folder (nothing is downloaded)")
@@ -477,6 +481,18 @@ def cmd_demo(args) -> int:
     return demo_main(args.rest)
 
 
+def cmd_verify(args) -> int:
+    from .store import verify_store
+
+    result = verify_store(args.store)
+    for name, state in result.items():
+        print(f"{state:12s} {name}")
+    unchecked = [n for n, st in result.items() if st != "ok"]
+    print(f"{args.store}: {len(result) - len(unchecked)} of {len(result)} files match their checksums"
+          + (f"; {len(unchecked)} have none (written before checksums)" if unchecked else ""))
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .compress.calibration import adapter_modules, calibrate, read_texts, save_stats
 
@@ -508,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
         return int(exc.code or 0)
     handlers = {"compress": cmd_compress, "add": cmd_add, "inspect": cmd_inspect, "export": cmd_export,
-                "calibrate": cmd_calibrate}
+                "calibrate": cmd_calibrate, "verify": cmd_verify}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:

@@ -50,7 +50,8 @@ import torch
 from .compress.collection import ModuleSpec
 from .compress.result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, sigma_is_diagonal
 
-__all__ = ["StoreError", "save_store", "load_store", "read_manifest", "is_store", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["StoreError", "save_store", "load_store", "read_manifest", "is_store", "verify_store", "verify_file",
+           "file_sha256", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "jdlora-store"
 FORMAT_VERSION = 2
@@ -84,6 +85,44 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (read in 8 MiB blocks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(store: str, manifest: dict, name: str) -> bool:
+    """Check one tensor file of a store against its manifest checksum.
+
+    Returns ``False`` when the manifest has no checksum for it (a store written
+    before checksums); raises :class:`StoreError` naming the file when it is
+    missing, or its bytes differ (truncated, bit-flipped, replaced).
+    """
+    want = (manifest.get("sha256") or {}).get(name)
+    f = os.path.join(store, name)
+    if not os.path.isfile(f):
+        raise StoreError(f"{store}: missing tensor file {name!r} named by the manifest")
+    if want is None:
+        return False
+    got = file_sha256(f)
+    if got != want:
+        raise StoreError(f"{f}: checksum mismatch (SHA-256 {got[:16]}... where the manifest records "
+                         f"{want[:16]}...): the file is damaged or was changed after the store was written")
+    return True
+
+
+def verify_store(path: str | os.PathLike) -> dict:
+    """Check every tensor file of a store against the manifest; returns ``{file: "ok" | "no checksum"}``."""
+    path = os.path.abspath(os.fspath(path))
+    m = read_manifest(path)
+    return {name: ("ok" if verify_file(path, m, name) else "no checksum") for name in (m.get("files") or {}).values()}
 
 
 def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -240,6 +279,7 @@ def save_store(
             _write_tensors(os.path.join(tmp, cores_name), cores)
             if "individual" in files:
                 _write_tensors(os.path.join(tmp, files["individual"]), individual)
+            manifest["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in files.values()}
             _write_json(os.path.join(tmp, MANIFEST), manifest)
             os.chmod(tmp, 0o755)
             _fsync_dir(tmp)
@@ -267,6 +307,10 @@ def save_store(
             _write_tensors(tmp_file, tensors)
             os.replace(tmp_file, os.path.join(path, name))
             staged[-1] = os.path.join(path, name)
+        old_sums = (old_manifest or {}).get("sha256") or {}
+        manifest["sha256"] = {
+            name: old_sums[name] if (name == bases_name and not write_bases and name in old_sums)
+            else file_sha256(os.path.join(path, name)) for name in files.values()}
         tmp_manifest = os.path.join(path, f".manifest.{secrets.token_hex(4)}.tmp")
         staged.append(tmp_manifest)
         _write_json(tmp_manifest, manifest)
@@ -333,6 +377,8 @@ def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu") -
 
     path = os.fspath(path)
     m = read_manifest(path)
+    for name in (m.get("files") or {}).values():
+        verify_file(path, m, name)
     tensors = {}
     for kind in ("bases", "cores"):
         f = os.path.join(path, m["files"][kind])

@@ -158,6 +158,9 @@ def project_adapters(
     ``compressed``, a shape mismatch or a duplicate name raises ``ValueError``.
     """
     t0 = time.perf_counter()
+    if compressed.method in ("full", "diag") and compressed.num_clusters == 0:
+        raise ValueError("the collection's joint tables are empty (every adapter is kept on its own under the error "
+                         "budget): there are no bases to project onto; recompress with the new adapters")
     names = list(new.adapter_names)
     dup = set(names) & set(compressed.all_names)
     if dup or len(set(names)) != len(names):

@@ -32,7 +32,7 @@ import torch
 
 from ..compress.collection import ModuleSpec
 from ..compress.result import CompressedCollection, sigma_is_diagonal
-from ..store import StoreError, read_manifest
+from ..store import StoreError, read_manifest, verify_file
 
 __all__ = ["CollectionReader", "MemoryReader", "StoreReader", "HostTier", "UncompressedAdapter"]
 
@@ -167,6 +167,7 @@ class StoreReader(CollectionReader):
         self.base_model = m.get("base_model")
         self.configs = {a["name"]: a["peft_config"] for a in m["adapters"] if "peft_config" in a}
         self._files = {}
+        self._verified: set[str] = set()
         for kind in ("bases", "cores"):
             f = os.path.join(self.path, str(m["files"].get(kind, "")))
             if not os.path.isfile(f):
@@ -210,7 +211,16 @@ class StoreReader(CollectionReader):
             raise StoreError(f"{self.path}: tensor {key} has unsupported dtype {sl.get_dtype()}")
         return tuple(int(x) for x in sl.get_shape()), dt
 
+    def _verify(self, kind: str) -> None:
+        # Hashing a file reads all of it, so a memory-mapped store checks each
+        # file once, just before its data is first used (headers were checked
+        # at open); a damaged file is then an error, never wrong output.
+        if kind not in self._verified:
+            verify_file(self.path, self.manifest, str(self.manifest["files"][kind]))
+            self._verified.add(kind)
+
     def _read(self, kind: str, key: str, index: int | None = None) -> torch.Tensor:
+        self._verify(kind)
         try:
             sl = self._files[kind].get_slice(key)
             t = sl[:] if index is None else sl[index : index + 1][0]
@@ -243,6 +253,7 @@ class StoreReader(CollectionReader):
         f = os.path.join(self.path, fname)
         if not os.path.isfile(f):
             raise StoreError(f"{self.path}: missing tensor file {fname!r} of the individually stored adapters")
+        self._verify("individual")
         out = []
         try:
             fh = safe_open(f, framework="pt")
