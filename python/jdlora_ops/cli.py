@@ -4,6 +4,7 @@
     jdlora add STORE ADAPTER_DIR... [--max-rel-error E]
     jdlora inspect STORE
     jdlora export STORE NAME --out DIR | jdlora export STORE (NAME...|--all) --out-dir DIR
+    jdlora remove STORE NAME...
     jdlora verify STORE
     jdlora calibrate MODEL_DIR --text FILE... (--adapters DIR...|--modules NAME...) --out STATS
     jdlora demo [ARGS...]
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out-dir", default=None, metavar="DIR", help="write DIR/<name>/ for each adapter")
     e.add_argument("--dtype", default=None, help="dtype of the exported factors (default: the store's)")
     e.add_argument("--overwrite", action="store_true")
+
+    rm = sub.add_parser("remove", help="remove adapters from a store (atomically)")
+    rm.add_argument("store", metavar="STORE")
+    rm.add_argument("names", nargs="+", metavar="NAME")
 
     v = sub.add_parser("verify", help="check every file of a store against its manifest checksums")
     v.add_argument("store", metavar="STORE")
@@ -481,6 +486,20 @@ def cmd_demo(args) -> int:
     return demo_main(args.rest)
 
 
+def cmd_remove(args) -> int:
+    from .compress.projection import remove_adapters
+    from .store import load_store, save_store
+
+    compressed = load_store(args.store)
+    dt = next((cm.U.dtype for cm in compressed.modules.values()), None)
+    emptied = remove_adapters(compressed, args.names)
+    save_store(args.store, compressed, update=True, reuse_bases=emptied == 0 and compressed.method in ("full", "diag"),
+               dtype=dt)
+    print(f"removed {len(args.names)} adapter(s) from {args.store}" + (f"; {emptied} cluster(s) emptied" if emptied else "")
+          + f"; {len(compressed.all_names)} left")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .store import verify_store
 
@@ -524,7 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
         return int(exc.code or 0)
     handlers = {"compress": cmd_compress, "add": cmd_add, "inspect": cmd_inspect, "export": cmd_export,
-                "calibrate": cmd_calibrate, "verify": cmd_verify}
+                "calibrate": cmd_calibrate, "verify": cmd_verify,
+                "remove": cmd_remove}
     try:
         return handlers[args.command](args) or 0
     except KeyboardInterrupt:

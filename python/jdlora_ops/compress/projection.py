@@ -18,7 +18,7 @@ from ._linalg import F64, sym_pinv
 from .collection import AdapterCollection, ModuleFactors
 from .result import CompressedCollection
 
-__all__ = ["ClusterEvaluation", "evaluate_clusters", "project_adapters", "ProjectionReport"]
+__all__ = ["ClusterEvaluation", "evaluate_clusters", "project_adapters", "remove_adapters", "ProjectionReport"]
 
 # Upper bound on elements of one [chunk, rho, K r] intermediate (bounded memory for K x n products).
 _CHUNK_ELEMS = 1 << 24
@@ -252,3 +252,33 @@ def merge_metadata(compressed: CompressedCollection, new: AdapterCollection, new
     for mod in compressed.modules:
         extra = new_ranks.get(mod, [0] * len(new.adapter_names))
         ranks.setdefault(mod, [0] * (compressed.num_adapters - len(new.adapter_names))).extend(int(x) for x in extra)
+
+
+def remove_adapters(compressed: CompressedCollection, names) -> int:
+    """Remove adapters ``names`` from ``compressed`` (in place); returns how many clusters emptied.
+
+    Adapters in the joint tables lose their cores (a cluster left without
+    adapters loses its bases and the others are renumbered); adapters kept on
+    their own lose their factors. Unknown or repeated names raise ``KeyError``
+    before anything changes.
+    """
+    from .error_budget import drop_from_tables
+
+    names = list(names)
+    known = set(compressed.all_names)
+    bad = [x for x in names if x not in known]
+    if bad or len(set(names)) != len(names):
+        raise KeyError(f"remove: no adapter named {bad[0]!r} in the store ({len(known)} adapters)" if bad
+                       else f"remove: a name is given twice: {names}")
+    drop = torch.tensor([x in names for x in compressed.adapter_names], dtype=torch.bool)
+    before = compressed.num_clusters
+    weighted = compressed.metadata.get("activation_weighted_rel_errors")
+    if weighted:
+        keep = (~drop).tolist()
+        compressed.metadata["activation_weighted_rel_errors"] = {
+            m: [v for v, k in zip(vals, keep) if k] for m, vals in weighted.items()}
+    if bool(drop.any()):
+        drop_from_tables(compressed, drop)
+    for x in names:
+        compressed.individual.pop(x, None)
+    return before - compressed.num_clusters
