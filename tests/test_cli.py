@@ -169,7 +169,7 @@ def test_add_export_inspect_bad_input(tmp_path, capsys, adapters):
     assert_one_line_error(rc, err, "not empty")
     (store / "manifest.json").write_text("{broken")
     rc, _, err = run(capsys, "inspect", store)
-    assert_one_line_error(rc, err, "corrupt manifest")
+    assert_one_line_error(rc, err, "not readable as JSON for a store manifest")
 
 
 def test_interrupted_compress_keeps_the_old_store(tmp_path, capsys, adapters, monkeypatch):

@@ -185,7 +185,7 @@ def test_damaged_store_does_not_open(tmp_path, coll, damage):
         msg = "missing tensor file"
     elif damage == "manifest":
         open(os.path.join(path, "manifest.json"), "w").write("{ not json")
-        msg = "corrupt manifest"
+        msg = "not readable as JSON for a store manifest"
     else:
         man = json.load(open(os.path.join(path, "manifest.json")))
         man["modules"][1]["d_out"] = 21
@@ -199,8 +199,8 @@ def test_damaged_store_does_not_open(tmp_path, coll, damage):
 
 
 def test_corrupt_data_found_on_lazy_read_changes_nothing(tmp_path, coll):
-    """A cluster whose stored bases are NaN (bit rot): the batch that needs it fails, no slot is
-    filled, the cache keeps serving, and the file is not touched."""
+    """A cluster whose stored bases are NaN (bit rot) in a store written before checksums: the batch
+    that needs it fails, no slot is filled, the cache keeps serving, and the file is not touched."""
     path = tmp_path / "s"
     m = save_store(path, coll)
     bases = os.path.join(path, m["files"]["bases"])
@@ -210,6 +210,13 @@ def test_corrupt_data_found_on_lazy_read_changes_nothing(tmp_path, coll):
     with open(bases, "r+b") as fh:  # cluster 3 of one module: NaNs
         fh.seek(lo + k_bad * per_cluster)
         fh.write(struct.pack("<f", float("nan")) * (per_cluster // 4))
+    mpath = os.path.join(path, "manifest.json")
+    with open(mpath) as fh:
+        manifest = json.load(fh)
+    checked = dict(manifest)
+    manifest.pop("sha256")
+    with open(mpath, "w") as fh:
+        json.dump(manifest, fh)
     before = _files(path)
     cache = AdapterCache(path, lazy=True, max_clusters=2, max_adapters=3, device="cpu")
     planner = BatchPlanner(cache, 16)
@@ -227,6 +234,15 @@ def test_corrupt_data_found_on_lazy_read_changes_nothing(tmp_path, coll):
     with planner.prepare([good, by_cluster(coll, 1)[0]], [1, 1]):
         pass
     assert _files(path) == before
+    # With its checksums (as written), the damaged file is refused before any of its data is used.
+    with open(mpath, "w") as fh:
+        json.dump(checked, fh)
+    cache = AdapterCache(path, lazy=True, max_clusters=2, max_adapters=3, device="cpu")
+    planner = BatchPlanner(cache, 16)
+    snap = snapshot(cache)
+    with pytest.raises(StoreError, match=f"{m['files']['bases']}: checksum mismatch"):
+        planner.prepare([good], [2])
+    assert_unchanged(cache, snap, host_counters=False)
 
 
 def test_wrap_model_refuses_other_shapes(coll):

@@ -11,7 +11,7 @@ import torch
 from jdlora_ops.cli import main as cli
 from jdlora_ops.compress import InMemoryCollection, ModuleSpec, compress
 from jdlora_ops.compress.error_budget import apply_error_budget
-from jdlora_ops.serving.host_tier import StoreReader
+from jdlora_ops.store import StoreReader
 from jdlora_ops.store import StoreError, load_store, save_store, verify_store
 
 

@@ -15,7 +15,7 @@ from jdlora_ops import BatchMeta, jd_fused
 from jdlora_ops.cli import main as cli
 from jdlora_ops.integrations.vllm import state as st
 from jdlora_ops.integrations.vllm.tables import LayerTables, StoreMismatchError
-from jdlora_ops.serving.host_tier import StoreReader
+from jdlora_ops.store import StoreReader
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests_vllm"))
 import fixtures  # noqa: E402

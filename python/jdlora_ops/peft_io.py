@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from ._json import read_json_object
 from .compress.collection import AdapterCollection, ModuleFactors, ModuleSpec, module_sort_key
 from .compress.result import CompressedCollection
 
@@ -148,13 +149,7 @@ def read_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftA
         raise AdapterFormatError(f"{path}: missing {ADAPTER_WEIGHTS}")
     if not os.path.isfile(cfg_path):
         raise AdapterFormatError(f"{path}: missing {ADAPTER_CONFIG}")
-    try:
-        with open(cfg_path) as fh:
-            config = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{cfg_path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{cfg_path}: expected a JSON object")
+    config = read_json_object(cfg_path, AdapterFormatError, "an adapter config")
     ptype = str(config.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise AdapterFormatError(f"{path}: peft_type is {ptype}, only LORA adapters can be compressed")

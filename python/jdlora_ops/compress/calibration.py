@@ -247,12 +247,10 @@ def load_stats(path: str | os.PathLike) -> CalibrationStats:
 
     path = os.path.abspath(os.fspath(path))
     mpath = os.path.join(path, MANIFEST)
-    try:
-        with open(mpath) as fh:
-            man = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"--calibration {path}: no readable {MANIFEST} ({exc})") from exc
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
+    from .._json import read_json_object
+
+    man = read_json_object(mpath, CalibrationError, "calibration stats")
+    if man.get("format") != FORMAT:
         raise CalibrationError(f"--calibration {path}: not a calibration stats directory (format {FORMAT!r} expected)")
     if int(man.get("format_version", 0)) > FORMAT_VERSION:
         raise CalibrationError(f"--calibration {path}: format version {man.get('format_version')} is newer than "

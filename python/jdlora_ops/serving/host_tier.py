@@ -3,9 +3,9 @@
 Two readers give the same view of a compressed collection (see
 :mod:`jdlora_ops.compress.result`): :class:`MemoryReader` over a
 :class:`~jdlora_ops.compress.result.CompressedCollection` already in memory,
-and :class:`StoreReader` over a store directory written by
-:func:`jdlora_ops.store.save_store`, read through memory-mapped safetensors so
-that only the clusters and adapters asked for are read from disk.
+and :class:`~jdlora_ops.store.StoreReader` over a store directory, read
+through memory-mapped safetensors so that only the clusters and adapters
+asked for are read from disk.
 
 :class:`HostTier` keeps what the device tier copies from: per cluster, the
 bases ``(U_k [d_out, r], Vt_k [r, d_in])`` of every module; per adapter, its
@@ -23,7 +23,6 @@ calls it under its lock.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -32,67 +31,10 @@ import torch
 
 from ..compress.collection import ModuleSpec
 from ..compress.result import CompressedCollection, sigma_is_diagonal
-from ..store import StoreError, read_manifest, verify_file
+from ..store import CollectionReader, StoreReader, tensor_bytes as _nbytes
 
+# The readers' interface and the store reader live with the store format (jdlora_ops.store).
 __all__ = ["CollectionReader", "MemoryReader", "StoreReader", "HostTier", "UncompressedAdapter"]
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-}
-
-
-def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class CollectionReader:
-    """What the host tier reads a compressed collection through.
-
-    Attributes: ``method`` (``"full"``, ``"diag"``, ``"svd"``, ``"none"``),
-    ``rank`` ``r``, ``diagonal`` (cores are ``[r]`` rather than ``[r, r]``),
-    ``modules`` (list of :class:`ModuleSpec`, the order of every per-module
-    list below), ``adapter_names``, ``assignment`` (int64 ``[n]`` cluster per
-    adapter, on the CPU), ``num_clusters`` ``K``, ``weights`` (the
-    objective's weights, ``"relative"`` or ``"uniform"``), ``base_model``
-    (or ``None``), ``configs`` (adapter name -> PEFT config), ``path`` (the
-    store directory or ``None``), ``nbytes`` (bytes of bases and cores as
-    stored).
-    """
-
-    method: str
-    rank: int
-    diagonal: bool
-    modules: list[ModuleSpec]
-    adapter_names: list[str]
-    assignment: torch.Tensor
-    num_clusters: int
-    weights: str
-    base_model: str | None
-    configs: dict
-    path: str | None
-    nbytes: int
-
-    def read_bases(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``[(U_k [d_out, r], Vt_k [r, d_in]) per module]`` of cluster ``k``."""
-        raise NotImplementedError
-
-    def read_cores(self, i: int) -> list[torch.Tensor]:
-        """``[Sigma_i per module]`` of adapter ``i`` (``[r, r]`` or ``[r]``)."""
-        raise NotImplementedError
-
-    def read_module_bases(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All clusters' bases of module ``m``: ``(U [K, d_out, r], Vt [K, r, d_in])``."""
-        raise NotImplementedError
-
-    def read_module_cores(self, m: int) -> torch.Tensor:
-        """All adapters' cores of module ``m``: ``[n, r, r]`` or ``[n, r]``."""
-        raise NotImplementedError
-
-    def individual_adapters(self) -> list[tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor]], dict | None]]:
-        """Adapters stored outside the joint tables (error budget): ``(name, {module: (A, B)},
-        config)``, with the scaling folded into ``B``. None by default."""
-        return []
-
 
 class MemoryReader(CollectionReader):
     """A :class:`CompressedCollection` held in memory (its tensors are shared, not copied)."""
@@ -135,137 +77,6 @@ class MemoryReader(CollectionReader):
 
     def individual_adapters(self):
         return [(ind.name, dict(ind.factors), self.configs.get(ind.name)) for ind in self.collection.individual.values()]
-
-
-class StoreReader(CollectionReader):
-    """A store directory, read through memory-mapped safetensors.
-
-    Opening reads the manifest and the tensor files' headers and checks them
-    against each other (a missing, truncated or mismatched file raises
-    :class:`jdlora_ops.store.StoreError`); tensor data is read only when asked
-    for, one cluster or adapter at a time. The files are kept open, so a store
-    rewritten in place (``save_store(update=True)`` replaces the manifest and
-    removes the old files) keeps serving the version that was opened.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.path = os.path.abspath(os.fspath(path))
-        m = read_manifest(self.path)
-        self.manifest = m
-        self.method = str(m["method"])
-        self.rank = int(m["rank"])
-        self.diagonal = sigma_is_diagonal(self.method)
-        try:
-            self.modules = [ModuleSpec(md["name"], int(md["d_out"]), int(md["d_in"])) for md in m["modules"]]
-            self.adapter_names = [str(a["name"]) for a in m["adapters"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"{self.path}: manifest entries are malformed ({exc!r})") from exc
-        self.num_clusters = int(m.get("num_clusters", 0))
-        self.weights = str(m.get("weights", "relative"))
-        self.base_model = m.get("base_model")
-        self.configs = {a["name"]: a["peft_config"] for a in m["adapters"] if "peft_config" in a}
-        self._files = {}
-        self._verified: set[str] = set()
-        for kind in ("bases", "cores"):
-            f = os.path.join(self.path, str(m["files"].get(kind, "")))
-            if not os.path.isfile(f):
-                raise StoreError(f"{self.path}: missing tensor file {m['files'].get(kind)!r} named by the manifest")
-            try:
-                self._files[kind] = safe_open(f, framework="pt")
-            except Exception as exc:  # safetensors raises its own error types for damaged files
-                raise StoreError(f"{f}: damaged tensor file ({exc})") from exc
-        n, K, r = len(self.adapter_names), self.num_clusters, self.rank
-        core_shape = (n, r) if self.diagonal else (n, r, r)
-        nbytes = 0
-        for spec in self.modules:
-            for kind, key, shape in (
-                ("bases", f"{spec.name}::U", (K, spec.d_out, r)),
-                ("bases", f"{spec.name}::Vt", (K, r, spec.d_in)),
-                ("cores", f"{spec.name}::sigma", core_shape),
-            ):
-                got, dt = self._header(kind, key)
-                if got != shape:
-                    raise StoreError(
-                        f"{self.path}: tensor {key} is {list(got)} in {m['files'][kind]}, the manifest implies {list(shape)}"
-                    )
-                nbytes += torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
-        self.nbytes = nbytes
-        got, _ = self._header("cores", "assignment")
-        if got != (n,):
-            raise StoreError(f"{self.path}: assignment is {list(got)}, expected [{n}]")
-        self.assignment = self._read("cores", "assignment").to(torch.int64)
-        if n and (int(self.assignment.min()) < 0 or int(self.assignment.max()) >= K):
-            raise StoreError(f"{self.path}: cluster assignment holds ids outside [0, {K})")
-        self._module_index = {s.name: j for j, s in enumerate(self.modules)}
-
-    def _header(self, kind: str, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        fh = self._files[kind]
-        try:
-            sl = fh.get_slice(key)
-        except Exception as exc:
-            raise StoreError(f"{self.path}: tensor {key} named by the manifest is missing from its file") from exc
-        dt = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-        if dt is None:
-            raise StoreError(f"{self.path}: tensor {key} has unsupported dtype {sl.get_dtype()}")
-        return tuple(int(x) for x in sl.get_shape()), dt
-
-    def _verify(self, kind: str) -> None:
-        # Hashing a file reads all of it, so a memory-mapped store checks each
-        # file once, just before its data is first used (headers were checked
-        # at open); a damaged file is then an error, never wrong output.
-        if kind not in self._verified:
-            verify_file(self.path, self.manifest, str(self.manifest["files"][kind]))
-            self._verified.add(kind)
-
-    def _read(self, kind: str, key: str, index: int | None = None) -> torch.Tensor:
-        self._verify(kind)
-        try:
-            sl = self._files[kind].get_slice(key)
-            t = sl[:] if index is None else sl[index : index + 1][0]
-        except Exception as exc:
-            raise StoreError(f"{self.path}: cannot read {key} from {self.manifest['files'][kind]} ({exc})") from exc
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise StoreError(f"{self.path}: {key} holds NaN or infinite values (the file is corrupt)")
-        return t
-
-    def read_bases(self, k):
-        return [(self._read("bases", f"{s.name}::U", k), self._read("bases", f"{s.name}::Vt", k)) for s in self.modules]
-
-    def read_cores(self, i):
-        return [self._read("cores", f"{s.name}::sigma", i) for s in self.modules]
-
-    def read_module_bases(self, m):
-        name = self.modules[m].name
-        return self._read("bases", f"{name}::U"), self._read("bases", f"{name}::Vt")
-
-    def read_module_cores(self, m):
-        return self._read("cores", f"{self.modules[m].name}::sigma")
-
-    def individual_adapters(self):
-        entries = self.manifest.get("individual") or []
-        if not entries:
-            return []
-        from safetensors import safe_open
-
-        fname = str((self.manifest.get("files") or {}).get("individual"))
-        f = os.path.join(self.path, fname)
-        if not os.path.isfile(f):
-            raise StoreError(f"{self.path}: missing tensor file {fname!r} of the individually stored adapters")
-        self._verify("individual")
-        out = []
-        try:
-            fh = safe_open(f, framework="pt")
-            for j, e in enumerate(entries):
-                factors = {mod: (fh.get_tensor(f"{j}::{mod}::A"), fh.get_tensor(f"{j}::{mod}::B"))
-                           for mod in e["modules"]}
-                out.append((str(e["name"]), factors, e.get("peft_config")))
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise StoreError(f"{f}: cannot read the individually stored adapters ({exc})") from exc
-        return out
 
 
 @dataclass

@@ -115,7 +115,7 @@ class PluginState:
         return self.reader is not None
 
     def open(self, path: str):
-        from ...serving.host_tier import StoreReader
+        from ...store import StoreReader
 
         if self.reader is None or self.path != path:
             self.reader = StoreReader(path)
