@@ -17,11 +17,7 @@ import fixtures  # noqa: E402
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_inputs")
-    model = root / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"hidden_size": 16, "intermediate_size": 24,
-                                                   "num_attention_heads": 2, "num_key_value_heads": 1,
-                                                   "num_hidden_layers": 1}))
+    model = fixtures.config_only_model(root / "model", layers=1)
     paths = fixtures.make_adapters(str(model), str(root / "adapters"), n=3, clusters=1, rank=2,
                                    targets=("q_proj", "v_proj"))
     return root, paths
@@ -65,11 +61,7 @@ def test_svd_rank_above_the_adapters_is_capped_and_reported_per_adapter(adapters
 
 
 def test_inspect_says_when_it_hides_the_module_table(tmp_path, capsys):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"hidden_size": 16, "intermediate_size": 24,
-                                                   "num_attention_heads": 2, "num_key_value_heads": 1,
-                                                   "num_hidden_layers": 2}))
+    model = fixtures.config_only_model(tmp_path / "model", layers=2)
     paths = fixtures.make_adapters(str(model), str(tmp_path / "ads"), n=2, clusters=1, rank=2)  # 14 modules
     assert cli(["compress", *paths, "--rank", "2", "--out", str(tmp_path / "s"), "-q"]) == 0
     capsys.readouterr()
@@ -81,11 +73,7 @@ def test_export_all_in_the_adapters_dtype_and_rank(tmp_path, capsys):
     import torch
     from safetensors.torch import load_file, save_file
 
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"hidden_size": 16, "intermediate_size": 24,
-                                                   "num_attention_heads": 2, "num_key_value_heads": 1,
-                                                   "num_hidden_layers": 1}))
+    model = fixtures.config_only_model(tmp_path / "model", layers=1)
     paths = fixtures.make_adapters(str(model), str(tmp_path / "ads"), n=3, clusters=3, rank=2,
                                    targets=("q_proj", "v_proj"))
     for p in paths:  # the adapters as users often have them: fp16

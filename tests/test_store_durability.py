@@ -22,11 +22,7 @@ import fixtures  # noqa: E402
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("durable")
-    model = root / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"hidden_size": 16, "intermediate_size": 24,
-                                                   "num_attention_heads": 2, "num_key_value_heads": 1,
-                                                   "num_hidden_layers": 1}))
+    model = fixtures.config_only_model(root / "model", layers=1)
     paths = fixtures.make_adapters(str(model), str(root / "ads"), n=5, clusters=1, rank=2,
                                    targets=("q_proj", "v_proj"))
     other = fixtures.make_adapters(str(model), str(root / "other"), n=1, clusters=1, rank=2, seed=9,

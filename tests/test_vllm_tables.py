@@ -3,7 +3,6 @@ slot handling and request checks (the engine itself is tested in tests_vllm/).""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from types import SimpleNamespace
@@ -26,11 +25,7 @@ SLOTS = 5
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_tables")
-    model = root / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"hidden_size": 32, "intermediate_size": 48,
-                                                   "num_attention_heads": 4, "num_key_value_heads": 2,
-                                                   "num_hidden_layers": 1}))
+    model = fixtures.config_only_model(root / "model", hidden=32, intermediate=48)
     ads = fixtures.make_adapters(str(model), str(root / "adapters"), n=4, clusters=2, rank=3)
     out = str(root / "store")
     assert cli(["compress", *ads, "--rank", "3", "--clusters", "4", "--out", out, "-q"]) == 0

@@ -56,6 +56,15 @@ def make_model(out: str, *, hidden: int = 128, layers: int = 2, heads: int = 2, 
     return out
 
 
+def config_only_model(out, *, layers: int = 1, hidden: int = 16, intermediate: int = 24) -> str:
+    """A folder with only a Llama-like ``config.json``: enough for :func:`make_adapters` (no weights)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as fh:
+        json.dump({"hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": 2,
+                   "num_key_value_heads": 1, "num_hidden_layers": layers}, fh)
+    return str(out)
+
+
 def module_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
     """Projection name -> (d_out, d_in) of the fixture model."""
     with open(os.path.join(model_dir, "config.json")) as fh:

@@ -259,7 +259,6 @@ def cmd_compress(args) -> int:
             else torch.float32
     save_store(out, result, overwrite=args.overwrite, dtype=store_dtype)
     s = result.summary()
-    mem = result.memory(2)
     count = result.metadata.get("cluster_count")
     if count:
         print("clusters auto (tradeoff %g): " % count["tradeoff"] + "; ".join(

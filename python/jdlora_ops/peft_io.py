@@ -22,18 +22,15 @@ lazily, one module at a time.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ._json import read_json_object
+from ._files import atomic_directory, read_json_object, write_json
 from .compress.collection import AdapterCollection, ModuleFactors, ModuleSpec, module_sort_key
 from .compress.result import CompressedCollection
 
@@ -360,31 +357,13 @@ def write_peft_adapter(
             raise FileExistsError(f"{out_dir}: exists and is not a directory")
         if os.listdir(out_dir) and not overwrite:
             raise FileExistsError(f"{out_dir}: exists and is not empty (pass overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out_dir) as tmp:
         tensors = {}
         for mod, (B, A) in factors.items():
             tensors[f"base_model.model.{mod}.lora_A.weight"] = A.detach().contiguous().cpu()
             tensors[f"base_model.model.{mod}.lora_B.weight"] = B.detach().contiguous().cpu()
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(os.path.join(tmp, ADAPTER_CONFIG), config, indent=2, sort_keys=True)
     return out_dir
 
 

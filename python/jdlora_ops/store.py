@@ -38,7 +38,6 @@ write removes).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 import secrets
@@ -48,7 +47,7 @@ from typing import Sequence
 
 import torch
 
-from ._json import read_json_object
+from ._files import read_json_object, write_json
 from .compress.collection import ModuleSpec
 from .compress.result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, sigma_is_diagonal
 
@@ -336,12 +335,8 @@ def save_store(
     return manifest
 
 
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+def _write_json(path: str, manifest: dict) -> None:
+    write_json(path, manifest, indent=1)  # a module-level step, so tests can fail it
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -68,7 +68,6 @@ def reconstruction_errors(f: ModuleFactors, U: torch.Tensor, Vt: torch.Tensor, s
     and ``G = V^T M M^T V``, the error is
     ``||dW M||^2 - 2 <P^T Q, Sigma> + <(U^T U) Sigma G, Sigma>``. Float64.
     """
-    n = f.num_adapters
     U, Vt, sigma = U.double(), Vt.double(), sigma.double()
     core = sigma if sigma.dim() == 3 else torch.diag_embed(sigma)
     VtM = Vt if M is None else Vt @ M.double()  # [K, r, d_in]

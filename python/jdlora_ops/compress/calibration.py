@@ -21,10 +21,7 @@ written atomically (assembled in a temporary sibling, renamed into place).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -195,14 +192,13 @@ def save_stats(stats: CalibrationStats, out: str | os.PathLike, *, overwrite: bo
     """Write ``stats`` as a stats directory (atomically); returns its path."""
     from safetensors.torch import save_file
 
+    from .._files import atomic_directory, write_json
+
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"--out {out}: exists (pass overwrite to replace it)")
     _check_moments(stats.second_moments, out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out) as tmp:
         save_file({m: c.contiguous().to(torch.float64) for m, c in stats.second_moments.items()},
                   os.path.join(tmp, TENSORS), metadata={"format": FORMAT})
         manifest = {
@@ -212,20 +208,7 @@ def save_stats(stats: CalibrationStats, out: str | os.PathLike, *, overwrite: bo
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **{k: v for k, v in stats.metadata.items() if k not in ("format", "modules")},
         }
-        with open(os.path.join(tmp, MANIFEST), "w") as fh:
-            json.dump(manifest, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if os.path.exists(out):
-            old = tmp + ".old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(os.path.join(tmp, MANIFEST), manifest, indent=2)
     return out
 
 
@@ -247,7 +230,7 @@ def load_stats(path: str | os.PathLike) -> CalibrationStats:
 
     path = os.path.abspath(os.fspath(path))
     mpath = os.path.join(path, MANIFEST)
-    from .._json import read_json_object
+    from .._files import read_json_object
 
     man = read_json_object(mpath, CalibrationError, "calibration stats")
     if man.get("format") != FORMAT:
