@@ -36,7 +36,7 @@ __device__ __forceinline__ int warp_stable_place(int key, int* cursor) {
 
 __global__ void __launch_bounds__(kMetaThreads)
     build_batch_meta_kernel(const __grid_constant__ BatchMetaParams p) {
-  extern __shared__ int s_meta[];
+  int* s_meta = dynamic_shared<int>();
   __shared__ int s_keys[kMetaThreads];
   __shared__ int s_scan[32];
 
