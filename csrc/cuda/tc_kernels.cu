@@ -110,7 +110,7 @@ bool launch_if_fits(Kern kernel, const KernelInfo& info, Kernel k, dim3 grid, in
   s.block = dim3(Cfg::kThreads);
   s.dynamic_smem = L.total;
   s.cluster = a.cl;
-  return launch_kernel(kernel, s, stream, p, a) == cudaSuccess;
+  return launch_kernel(kernel, info, s, stream, p, a) == cudaSuccess;
 }
 
 // Arguments of the kernels that split d_in over a cluster (shrink, fused).

@@ -60,7 +60,7 @@ inline const DeviceInfo& device_info() {
 struct KernelInfo {
   bool ok = false;
   size_t static_bytes = 0;  // its static __shared__ arrays
-  int arch = 0;             // the image's SASS architecture, e.g. 80 or 90
+  int arch = 0;             // the architecture its device code was compiled for, e.g. 80 or 90
 };
 
 inline KernelInfo kernel_info(const void* kernel) {
@@ -72,7 +72,10 @@ inline KernelInfo kernel_info(const void* kernel) {
   }
   k.ok = true;
   k.static_bytes = attr.sharedSizeBytes;
-  k.arch = attr.binaryVersion;
+  // __CUDA_ARCH__ of the code that runs is the PTX target it was compiled
+  // from (ptxVersion), which a JIT-compiled image can have below its SASS
+  // target (binaryVersion): the lower of the two is what the code was built for.
+  k.arch = attr.ptxVersion > 0 && attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion;
   return k;
 }
 
@@ -127,11 +130,12 @@ struct LaunchShape {
 // memory exceeds the device's limit, and cudaErrorInvalidConfiguration for a
 // cluster the image or the device cannot run; other errors are those of the
 // runtime. No error is left pending for cudaGetLastError either way.
+// `k` is kernel_info(kernel), for callers that needed it to size the launch.
 template <typename... P, typename... A>
-cudaError_t launch_kernel(void (*kernel)(P...), const LaunchShape& s, cudaStream_t stream, A&&... args) {
+cudaError_t launch_kernel(void (*kernel)(P...), const KernelInfo& k, const LaunchShape& s, cudaStream_t stream,
+                          A&&... args) {
   if (s.grid.x == 0 || s.grid.y == 0 || s.grid.z == 0) return cudaSuccess;
   const DeviceInfo& dev = device_info();
-  const KernelInfo k = kernel_info(reinterpret_cast<const void*>(kernel));
   if (!k.ok) return cudaErrorInvalidDeviceFunction;
   if (s.cluster > 1 && (!clusters_available(dev, k) || s.grid.x % s.cluster != 0))
     return cudaErrorInvalidConfiguration;
@@ -168,6 +172,12 @@ cudaError_t launch_kernel(void (*kernel)(P...), const LaunchShape& s, cudaStream
   const cudaError_t e = enqueue(cfg, kernel, std::forward<A>(args)...);
   if (e != cudaSuccess) cudaGetLastError();
   return e;
+}
+
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), const LaunchShape& s, cudaStream_t stream, A&&... args) {
+  return launch_kernel(kernel, kernel_info(reinterpret_cast<const void*>(kernel)), s, stream,
+                       std::forward<A>(args)...);
 }
 
 }  // namespace jdlora::cuda
