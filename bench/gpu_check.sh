@@ -5,9 +5,11 @@
 #
 #   1. build the package with that machine's torch (editable install, the
 #      carried nvidia-cutlass wheel installed into /tmp/site for its headers);
-#   2. pytest tests/test_cuda.py tests/test_opcheck.py;
+#   2. pytest tests/test_cuda.py tests/test_opcheck.py and the serving cache's CUDA test;
 #   3. a reduced selection of the same tests under compute-sanitizer memcheck
-#      (and two under racecheck), where the runtime allows the sanitizer;
+#      (with the inputs of the issue-12 defects and the serving cache's CUDA
+#      test), and one small case per kernel (a cluster of 8 included) under
+#      racecheck and synccheck, where the runtime allows the sanitizer;
 #   4. the benchmark sweep (bench/gpu_sweep.py);
 #
 # writing JSON, markdown, the plot and the logs to $OUT (8 files), and the
@@ -131,7 +133,8 @@ if has_stage tests; then
   $PY -c 'import xdist' 2>/dev/null && XDIST="-n $WORKERS"
   TIMEOUT_OPT=""
   $PY -c 'import pytest_timeout' 2>/dev/null && TIMEOUT_OPT="--timeout 120 --timeout-method=thread"
-  (cd tests && timeout -k 10 "$(limit 150 200)" $PY -m pytest test_cuda.py test_opcheck.py -p no:cacheprovider -q \
+  (cd tests && timeout -k 10 "$(limit 150 200)" $PY -m pytest test_cuda.py test_opcheck.py \
+    test_serving_cache.py::test_cuda_pinned_host_side_stream_and_events -p no:cacheprovider -q \
     -rfE $XDIST $TIMEOUT_OPT) >"$OUT/pytest.log" 2>&1
   TESTS_RC=$?
   note "## tests: rc $TESTS_RC in $(($(now) - t0)) s"
@@ -165,10 +168,37 @@ if has_stage sanitizer; then
     "test_cuda.py::test_jd_fused[float32-16-111-133-zipf]"
     "test_cuda.py::test_multi_slice_expand_fused[misaligned-bfloat16-4096-16-133-zipf]"
     "test_cuda.py::test_cuda_graph_every_op[48]"
+    # The inputs that triggered the launch and fp16 defects of issue 12.
+    "test_cuda.py::test_build_batch_meta_static_plus_dynamic_shared[5553-64]"
+    "test_cuda.py::test_simple_fused_at_the_shared_memory_edge[383-float32]"
+    "test_cuda.py::test_simple_fused_at_the_shared_memory_edge[384-bfloat16]"
+    "test_cuda.py::test_simple_expand_at_the_shared_memory_edge[767]"
+    "test_cuda.py::test_rank_beyond_shared_memory_is_a_clear_error"
+    "test_cuda.py::test_fp16_expand_g_beyond_half_range[large-20]"
+    "test_cuda.py::test_fp16_expand_g_beyond_half_range[tiny-1100]"
+    "test_cuda.py::test_fp16_fused_h_beyond_half_range"
+    "test_cuda.py::test_cluster_split_follows_the_image[bfloat16]"
+    "test_cuda.py::test_largest_tensor_core_tiles[1100]"
+    # The serving cache: pinned host tiers, side-stream copies and events.
+    "test_serving_cache.py::test_cuda_pinned_host_side_stream_and_events"
   )
-  RACECHECK_TESTS=(
+  # One small case per kernel for racecheck and synccheck (both replay every
+  # shared-memory access, so sizes stay small): build_batch_meta; the simple
+  # shrink, core, expand and fused (fp32); the tensor-core shrink, expand and
+  # fused with decode tiles, and with a cluster of 8 (one window, d_in 1024,
+  # on sm_90); prefill tiles; the fp16 row scaling of g.
+  SHARED_TESTS=(
+    "test_cuda.py::test_build_batch_meta[133-zipf]"
+    "test_cuda.py::test_jd_shrink[float32-16-111-7-zipf]"
+    "test_cuda.py::test_jd_core[float32-16-7-zipf]"
+    "test_cuda.py::test_jd_expand[float32-16-111-7-zipf]"
+    "test_cuda.py::test_jd_fused[float32-16-111-7-zipf]"
+    "test_cuda.py::test_fast_shrink[bfloat16-16-133-zipf-1000-25-1024]"
+    "test_cuda.py::test_fast_expand[bfloat16-16-133-zipf-1000-25-1024]"
     "test_cuda.py::test_fast_fused[bfloat16-16-133-zipf-1000-25-1024]"
-    "test_cuda.py::test_fast_expand[bfloat16-16-1024-uniform-1000-25-1024]"
+    "test_cuda.py::test_cluster_split_follows_the_image[bfloat16]"
+    "test_cuda.py::test_fast_fused[float16-64-1500-skewed-64-1-200]"
+    "test_cuda.py::test_fp16_expand_g_beyond_half_range[large-20]"
   )
   # No separate probe: starting torch under the sanitizer costs tens of
   # seconds. A runtime that refuses the sanitizer (gVisor: "Device not
@@ -176,17 +206,23 @@ if has_stage sanitizer; then
   if [[ -x "$SAN" ]]; then
     # Without the caching allocator an out-of-bounds access lands outside any
     # allocation instead of in a neighbour inside the same cached segment.
-    (cd tests && PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$(limit 80 150)" "$SAN" --tool memcheck \
+    echo "== memcheck" >"$OUT/sanitizer.log"
+    (cd tests && PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$(limit 110 200)" "$SAN" --tool memcheck \
       --error-exitcode 86 --print-limit 30 $PY -m pytest -p no:cacheprovider -q -x "${MEMCHECK_TESTS[@]}") \
-      >"$OUT/sanitizer.log" 2>&1
+      >>"$OUT/sanitizer.log" 2>&1
     MEM_RC=$?
     if grep -qiE "not supported|error 999" "$OUT/sanitizer.log" && ! grep -q "passed" "$OUT/sanitizer.log"; then
       note "## compute-sanitizer: refused by this runtime (see sanitizer.log)"
     else
-      (cd tests && timeout -k 10 "$(limit 40 120)" "$SAN" --tool racecheck --error-exitcode 87 --print-limit 30 \
-        $PY -m pytest -p no:cacheprovider -q -x "${RACECHECK_TESTS[@]}") >>"$OUT/sanitizer.log" 2>&1
+      echo "== racecheck" >>"$OUT/sanitizer.log"
+      (cd tests && timeout -k 10 "$(limit 60 140)" "$SAN" --tool racecheck --error-exitcode 87 --print-limit 30 \
+        $PY -m pytest -p no:cacheprovider -q -x "${SHARED_TESTS[@]}") >>"$OUT/sanitizer.log" 2>&1
       RACE_RC=$?
-      note "## compute-sanitizer: memcheck rc $MEM_RC, racecheck rc $RACE_RC in $(($(now) - t0)) s (0: clean, 86/87: errors found, 124: stage time limit)"
+      echo "== synccheck" >>"$OUT/sanitizer.log"
+      (cd tests && timeout -k 10 "$(limit 50 90)" "$SAN" --tool synccheck --error-exitcode 88 --print-limit 30 \
+        $PY -m pytest -p no:cacheprovider -q -x "${SHARED_TESTS[@]}") >>"$OUT/sanitizer.log" 2>&1
+      SYNC_RC=$?
+      note "## compute-sanitizer: memcheck rc $MEM_RC, racecheck rc $RACE_RC, synccheck rc $SYNC_RC in $(($(now) - t0)) s (0: clean, 86/87/88: errors found, 124: stage time limit)"
     fi
   else
     echo "compute-sanitizer not found" >"$OUT/sanitizer.log"
@@ -194,7 +230,7 @@ if has_stage sanitizer; then
   fi
   note ""
   note '```'
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|Invalid|Race|rror" "$OUT/sanitizer.log" | head -30 | tee -a "$SUMMARY"
+  grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|Invalid|Race|Barrier|rror" "$OUT/sanitizer.log" | head -40 | tee -a "$SUMMARY"
   note '```'
 fi
 

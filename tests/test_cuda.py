@@ -792,3 +792,148 @@ def test_compile_reduce_overhead(T):
         out = layer(xv.to(DEV), y0.to(DEV), meta)
         out = {k: v.clone() for k, v in out.items()}
         L.check(m, xv, y0, out, f"compiled {pattern}")
+
+
+# --- launch limits and numeric edges found by reading the code (issue 12) ----------
+#
+# Each uses the inputs that triggered the defect; the host emulation
+# (csrc/cuda/emulation/launch_emulation.cpp) runs the same decisions on
+# emulated devices on every CI run.
+
+# build_batch_meta keeps 4224 bytes of static shared memory besides 8 bytes
+# per adapter slot and cluster: from A + C = 5617 the block needs more than
+# 48 KiB and the launch must opt in (5616 is the last that does not).
+@pytest.mark.parametrize("A,C", [(5552, 64), (5553, 64), (5700, 64), (6080, 64), (6081, 64)])
+def test_build_batch_meta_static_plus_dynamic_shared(A, C):
+    b = make_batch("uniform", 4096, seed_of("meta-smem", A, C), device=DEV, A=A, C=C)
+    assert_meta(b.meta, b.T, R.build_batch_meta(b.mapping, b.adapter_cluster, C))
+
+
+def simple_case(T, d, r, dtype, seed):
+    b = make_batch("uniform", T, seed, device=DEV, A=6, C=2)
+    g = gen(seed)
+    x = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    S = randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y = randn(b.T, d, dtype=dtype, gen=g, device=DEV)
+    gin = randn(1, b.T, r, gen=g, device=DEV)
+    return b, x, V, S, U, y, gin
+
+
+# The simple fused kernel holds 2 x 16 x r fp32 values (r = 384: exactly
+# 48 KiB) besides its static token arrays; r = 383 / 384 failed to launch.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("r", [383, 384])
+def test_simple_fused_at_the_shared_memory_edge(r, dtype):
+    b, x, V, S, U, y, _ = simple_case(5, 24, r, dtype, seed_of("fused-edge", r))
+    ref = R.jd_fused(x, [V], [S], [U], [0], b.mapping, b.adapter_cluster, y)
+    jdlora_ops.jd_fused(x, V, S, U, b.meta, y)
+    assert_close(y, ref, dtype, "y")
+
+
+# The simple expand kernel: 16 x r fp32 values; r = 767 / 768 failed.
+@pytest.mark.parametrize("r", [767, 768])
+def test_simple_expand_at_the_shared_memory_edge(r):
+    b, _, _, _, U, y, gin = simple_case(5, 8, r, torch.float32, seed_of("expand-edge", r))
+    ref = R.jd_expand(gin, [U], [0], b.mapping, b.adapter_cluster, y)
+    jdlora_ops.jd_expand(gin, U, b.meta, y)
+    assert_close(y, ref, torch.float32, "y")
+
+
+def test_rank_beyond_shared_memory_is_a_clear_error():
+    """r = 2000 needs 256000 bytes in the simple fused kernel, more than any current GPU offers a block."""
+    b, x, V, S, U, y, _ = simple_case(3, 8, 2000, torch.float32, seed_of("too-large"))
+    y0 = y.clone()
+    with pytest.raises(RuntimeError, match=r"jd_fused: rank 2000 needs more shared memory"):
+        jdlora_ops.jd_fused(x, V, S, U, b.meta, y)
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)
+    # The failure leaves nothing behind for the next op.
+    jdlora_ops.jd_expand(torch.zeros(1, b.T, 16, device=DEV), randn(b.C, 8, 16, device=DEV), b.meta, y)
+    torch.cuda.synchronize()
+
+
+# fp16 tensor-core expand splits g into hi + lo halves: |g| >= 65520 gave
+# inf - inf = NaN, and |g| ~ 1e-6 (below fp16's normal range) lost most of
+# its bits. Large g with small U keeps y in range; tiny g with large U too.
+@pytest.mark.parametrize("T", [20, 1100])
+@pytest.mark.parametrize("magnitude", ["large", "tiny"])
+def test_fp16_expand_g_beyond_half_range(magnitude, T):
+    dtype, d, r = torch.float16, 64, 16
+    b = make_batch("uniform", T, seed_of("fp16-range", magnitude, T), device=DEV, A=8, C=2)
+    g = gen(seed_of("fp16-range-data", magnitude, T))
+    g_scale, u_scale = (1e5, 1e-3) if magnitude == "large" else (1e-6, 1e3)
+    gin = randn(1, b.T, r, scale=g_scale, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=u_scale * r**-0.5, gen=g, device=DEV)
+    B = randn(b.A, d, r, dtype=dtype, scale=u_scale * r**-0.5, gen=g, device=DEV)
+    for name, run, ref in [
+        ("jd_expand", lambda y: jdlora_ops.jd_expand(gin, U, b.meta, y),
+         lambda y: R.jd_expand(gin, [U], [0], b.mapping, b.adapter_cluster, y)),
+        ("lora_expand", lambda y: jdlora_ops.lora_expand(gin, B, b.meta, y),
+         lambda y: R.lora_expand(gin, [B], [0], b.mapping, y)),
+    ]:
+        y = torch.zeros(b.T, d, dtype=dtype, device=DEV)
+        want = ref(y)
+        run(y)
+        assert torch.isfinite(y).all(), f"{name}: non-finite y"
+        err = float((y.cpu().double() - want).abs().max())
+        assert err <= 2e-3 * float(want.abs().max()), f"{name}: error {err:.3e} vs max |y| {float(want.abs().max()):.3e}"
+
+
+def test_fp16_fused_h_beyond_half_range():
+    """x ~ 1e4 and V ~ 8 / sqrt(d): h and g pass 65520 inside the fused kernel."""
+    dtype, T, d, r = torch.float16, 16, 64, 16
+    b = make_batch("uniform", T, seed_of("fp16-fused-range"), device=DEV, A=8, C=2)
+    g = gen(seed_of("fp16-fused-range-data"))
+    x = randn(T, d, dtype=dtype, scale=1e4, gen=g, device=DEV).clamp(-6e4, 6e4)
+    V = randn(b.C, r, d, dtype=dtype, scale=8 * d**-0.5, gen=g, device=DEV)
+    S = randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=1e-3 * r**-0.5, gen=g, device=DEV)
+    y = randn(T, d, dtype=dtype, gen=g, device=DEV)
+    ref = R.jd_fused(x, [V], [S], [U], [0], b.mapping, b.adapter_cluster, y)
+    assert float(R.jd_shrink(x, [V], b.mapping, b.adapter_cluster).abs().max()) > 65520
+    jdlora_ops.jd_fused(x, V, S, U, b.meta, y)
+    assert torch.isfinite(y).all()
+    assert_close(y, ref, dtype, "y")
+
+
+# On an sm_90 device the launchers split d_in over a cluster of 8 for this
+# call (one window, d_in = 1024). Clusters are now decided from the loaded
+# image: with a build for sm_80 only (JDLORA_CUDA_ARCHS=80) on an sm_90 device
+# the same call must run without clusters and still match.
+@pytest.mark.parametrize("dtype", FAST_DTYPES, ids=dtype_id)
+def test_cluster_split_follows_the_image(dtype):
+    T, d, r = 16, 1024, 16
+    b = make_batch("uniform", T, seed_of("cluster-image"), device=DEV, A=20, C=3)
+    g = gen(seed_of("cluster-image-data"))
+    x = randn(T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    S = randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    U = randn(b.C, d, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y = randn(T, d, dtype=dtype, gen=g, device=DEV)
+    h = torch.full((1, T, r), float("nan"), device=DEV)
+    jdlora_ops.jd_shrink(x, V, b.meta, out=h)
+    assert_close(h, R.jd_shrink(x, [V], b.mapping, b.adapter_cluster), dtype, "h")
+    ref = R.jd_fused(x, [V], [S], [U], [0], b.mapping, b.adapter_cluster, y)
+    jdlora_ops.jd_fused(x, V, S, U, b.meta, y)
+    assert_close(y, ref, dtype, "y")
+
+
+# The tensor-core tiles that need the most shared memory (r = 128, prefill
+# windows): they opt in above 48 KiB; when a launch cannot run, the op falls
+# back to the simple kernels instead of reporting success with nothing done.
+@pytest.mark.parametrize("T", [16, 1100])
+def test_largest_tensor_core_tiles(T):
+    dtype, d, r = torch.bfloat16, 5128, 128
+    b = make_batch("zipf", T, seed_of("largest-tiles", T), device=DEV, A=64, C=4)
+    g = gen(seed_of("largest-tiles-data", T))
+    x = randn(T, d, dtype=dtype, gen=g, device=DEV)
+    V = randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g, device=DEV)
+    S = randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    U = randn(b.C, 256, r, dtype=dtype, scale=r**-0.5, gen=g, device=DEV)
+    y = randn(T, 256, dtype=dtype, gen=g, device=DEV)
+    ref = R.jd_fused(x, [V], [S], [U], [0], b.mapping, b.adapter_cluster, y)
+    jdlora_ops.jd_fused(x, V, S, U, b.meta, y)
+    torch.cuda.synchronize()
+    assert_close(y, ref, dtype, "y")

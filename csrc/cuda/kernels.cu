@@ -14,6 +14,7 @@
 #include "jdlora/cuda/core.cuh"
 #include "jdlora/cuda/expand.cuh"
 #include "jdlora/cuda/fused.cuh"
+#include "jdlora/cuda/launch.h"
 #include "jdlora/cuda/launchers.h"
 #include "jdlora/cuda/shrink.cuh"
 #include "jdlora/cuda/tc_launchers.h"
@@ -28,9 +29,6 @@ bool env_flag(const char* name) {
 
 // Read once, when the library is loaded.
 const bool kSimpleOnly = env_flag("JDLORA_CUDA_SIMPLE");
-
-// Dynamic shared memory a kernel gets without opting in.
-constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
 // Enough blocks for about two per SM on the largest current GPUs; below that,
 // token tiles shrink to add blocks.
@@ -86,89 +84,80 @@ int tile_tokens(int num_tokens, int64_t blocks_per_tile) {
   return tile;
 }
 
-// Kernels needing more than the default dynamic shared memory must opt in
-// (large r only). A failure shows up in the launch error.
-template <typename Kernel>
-void allow_shared_bytes(Kernel kernel, size_t bytes) {
-  if (bytes > kDefaultSharedBytes)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+LaunchShape shape(int64_t grid_x, int64_t grid_y, int threads, size_t smem = 0) {
+  LaunchShape s;
+  s.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+  s.block = dim3(static_cast<unsigned>(threads));
+  s.dynamic_smem = smem;
+  return s;
 }
 
-void shrink(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
+cudaError_t shrink(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
   const int row_tiles = static_cast<int>(ceil_div(p.h.r, kShrinkRowsPerBlock));
   const int64_t slices_rows = static_cast<int64_t>(p.weights.num_slices) * row_tiles;
-  if (slices_rows == 0) return;
+  if (slices_rows == 0) return cudaSuccess;
   const int tile = tile_tokens(p.seg.num_tokens, slices_rows);
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seg.num_tokens, tile)), static_cast<unsigned>(slices_rows));
+  const LaunchShape s = shape(ceil_div(p.seg.num_tokens, tile), slices_rows, kShrinkThreads);
+  cudaError_t err = cudaSuccess;
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int vec = kVec16<T>;
     const bool v = rows_vectorizable(p.x, vec) && stacks_vectorizable(p.weights, vec);
     with_vec<T>(v, [&](auto V) {
-      shrink_kernel<T, decltype(V)::value><<<grid, kShrinkThreads, 0, stream>>>(p, tile, row_tiles);
+      err = launch_kernel(shrink_kernel<T, decltype(V)::value>, s, stream, p, tile, row_tiles);
     });
   });
+  return err;
 }
 
-void expand(const ExpandParams& p, DType dtype, cudaStream_t stream) {
+cudaError_t expand(const ExpandParams& p, DType dtype, cudaStream_t stream) {
   int64_t col_tiles = 0;
   for (int s = 0; s < p.weights.num_slices; ++s) col_tiles += ceil_div(p.weights.stack[s].rows, kExpandCols);
-  if (col_tiles == 0) return;
+  if (col_tiles == 0) return cudaSuccess;
   const int tile = tile_tokens(p.seg.num_tokens, col_tiles);
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seg.num_tokens, tile)), static_cast<unsigned>(col_tiles));
-  const size_t smem = sizeof(float) * kMaxTileTokens * static_cast<size_t>(p.g.r);
+  const LaunchShape s = shape(ceil_div(p.seg.num_tokens, tile), col_tiles, kExpandThreads,
+                              simple_expand_shared_bytes(p.g.r));
+  cudaError_t err = cudaSuccess;
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int vec = kVec16<T>;
     with_vec<T>(stacks_vectorizable(p.weights, vec), [&](auto V) {
-      auto kernel = expand_kernel<T, decltype(V)::value>;
-      allow_shared_bytes(kernel, smem);
-      kernel<<<grid, kExpandThreads, smem, stream>>>(p, tile);
+      err = launch_kernel(expand_kernel<T, decltype(V)::value>, s, stream, p, tile);
     });
   });
+  return err;
 }
 
 }  // namespace
+
+size_t simple_expand_shared_bytes(int r) { return sizeof(float) * kMaxTileTokens * static_cast<size_t>(r); }
+
+size_t simple_fused_shared_bytes(int r) { return sizeof(float) * 2 * kMaxTileTokens * static_cast<size_t>(r); }
 
 size_t build_batch_meta_shared_bytes(const BatchMetaParams& p) {
   return batch_meta_smem_bytes(p.num_adapters, p.num_clusters);
 }
 
 size_t build_batch_meta_shared_limit() {
-  int device = 0;
-  int optin = 0;
-  cudaFuncAttributes attr{};
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaFuncGetAttributes(&attr, build_batch_meta_kernel) != cudaSuccess) {
-    return 0;
-  }
-  return static_cast<size_t>(optin) > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
+  return max_dynamic_shared(device_info(), kernel_info(reinterpret_cast<const void*>(build_batch_meta_kernel)));
 }
 
 cudaError_t build_batch_meta_cuda(const BatchMetaParams& p, cudaStream_t stream) {
-  const size_t smem = build_batch_meta_shared_bytes(p);
-  if (smem > kDefaultSharedBytes) {
-    if (smem > build_batch_meta_shared_limit()) return cudaErrorInvalidValue;
-    const cudaError_t e = cudaFuncSetAttribute(
-        build_batch_meta_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
-  build_batch_meta_kernel<<<1, kMetaThreads, smem, stream>>>(p);
-  return cudaSuccess;
+  return launch_kernel(build_batch_meta_kernel, shape(1, 1, kMetaThreads, build_batch_meta_shared_bytes(p)), stream,
+                       p);
 }
 
-void jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
-  if (!kSimpleOnly && tc_shrink_cuda(p, dtype, stream)) return;
-  shrink(p, dtype, stream);
+cudaError_t jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_shrink_cuda(p, dtype, stream)) return cudaSuccess;
+  return shrink(p, dtype, stream);
 }
 
-void lora_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
-  if (!kSimpleOnly && tc_shrink_cuda(p, dtype, stream)) return;
-  shrink(p, dtype, stream);
+cudaError_t lora_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_shrink_cuda(p, dtype, stream)) return cudaSuccess;
+  return shrink(p, dtype, stream);
 }
 
-void jd_core_cuda(const CoreParams& p, DType dtype, cudaStream_t stream) {
+cudaError_t jd_core_cuda(const CoreParams& p, DType dtype, cudaStream_t stream) {
   const int r = p.h.r;
   // Lanes per (slice, token): about r, so that small ranks do not idle most
   // of a warp.
@@ -176,35 +165,35 @@ void jd_core_cuda(const CoreParams& p, DType dtype, cudaStream_t stream) {
   while (lanes > 1 && lanes / 2 >= r) lanes /= 2;
   const int items_per_block = kCoreThreads / lanes;
   const int64_t items = static_cast<int64_t>(p.weights.num_slices) * p.num_tokens;
-  const dim3 grid(static_cast<unsigned>(ceil_div(items, items_per_block)));
-  const size_t smem = sizeof(float) * items_per_block * (static_cast<size_t>(r) + 1);
+  const LaunchShape s = shape(ceil_div(items, items_per_block), 1, kCoreThreads,
+                              sizeof(float) * items_per_block * (static_cast<size_t>(r) + 1));
+  cudaError_t err = cudaSuccess;
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int vec = kVec16<T>;
     with_vec<T>(stacks_vectorizable(p.weights, vec, /*skip_diagonal=*/true), [&](auto V) {
-      auto kernel = core_kernel<T, decltype(V)::value>;
-      allow_shared_bytes(kernel, smem);
-      kernel<<<grid, kCoreThreads, smem, stream>>>(p, lanes);
+      err = launch_kernel(core_kernel<T, decltype(V)::value>, s, stream, p, lanes);
     });
   });
+  return err;
 }
 
-void jd_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
-  if (!kSimpleOnly && tc_expand_cuda(p, dtype, stream)) return;
-  expand(p, dtype, stream);
+cudaError_t jd_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_expand_cuda(p, dtype, stream)) return cudaSuccess;
+  return expand(p, dtype, stream);
 }
 
-void lora_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
-  if (!kSimpleOnly && tc_expand_cuda(p, dtype, stream)) return;
-  expand(p, dtype, stream);
+cudaError_t lora_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_expand_cuda(p, dtype, stream)) return cudaSuccess;
+  return expand(p, dtype, stream);
 }
 
-void jd_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
-  if (!kSimpleOnly && tc_fused_cuda(p, dtype, stream)) return;
+cudaError_t jd_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
+  if (!kSimpleOnly && tc_fused_cuda(p, dtype, stream)) return cudaSuccess;
   const int S = p.shrink.num_slices;
   const int tile = tile_tokens(p.seg.num_tokens, S);
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seg.num_tokens, tile)), static_cast<unsigned>(S));
-  const size_t smem = sizeof(float) * 2 * kMaxTileTokens * static_cast<size_t>(p.r);
+  const LaunchShape s = shape(ceil_div(p.seg.num_tokens, tile), S, kFusedThreads, simple_fused_shared_bytes(p.r));
+  cudaError_t err = cudaSuccess;
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int vec = kVec16<T>;
@@ -212,11 +201,10 @@ void jd_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
                    stacks_vectorizable(p.core, vec, /*skip_diagonal=*/true) &&
                    stacks_vectorizable(p.expand, vec);
     with_vec<T>(v, [&](auto V) {
-      auto kernel = fused_kernel<T, decltype(V)::value>;
-      allow_shared_bytes(kernel, smem);
-      kernel<<<grid, kFusedThreads, smem, stream>>>(p, tile);
+      err = launch_kernel(fused_kernel<T, decltype(V)::value>, s, stream, p, tile);
     });
   });
+  return err;
 }
 
 }  // namespace jdlora::cuda

@@ -14,14 +14,23 @@
 namespace jdlora::torch_ext {
 namespace {
 
+// cudaErrorInvalidValue from a launcher: the kernel's shared memory does not
+// fit a block of this device (nothing was launched).
+void check_launch(const char* op, cudaError_t err, int64_t r) {
+  TORCH_CHECK(err != cudaErrorInvalidValue, op, ": rank ", r,
+              " needs more shared memory per block than one block of this device can have;"
+              " use a smaller rank");
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Every op but build_batch_meta has nothing to do for an empty batch; the
 // launch goes on the current stream of the output's device.
 template <typename Launch>
-void launch_on(const at::Device& device, int32_t num_tokens, Launch&& launch) {
+void launch_on(const char* op, const at::Device& device, int32_t num_tokens, int64_t r, Launch&& launch) {
   if (num_tokens == 0) return;
   const c10::cuda::CUDAGuard guard(device);
-  launch(c10::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch(op, launch(c10::cuda::getCurrentCUDAStream().stream()), r);
 }
 
 void build_batch_meta_cuda_impl(const at::Tensor& token_lora_mapping,
@@ -46,7 +55,7 @@ void build_batch_meta_cuda_impl(const at::Tensor& token_lora_mapping,
               "build_batch_meta: ", p.num_adapters, " adapter slots and ", p.num_clusters,
               " clusters need ", cuda::build_batch_meta_shared_bytes(p),
               " bytes of shared memory, more than the ", cuda::build_batch_meta_shared_limit(),
-              " one block of this device has");
+              " one block of this device can have besides the kernel's own");
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -57,8 +66,8 @@ void jd_shrink_cuda_impl(const at::Tensor& x, at::TensorList V_stacks,
                          const at::Tensor& cluster_token_start, const at::Tensor& h) {
   const ShrinkParams p = jd_shrink_params(x, V_stacks, token_indices_sorted, active_cluster_ids,
                                           cluster_token_start, h);
-  launch_on(x.device(), p.seg.num_tokens,
-            [&](cudaStream_t stream) { cuda::jd_shrink_cuda(p, to_dtype(x.scalar_type()), stream); });
+  launch_on("jd_shrink", x.device(), p.seg.num_tokens, p.h.r,
+            [&](cudaStream_t stream) { return cuda::jd_shrink_cuda(p, to_dtype(x.scalar_type()), stream); });
 }
 
 void lora_shrink_cuda_impl(const at::Tensor& x, at::TensorList A_stacks, const at::Tensor& scales,
@@ -67,15 +76,16 @@ void lora_shrink_cuda_impl(const at::Tensor& x, at::TensorList A_stacks, const a
                            const at::Tensor& lora_token_start_loc, const at::Tensor& h) {
   const ShrinkParams p = lora_shrink_params(x, A_stacks, scales, token_indices_sorted,
                                             active_lora_ids, lora_token_start_loc, h);
-  launch_on(x.device(), p.seg.num_tokens,
-            [&](cudaStream_t stream) { cuda::lora_shrink_cuda(p, to_dtype(x.scalar_type()), stream); });
+  launch_on("lora_shrink", x.device(), p.seg.num_tokens, p.h.r,
+            [&](cudaStream_t stream) { return cuda::lora_shrink_cuda(p, to_dtype(x.scalar_type()), stream); });
 }
 
 void jd_core_cuda_impl(const at::Tensor& h, at::TensorList S_stacks,
                        const at::Tensor& token_lora_mapping, const at::Tensor& g) {
   const CoreParams p = jd_core_params(h, S_stacks, token_lora_mapping, g);
-  launch_on(h.device(), p.num_tokens,
-            [&](cudaStream_t stream) { cuda::jd_core_cuda(p, to_dtype(S_stacks[0].scalar_type()), stream); });
+  launch_on("jd_core", h.device(), p.num_tokens, p.h.r, [&](cudaStream_t stream) {
+    return cuda::jd_core_cuda(p, to_dtype(S_stacks[0].scalar_type()), stream);
+  });
 }
 
 void jd_expand_cuda_impl(const at::Tensor& g, at::TensorList U_stacks,
@@ -84,8 +94,8 @@ void jd_expand_cuda_impl(const at::Tensor& g, at::TensorList U_stacks,
                          const at::Tensor& cluster_token_start, const at::Tensor& y) {
   const ExpandParams p = jd_expand_params(g, U_stacks, slice_offsets, token_indices_sorted,
                                           active_cluster_ids, cluster_token_start, y);
-  launch_on(y.device(), p.seg.num_tokens,
-            [&](cudaStream_t stream) { cuda::jd_expand_cuda(p, to_dtype(y.scalar_type()), stream); });
+  launch_on("jd_expand", y.device(), p.seg.num_tokens, p.g.r,
+            [&](cudaStream_t stream) { return cuda::jd_expand_cuda(p, to_dtype(y.scalar_type()), stream); });
 }
 
 void lora_expand_cuda_impl(const at::Tensor& h, at::TensorList B_stacks,
@@ -94,8 +104,8 @@ void lora_expand_cuda_impl(const at::Tensor& h, at::TensorList B_stacks,
                            const at::Tensor& lora_token_start_loc, const at::Tensor& y) {
   const ExpandParams p = lora_expand_params(h, B_stacks, slice_offsets, token_indices_sorted,
                                             active_lora_ids, lora_token_start_loc, y);
-  launch_on(y.device(), p.seg.num_tokens,
-            [&](cudaStream_t stream) { cuda::lora_expand_cuda(p, to_dtype(y.scalar_type()), stream); });
+  launch_on("lora_expand", y.device(), p.seg.num_tokens, p.g.r,
+            [&](cudaStream_t stream) { return cuda::lora_expand_cuda(p, to_dtype(y.scalar_type()), stream); });
 }
 
 void jd_fused_cuda_impl(const at::Tensor& x, at::TensorList V_stacks, at::TensorList S_stacks,
@@ -107,8 +117,8 @@ void jd_fused_cuda_impl(const at::Tensor& x, at::TensorList V_stacks, at::Tensor
   const FusedParams p = jd_fused_params(x, V_stacks, S_stacks, U_stacks, slice_offsets,
                                         token_lora_mapping, token_indices_sorted,
                                         active_cluster_ids, cluster_token_start, y);
-  launch_on(x.device(), p.seg.num_tokens,
-            [&](cudaStream_t stream) { cuda::jd_fused_cuda(p, to_dtype(x.scalar_type()), stream); });
+  launch_on("jd_fused", x.device(), p.seg.num_tokens, p.r,
+            [&](cudaStream_t stream) { return cuda::jd_fused_cuda(p, to_dtype(x.scalar_type()), stream); });
 }
 
 }  // namespace

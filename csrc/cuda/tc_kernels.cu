@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "jdlora/cuda/launch.h"
 #include "jdlora/cuda/tc_kernels.cuh"
 #include "jdlora/cuda/tc_launchers.h"
 
@@ -17,37 +18,9 @@ using tc::PrefillTile;
 using tc::SmemLayout;
 using tc::TcArgs;
 
-// Dynamic shared memory a kernel gets without opting in.
-constexpr size_t kDefaultSharedBytes = 48 * 1024;
-
 // Bytes of one shrink stage (x tile + weight tile) to aim for: three stages
 // then keep about 50-70 KB in flight per block, and two blocks fit on an SM.
 constexpr int kShrinkStageBytes = 24 * 1024;
-
-struct DeviceInfo {
-  int sms = 0;
-  int major = 0;
-  int smem_optin = 0;
-};
-
-// Read once per process for every device (function-local static: thread-safe).
-const DeviceInfo& device_info() {
-  static const std::vector<DeviceInfo> infos = [] {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
-    std::vector<DeviceInfo> v(static_cast<size_t>(n));
-    for (int d = 0; d < n; ++d) {
-      cudaDeviceGetAttribute(&v[d].sms, cudaDevAttrMultiProcessorCount, d);
-      cudaDeviceGetAttribute(&v[d].major, cudaDevAttrComputeCapabilityMajor, d);
-      cudaDeviceGetAttribute(&v[d].smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d);
-    }
-    return v;
-  }();
-  static const DeviceInfo none{};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= static_cast<int>(infos.size())) return none;
-  return infos[static_cast<size_t>(dev)];
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -105,9 +78,9 @@ bool dispatch(DType dtype, int num_tokens, F&& f) {
 
 // Cluster size: the smallest power of two that puts about two blocks on every
 // multiprocessor, at most 8 (the portable limit), at most one 64-wide step of
-// d_in per block. 1 below sm_90.
-int pick_cluster(const DeviceInfo& dev, int64_t blocks, int d_in) {
-  if (dev.major < 9) return 1;
+// d_in per block. 1 where the device or the kernel's image lacks clusters.
+int pick_cluster(const DeviceInfo& dev, const KernelInfo& k, int64_t blocks, int d_in) {
+  if (!clusters_available(dev, k)) return 1;
   const int max_split = static_cast<int>(ceil_div(d_in, 64));
   int cl = 1;
   while (cl < 8 && cl * 2 <= max_split && blocks * cl < 2 * static_cast<int64_t>(dev.sms)) cl *= 2;
@@ -123,48 +96,28 @@ int pick_k_tile(int r, int elem, int k_share) {
   return k;
 }
 
-bool fits(const DeviceInfo& dev, const SmemLayout& L) { return L.total <= static_cast<size_t>(dev.smem_optin); }
-
-template <typename Params, typename Kern>
-void launch(Kern kernel, dim3 grid, size_t smem, int cl, cudaStream_t stream, const Params& p, const TcArgs& a) {
-  if (smem > kDefaultSharedBytes &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
-          cudaSuccess)
-    return;  // the error stays for cudaGetLastError
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(128);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  if (cl > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cl);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-  }
-  cudaLaunchKernelEx(&cfg, kernel, p, a);
-}
-
-// Launches `kernel` (kind k, tile config Cfg) when its shared memory fits the
-// device; false sends the op to the simple kernels.
+// Launches `kernel` (kind k, tile config Cfg) when its shared memory, static
+// and dynamic, fits the device and the launch succeeds; false (nothing
+// launched, no error pending) sends the op to the simple kernels.
 template <typename T, typename Cfg, typename Params, typename Kern>
-bool launch_if_fits(Kern kernel, Kernel k, const DeviceInfo& dev, dim3 grid, int r, cudaStream_t stream,
+bool launch_if_fits(Kern kernel, const KernelInfo& info, Kernel k, dim3 grid, int r, cudaStream_t stream,
                     const Params& p, const TcArgs& a) {
   const SmemLayout L = tc::smem_layout(k, Cfg::M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
                                        sizeof(tc::WindowPlan<Cfg::M>));
-  if (!fits(dev, L)) return false;
-  launch(kernel, grid, L.total, a.cl, stream, p, a);
-  return true;
+  if (!info.ok || info.arch < 80 || L.total > max_dynamic_shared(device_info(), info)) return false;
+  LaunchShape s;
+  s.grid = grid;
+  s.block = dim3(Cfg::kThreads);
+  s.dynamic_smem = L.total;
+  s.cluster = a.cl;
+  return launch_kernel(kernel, info, s, stream, p, a) == cudaSuccess;
 }
 
 // Arguments of the kernels that split d_in over a cluster (shrink, fused).
 template <typename T, typename Cfg>
-TcArgs split_k_args(const DeviceInfo& dev, int64_t blocks, int r, int d_in) {
+TcArgs split_k_args(const DeviceInfo& dev, const KernelInfo& k, int64_t blocks, int r, int d_in) {
   TcArgs a{};
-  a.cl = pick_cluster(dev, blocks, d_in);
+  a.cl = pick_cluster(dev, k, blocks, d_in);
   a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, a.cl)));
   a.r_pad = round_up(r, 16);
   return a;
@@ -180,12 +133,13 @@ bool tc_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
   return dispatch(dtype, p.seg.num_tokens, [&](auto tag, auto cfg) {
     using T = typename decltype(tag)::type;
     using Cfg = decltype(cfg);
-    static_assert(Cfg::kThreads == 128, "launch() uses 128 threads");
+    const auto kernel = tc::tc_shrink_kernel<T, Cfg>;
+    const KernelInfo info = kernel_info(reinterpret_cast<const void*>(kernel));
     const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
     const int S = p.weights.num_slices;
-    const TcArgs a = split_k_args<T, Cfg>(dev, windows * S, r, p.x.cols);
+    const TcArgs a = split_k_args<T, Cfg>(dev, info, windows * S, r, p.x.cols);
     const dim3 grid(static_cast<unsigned>(windows * a.cl), static_cast<unsigned>(S));
-    return launch_if_fits<T, Cfg>(tc::tc_shrink_kernel<T, Cfg>, Kernel::kShrink, dev, grid, r, stream, p, a);
+    return launch_if_fits<T, Cfg>(kernel, info, Kernel::kShrink, grid, r, stream, p, a);
   });
 }
 
@@ -215,7 +169,9 @@ bool tc_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
     int64_t spans = 0;
     for (int s = 0; s < p.weights.num_slices; ++s) spans += ceil_div(p.weights.stack[s].rows, a.span);
     const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(spans));
-    return launch_if_fits<T, Cfg>(tc::tc_expand_kernel<T, Cfg>, Kernel::kExpand, dev, grid, r, stream, p, a);
+    const auto kernel = tc::tc_expand_kernel<T, Cfg>;
+    return launch_if_fits<T, Cfg>(kernel, kernel_info(reinterpret_cast<const void*>(kernel)), Kernel::kExpand, grid,
+                                  r, stream, p, a);
   });
 }
 
@@ -229,12 +185,14 @@ bool tc_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
   return dispatch(dtype, p.seg.num_tokens, [&](auto tag, auto cfg) {
     using T = typename decltype(tag)::type;
     using Cfg = decltype(cfg);
+    const auto kernel = tc::tc_fused_kernel<T, Cfg>;
+    const KernelInfo info = kernel_info(reinterpret_cast<const void*>(kernel));
     const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
     const int S = p.shrink.num_slices;
-    TcArgs a = split_k_args<T, Cfg>(dev, windows * S, r, p.x.cols);
+    TcArgs a = split_k_args<T, Cfg>(dev, info, windows * S, r, p.x.cols);
     a.s_vec = full_cores_vectorizable(p.core) ? 1 : 0;
     const dim3 grid(static_cast<unsigned>(windows * a.cl), static_cast<unsigned>(S));
-    return launch_if_fits<T, Cfg>(tc::tc_fused_kernel<T, Cfg>, Kernel::kFused, dev, grid, r, stream, p, a);
+    return launch_if_fits<T, Cfg>(kernel, info, Kernel::kFused, grid, r, stream, p, a);
   });
 }
 

@@ -14,6 +14,13 @@
 // What it does not: timing, memory-model subtleties of real hardware, the
 // MMA fragment layout itself (emulated from the PTX description, so it
 // checks the kernels against that description, not against the silicon).
+//
+// Static __shared__ arrays become function-local statics: one copy shared
+// by the fibers of the running block (blocks and clusters run one after
+// another; the simple kernels, which have static arrays, never run as
+// clusters). Unlike dynamic shared memory they are not reset to NaN bytes
+// between blocks. Warp-collective steps and block barriers are counted per
+// run (RunStats), for cost models of serial phases.
 #pragma once
 
 #include <ucontext.h>
@@ -35,6 +42,11 @@
 #include <cuda_runtime.h>
 
 #define __launch_bounds__(...)
+#undef __shared__
+#define __shared__ static
+#ifndef JDLORA_EMULATION
+#define JDLORA_EMULATION 1
+#endif
 
 namespace emu {
 
@@ -48,6 +60,10 @@ struct Barrier {
 
 struct Fiber {
   ucontext_t ctx{};
+  // The barrier this fiber waits at and the generation it waits to end: the
+  // scheduler skips it until then.
+  const Barrier* waiting = nullptr;
+  long wait_gen = 0;
   std::unique_ptr<char[]> stack;
   uint3 tid{};
   uint3 bid{};
@@ -69,6 +85,17 @@ struct WarpExchange {
   int i[kWarp];
 };
 
+// Counts of the last run_cluster call (one block or one cluster).
+struct RunStats {
+  long block_barriers = 0;                   // of block 0
+  std::vector<long> warp_collectives;        // per warp of block 0: votes, shuffles, matches, __syncwarp
+  long max_warp_collectives() const {
+    long m = 0;
+    for (long v : warp_collectives) m = v > m ? v : m;
+    return m;
+  }
+};
+
 struct Machine {
   std::vector<Fiber> fibers;
   ucontext_t main_ctx{};
@@ -84,6 +111,8 @@ struct Machine {
   long progress = 0;
   std::mt19937 rng{12345};
   std::function<void()> body;
+  RunStats stats;
+  int image_arch = 90;  // __CUDA_ARCH__ / 10 of the emulated image (cluster support)
 };
 
 inline Machine& m() {
@@ -103,7 +132,10 @@ inline void wait_at(Barrier& b) {
     ++m().progress;
     return;
   }
+  cur().waiting = &b;
+  cur().wait_gen = gen;
   while (b.generation == gen) yield();
+  cur().waiting = nullptr;
 }
 
 inline void fiber_entry() {
@@ -136,6 +168,8 @@ inline void run_cluster(const std::function<void()>& kernel, uint3 grid, unsigne
   // anything before it is written shows up in the results.
   M.smem.assign(cl, std::vector<unsigned char>(smem_bytes + 16, 0xff));
   M.smem_bytes = smem_bytes;
+  M.stats = RunStats{};
+  M.stats.warp_collectives.assign(warps, 0);
   constexpr size_t kStack = 256 * 1024;
   for (int f = 0; f < n; ++f) {
     Fiber& fb = M.fibers[f];
@@ -157,8 +191,10 @@ inline void run_cluster(const std::function<void()>& kernel, uint3 grid, unsigne
     const long before = M.progress;
     std::shuffle(order.begin(), order.end(), M.rng);
     for (int f : order) {
-      if (M.fibers[f].done) continue;
+      const Fiber& fb = M.fibers[f];
+      if (fb.done) continue;
       all_done = false;
+      if (fb.waiting != nullptr && fb.waiting->generation == fb.wait_gen) continue;
       M.current = f;
       swapcontext(&M.main_ctx, &M.fibers[f].ctx);
     }
@@ -176,6 +212,10 @@ inline void run_cluster(const std::function<void()>& kernel, uint3 grid, unsigne
 inline int lane() { return static_cast<int>(cur().tid.x) % kWarp; }
 inline int warp_index() { return cur().block * (m().threads_per_block / kWarp) + static_cast<int>(cur().tid.x) / kWarp; }
 inline void warp_sync() { wait_at(m().warp_bar[warp_index()]); }
+// One warp-collective step, counted once per warp of block 0.
+inline void count_collective() {
+  if (cur().block == 0 && lane() == 0) ++m().stats.warp_collectives[cur().tid.x / kWarp];
+}
 inline WarpExchange& warp_x() { return m().warp_x[warp_index()]; }
 
 }  // namespace emu
@@ -184,19 +224,33 @@ inline WarpExchange& warp_x() { return m().warp_x[warp_index()]; }
 
 #define threadIdx (::emu::cur().tid)
 #define blockIdx (::emu::cur().bid)
-#define blockDim (::emu::m().block_dim)
+// blockDim is also a field of cudaLaunchConfig_t (launch.h), so it is an
+// object rather than a macro: blockDim.x converts to the running block's size.
+namespace emu {
+struct BlockDimX {
+  operator unsigned() const { return m().block_dim.x; }
+};
+struct BlockDim {
+  BlockDimX x;
+};
+}  // namespace emu
+inline const emu::BlockDim blockDim{};
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 
-inline void __syncthreads() { emu::wait_at(emu::m().block_bar[emu::cur().block]); }
+inline void __syncthreads() {
+  if (emu::cur().block == 0 && emu::cur().tid.x == 0) ++emu::m().stats.block_barriers;
+  emu::wait_at(emu::m().block_bar[emu::cur().block]);
+}
 
 inline int __syncthreads_count(int pred) {
   emu::Machine& M = emu::m();
   const int b = emu::cur().block;
   M.count_acc[b] += pred ? 1 : 0;
   emu::Barrier& bar = M.block_bar[b];
+  if (b == 0 && emu::cur().tid.x == 0) ++M.stats.block_barriers;
   const long gen = bar.generation;
   if (++bar.arrived == bar.expected) {
     bar.arrived = 0;
@@ -205,14 +259,21 @@ inline int __syncthreads_count(int pred) {
     ++bar.generation;
     ++M.progress;
   } else {
+    emu::cur().waiting = &bar;
+    emu::cur().wait_gen = gen;
     while (bar.generation == gen) emu::yield();
+    emu::cur().waiting = nullptr;
   }
   return M.count_result[b];
 }
 
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  emu::count_collective();
+  emu::warp_sync();
+}
 
 inline unsigned __ballot_sync(unsigned, int pred) {
+  emu::count_collective();
   auto& x = emu::warp_x();
   x.i[emu::lane()] = pred ? 1 : 0;
   emu::warp_sync();
@@ -226,6 +287,7 @@ inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 
 template <typename V>
 inline V shfl_from(V v, int src) {
+  emu::count_collective();
   auto& x = emu::warp_x();
   static_assert(sizeof(V) <= 4);
   uint32_t u = 0;
@@ -249,6 +311,7 @@ inline V __shfl_up_sync(unsigned, V v, unsigned d) {
 }
 
 inline unsigned __match_any_sync(unsigned, int v) {
+  emu::count_collective();
   auto& x = emu::warp_x();
   x.i[emu::lane()] = v;
   emu::warp_sync();
@@ -265,3 +328,27 @@ template <typename V>
 inline V __ldg(const V* p) {
   return *p;
 }
+
+// Fibers switch only at barriers, so a read-modify-write is atomic.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+
+[[noreturn]] inline void __trap() {
+  std::fprintf(stderr, "emulation: __trap() in block (%u, %u) thread %u\n", emu::cur().bid.x, emu::cur().bid.y,
+               emu::cur().tid.x);
+  std::abort();
+}
+
+namespace jdlora::cuda {
+// The running block's dynamic shared memory (16-byte aligned, NaN bytes at
+// the start of each block).
+template <typename T>
+inline T* dynamic_shared() {
+  auto& v = ::emu::m().smem[::emu::cur().block];
+  const auto addr = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<T*>(v.data() + ((16 - addr % 16) % 16));
+}
+}  // namespace jdlora::cuda

@@ -120,7 +120,10 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
+// An image compiled below sm_90 has no clusters: the device code traps on
+// cl > 1 (tc_hw.cuh), and so does this emulation of such an image.
 inline void cluster_barrier(int cl) {
+  if (cl > 1 && emu::m().image_arch < 90) __trap();
   if (cl > 1) {
     emu::wait_at(emu::m().cluster_bar);
   } else {
@@ -131,6 +134,7 @@ inline void cluster_barrier(int cl) {
 template <typename P>
 inline P* cluster_peer(P* p, int rank, int cl) {
   if (cl <= 1) return p;
+  if (emu::m().image_arch < 90) __trap();
   const auto* mine = emu::block_smem(emu::cur().block);
   const ptrdiff_t off = reinterpret_cast<const unsigned char*>(p) - mine;
   if (rank < 0 || rank >= cl || off < 0 || static_cast<size_t>(off) >= emu::m().smem_bytes) {

@@ -25,6 +25,16 @@ inline constexpr unsigned kFullMask = 0xffffffffu;
 // each weight element 16 times.
 inline constexpr int kMaxTileTokens = 16;
 
+// The block's dynamic shared memory, 16-byte aligned. (The host emulation,
+// which defines JDLORA_EMULATION, supplies its own.)
+#ifndef JDLORA_EMULATION
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char dynamic_shared_bytes[];
+  return reinterpret_cast<T*>(dynamic_shared_bytes);
+}
+#endif
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -30,7 +30,7 @@ __device__ __forceinline__ float core_row(const T* __restrict__ srow, const floa
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kCoreThreads)
     core_kernel(const __grid_constant__ CoreParams p, int group_lanes) {
-  extern __shared__ float s_h[];  // [items per block][r + 1]
+  float* s_h = dynamic_shared<float>();  // [items per block][r + 1]
 
   const int r = p.h.r;
   // The +1 keeps the groups of a warp on different banks.

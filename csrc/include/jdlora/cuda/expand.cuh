@@ -53,7 +53,7 @@ __device__ __forceinline__ void add_to_y(const Activation& y, int64_t col, const
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kExpandThreads)
     expand_kernel(const __grid_constant__ ExpandParams p, int tile_tokens) {
-  extern __shared__ __align__(16) float s_g[];  // [kMaxTileTokens][r]
+  float* s_g = dynamic_shared<float>();  // [kMaxTileTokens][r]
   __shared__ int s_tok[kMaxTileTokens];
   __shared__ int s_count;
 

@@ -20,7 +20,7 @@ inline constexpr int kFusedThreads = 32 * kFusedWarps;
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kFusedThreads)
     fused_kernel(const __grid_constant__ FusedParams p, int tile_tokens) {
-  extern __shared__ __align__(16) float s_hg[];  // h then g: [kMaxTileTokens][r] each
+  float* s_hg = dynamic_shared<float>();  // h then g: [kMaxTileTokens][r] each
   __shared__ int s_tok[kMaxTileTokens];
   __shared__ int s_slot[kMaxTileTokens];
   __shared__ int s_count;

@@ -8,8 +8,7 @@
 // for the device, and its grid depends only on host-known sizes in the
 // parameters, so every call can be captured in a CUDA graph. Arguments must
 // already be checked (jdlora::torch_ext::*_params); metadata values are not:
-// the kernels skip out-of-range ids, slots and token indices. Launch errors
-// are left for the caller to read with cudaGetLastError().
+// the kernels skip out-of-range ids, slots and token indices.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,9 +20,14 @@
 
 namespace jdlora::cuda {
 
-// Returns cudaErrorInvalidValue, launching nothing, when the per-adapter and
-// per-cluster counters (8 bytes per adapter slot and per cluster) do not fit
-// in the shared memory of one block of the current device.
+// Each returns cudaSuccess once its kernels are enqueued. cudaErrorInvalidValue
+// means the kernel's shared memory (its static arrays plus the dynamic bytes
+// below) does not fit one block of the current device, and nothing was
+// launched; other codes come from the runtime. A tensor-core launch that
+// cannot run falls back to the simple kernels before anything is reported.
+
+// The per-adapter and per-cluster counters: 8 bytes per adapter slot and per
+// cluster of dynamic shared memory.
 cudaError_t build_batch_meta_cuda(const BatchMetaParams& p, cudaStream_t stream);
 
 // Dynamic shared memory build_batch_meta needs for p, and the most its kernel
@@ -31,17 +35,22 @@ cudaError_t build_batch_meta_cuda(const BatchMetaParams& p, cudaStream_t stream)
 size_t build_batch_meta_shared_bytes(const BatchMetaParams& p);
 size_t build_batch_meta_shared_limit();
 
+// Dynamic shared memory of the simple expand and fused kernels at rank r
+// (they hold the g, or h and g, rows of a token tile).
+size_t simple_expand_shared_bytes(int r);
+size_t simple_fused_shared_bytes(int r);
+
 // jd_shrink (p.scales.data == nullptr) and lora_shrink (scales applied).
-void jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream);
-void lora_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream);
+cudaError_t jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream);
+cudaError_t lora_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream);
 
 // Slots at or above p.num_adapters are treated as "no adapter".
-void jd_core_cuda(const CoreParams& p, DType dtype, cudaStream_t stream);
+cudaError_t jd_core_cuda(const CoreParams& p, DType dtype, cudaStream_t stream);
 
 // Slices must write disjoint column ranges of y.
-void jd_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream);
-void lora_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream);
+cudaError_t jd_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream);
+cudaError_t lora_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream);
 
-void jd_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream);
+cudaError_t jd_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace jdlora::cuda

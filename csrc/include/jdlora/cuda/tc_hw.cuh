@@ -77,12 +77,17 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #define JDLORA_CLUSTERS 0
 #endif
 
+// The host launches clusters only for images compiled with them
+// (launch.h: clusters_available); an image without them that is nonetheless
+// given cl > 1 stops the kernel rather than sum its own partials cl times.
 __device__ __forceinline__ void cluster_barrier(int cl) {
 #if JDLORA_CLUSTERS
   if (cl > 1) {
     cooperative_groups::this_cluster().sync();
     return;
   }
+#else
+  if (cl > 1) __trap();
 #endif
   __syncthreads();
 }
@@ -92,6 +97,8 @@ template <typename P>
 __device__ __forceinline__ P* cluster_peer(P* p, int rank, int cl) {
 #if JDLORA_CLUSTERS
   if (cl > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  if (cl > 1) __trap();
 #endif
   return p;
 }

@@ -288,6 +288,29 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
 }
 
 // ---------------------------------------------------------------------------
+// fp16 takes g into the MMA as hi + lo halves (split_pair). Unscaled, a row
+// with |g| >= 65520 would give hi = inf and lo = -inf (NaN in y where the
+// simple kernels are finite), and |g| below 2^-14 would lose its low bits to
+// subnormals. So each row is multiplied by the power of two that brings its
+// largest |g| into [2^12, 2^13) before the split, and the row's sums by the
+// inverse afterwards; both are exact. bf16 has fp32's exponent range: no
+// scaling. Rows that are all zero or hold an inf stay unscaled; infs and
+// NaNs propagate as in the simple kernels.
+template <typename T>
+__device__ __forceinline__ int g_row_shift(const float* row, int r) {
+  if constexpr (!std::is_same_v<T, __half>) {
+    return 0;
+  } else {
+    float m = 0.f;
+    for (int k = 0; k < r; ++k) m = fmaxf(m, fabsf(row[k]));
+    if (!(m > 0.f) || m == INFINITY) return 0;
+    int e = 0;
+    frexpf(m, &e);  // m = f * 2^e, f in [0.5, 1)
+    return min(max(13 - e, -125), 125);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Expand phase: y[tok(row), y_col0 + c] += U[group(run(row))][c, :] . g_tile[row]
 // for c in [c0, c1) and every row in a run. g_tile is fp32 [M][r_pad + 8]
 // with columns r..r_pad zero; it enters the MMA as hi + lo halves. Steps run
@@ -321,6 +344,9 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
   const T* u_data = static_cast<const T*>(U.data);
 
   float acc[NF][4] = {};
+  // Per-row scale of g and its inverse (g_row_shift), set at the first step,
+  // when g is in shared memory.
+  float scale_a = 1.f, scale_b = 1.f, unscale_a = 1.f, unscale_b = 1.f;
 
   auto load = [&](int q) {
     const int jt = q / nruns;
@@ -349,6 +375,14 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
     const int jt = q / nruns;
     const int run = q - jt * nruns;
     const int n0 = c0 + jt * N;
+    if (q == 0) {
+      const int sa = ln.run_a >= 0 ? g_row_shift<T>(g_tile + ln.row_a * gs, r) : 0;
+      const int sb = ln.run_b >= 0 ? g_row_shift<T>(g_tile + ln.row_b * gs, r) : 0;
+      scale_a = ldexpf(1.f, sa);
+      unscale_a = ldexpf(1.f, -sa);
+      scale_b = ldexpf(1.f, sb);
+      unscale_b = ldexpf(1.f, -sb);
+    }
     if (run == 0) {
 #pragma unroll
       for (int f = 0; f < NF; ++f)
@@ -360,12 +394,15 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
     if (__any_sync(kFullMask, on_a || on_b)) {
       const T* ub = u_ring + (q % S) * N * us;
       const float2 zero = make_float2(0.f, 0.f);
+      auto scaled = [](float2 v, float s) { return make_float2(v.x * s, v.y * s); };
       for (int kk = 0; kk < r_pad; kk += 16) {
         const int c = kk + 2 * ln.q4;
-        const float2 v0 = on_a ? *reinterpret_cast<const float2*>(g_tile + ln.row_a * gs + c) : zero;
-        const float2 v1 = on_b ? *reinterpret_cast<const float2*>(g_tile + ln.row_b * gs + c) : zero;
-        const float2 v2 = on_a ? *reinterpret_cast<const float2*>(g_tile + ln.row_a * gs + c + 8) : zero;
-        const float2 v3 = on_b ? *reinterpret_cast<const float2*>(g_tile + ln.row_b * gs + c + 8) : zero;
+        const float2 v0 = on_a ? scaled(*reinterpret_cast<const float2*>(g_tile + ln.row_a * gs + c), scale_a) : zero;
+        const float2 v1 = on_b ? scaled(*reinterpret_cast<const float2*>(g_tile + ln.row_b * gs + c), scale_b) : zero;
+        const float2 v2 =
+            on_a ? scaled(*reinterpret_cast<const float2*>(g_tile + ln.row_a * gs + c + 8), scale_a) : zero;
+        const float2 v3 =
+            on_b ? scaled(*reinterpret_cast<const float2*>(g_tile + ln.row_b * gs + c + 8), scale_b) : zero;
         uint32_t hi[4], lo[4];
         split_pair<T>(v0, hi[0], lo[0]);
         split_pair<T>(v1, hi[1], lo[1]);
@@ -394,12 +431,12 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
         if (ln.run_a >= 0) {
           uint32_t* p = reinterpret_cast<uint32_t*>(yb + ln.row_a * ys + col);
           const float2 old = unpack_pair<T>(*p);
-          *p = pack_pair<T>(old.x + acc[f][0], old.y + acc[f][1]);
+          *p = pack_pair<T>(old.x + acc[f][0] * unscale_a, old.y + acc[f][1] * unscale_a);
         }
         if (ln.run_b >= 0) {
           uint32_t* p = reinterpret_cast<uint32_t*>(yb + ln.row_b * ys + col);
           const float2 old = unpack_pair<T>(*p);
-          *p = pack_pair<T>(old.x + acc[f][2], old.y + acc[f][3]);
+          *p = pack_pair<T>(old.x + acc[f][2] * unscale_b, old.y + acc[f][3] * unscale_b);
         }
       }
     }

@@ -10,9 +10,13 @@
 //     anything else, and fp32, takes the simple kernels;
 //   * num_tokens < kPrefillMinTokens: decode tiles (16 sorted positions per
 //     block); otherwise prefill tiles (64);
-//   * sm_90 and newer: shrink and fused split d_in over a thread-block
-//     cluster of up to 8 blocks, enough to put about two blocks on every
-//     multiprocessor; below sm_90 one block per window.
+//   * an sm_90 device running an image compiled for sm_90: shrink and fused
+//     split d_in over a thread-block cluster of up to 8 blocks, enough to put
+//     about two blocks on every multiprocessor; otherwise (older device, or
+//     an sm_80 image on a newer one) one block per window;
+//   * the tiles' shared memory, with the kernel's static arrays, must fit the
+//     device's opt-in limit and the launch must succeed; else the simple
+//     kernels run.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -23,9 +27,9 @@ namespace jdlora::cuda {
 
 inline constexpr int kPrefillMinTokens = 1024;
 
-// Each returns false, launching nothing, when the call does not qualify for
-// the tensor-core path (see above) or its tiles do not fit in the shared
-// memory of the current device. Launch errors are left for cudaGetLastError.
+// Each returns false, launching nothing and leaving no error pending, when
+// the call does not qualify for the tensor-core path (see above), its tiles
+// do not fit in the shared memory of the current device, or the launch fails.
 bool tc_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream);
 bool tc_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream);
 bool tc_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream);

@@ -60,7 +60,8 @@ __device__ __forceinline__ float2 unpack_pair(uint32_t u) {
 
 // fp32 pair -> hi + lo in T: hi carries the leading 8 (bf16) or 11 (fp16)
 // bits and lo the next ones, so two MMAs with hi and lo keep about 16 bits of
-// an fp32 operand (h, g) instead of rounding it to the model dtype.
+// an fp32 operand (h, g) instead of rounding it to the model dtype. For fp16
+// the caller first scales v into fp16's range (tc_kernels.cuh: g_row_shift).
 template <typename T>
 __device__ __forceinline__ void split_pair(float2 v, uint32_t& hi, uint32_t& lo) {
   hi = pack_pair<T>(v.x, v.y);

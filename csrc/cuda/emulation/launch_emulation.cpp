@@ -1,0 +1,647 @@
+// Runs the library's own host launchers (csrc/cuda/kernels.cu and
+// tc_kernels.cu, compiled unchanged by g++) on emulated devices
+// (emu_cudart.h) and every kernel they launch on the fiber emulation
+// (emu_runtime.h): path choice (tensor-core or simple), tile, cluster and
+// shrink-step choice, shared-memory accounting (static + dynamic bytes
+// against 48 KiB and the per-architecture opt-in limit), the opt-in itself
+// and the fallback when a fast launch fails. Results are compared with a
+// float64 reference. Run it with csrc/cuda/emulation/run.sh.
+//
+// Emulated devices: an A100 (sm_80, 108 SMs, 163 KiB opt-in), an H200 with
+// its sm_90a image (132 SMs, 227 KiB, clusters), an H200 running an sm_80
+// image (no clusters in the device code), and an A100 whose driver refuses
+// the opt-in above 48 KiB.
+//
+// What this cannot catch: anything the emulation itself does not model
+// (see emu_runtime.h and tc_hw_emu.h: timing, the memory model, the real
+// MMA fragment layout, bank conflicts); static shared-memory sizes that
+// differ from the registered ones below (the real launchers read them from
+// the loaded image, so only the emulation's table could be stale); launch
+// limits other than shared memory, threads per block and clusters (registers
+// per thread, grid-size limits); runtime error codes that differ from the
+// ones emulated here; and behaviour of the CUDA driver under graph capture.
+#define JDLORA_TC_HW_HEADER "tc_hw_emu.h"
+#define JDLORA_LAUNCH_ENQUEUE_HEADER "emu_launch.h"
+#include "emu_runtime.h"
+#include "emu_cudart.h"
+#include "../kernels.cu"
+#include "jdlora/cuda/tc_kernels.cuh"
+#include "emu_harness.h"
+
+#include <chrono>
+#include <cstring>
+#include <string>
+
+using namespace emu_harness;
+using jdlora::Activation;
+using jdlora::BatchMetaParams;
+using jdlora::CoreParams;
+using jdlora::DType;
+using jdlora::ExpandParams;
+using jdlora::FusedParams;
+using jdlora::Intermediate;
+using jdlora::Scales;
+using jdlora::SegmentTable;
+using jdlora::ShrinkParams;
+using jdlora::StackList;
+using jdlora::WeightStack;
+namespace jc = jdlora::cuda;
+
+namespace {
+
+enum Device { kA100 = 0, kH200 = 1, kH200Sm80Image = 2, kA100NoOptIn = 3 };
+
+void set_up_devices() {
+  emu::rt().devices = {
+      {"A100 (sm_80)", 8, 108, 163 * 1024, 80, false},
+      {"H200 (sm_90a image)", 9, 132, 227 * 1024, 90, false},
+      {"H200 running an sm_80 image", 9, 132, 227 * 1024, 80, false},
+      {"A100 refusing the shared-memory opt-in", 8, 108, 163 * 1024, 80, true},
+  };
+}
+
+// Static shared memory of each kernel: what its __shared__ declarations add
+// up to (the real launchers read it from the image instead).
+std::map<const void*, std::string>& kernel_names() {
+  static std::map<const void*, std::string> n;
+  return n;
+}
+
+template <typename... P>
+void reg(void (*k)(P...), size_t static_bytes, const std::string& name) {
+  emu::register_kernel(k, static_bytes);
+  kernel_names()[reinterpret_cast<const void*>(k)] = name;
+}
+
+template <typename T, int V>
+void register_simple(const std::string& t) {
+  const std::string v = "<" + t + "," + std::to_string(V) + ">";
+  constexpr size_t tok = sizeof(int) * (jc::kMaxTileTokens + 1);  // s_tok, s_count
+  reg(jc::shrink_kernel<T, V>, tok, "shrink" + v);
+  reg(jc::expand_kernel<T, V>, tok, "expand" + v);
+  reg(jc::fused_kernel<T, V>, sizeof(int) * (2 * jc::kMaxTileTokens + 1), "fused" + v);  // + s_slot
+  reg(jc::core_kernel<T, V>, 0, "core" + v);
+}
+
+template <typename T>
+void register_tc(const std::string& t) {
+  namespace tc = jc::tc;
+  reg(tc::tc_shrink_kernel<T, tc::DecodeTile>, 0, "tc_shrink<" + t + ",16>");
+  reg(tc::tc_shrink_kernel<T, tc::PrefillTile>, 0, "tc_shrink<" + t + ",64>");
+  reg(tc::tc_expand_kernel<T, tc::DecodeTile>, 0, "tc_expand<" + t + ",16>");
+  reg(tc::tc_expand_kernel<T, tc::PrefillTile>, 0, "tc_expand<" + t + ",64>");
+  reg(tc::tc_fused_kernel<T, tc::DecodeTile>, 0, "tc_fused<" + t + ",16>");
+  reg(tc::tc_fused_kernel<T, tc::PrefillTile>, 0, "tc_fused<" + t + ",64>");
+}
+
+void register_kernels() {
+  reg(jc::build_batch_meta_kernel, sizeof(int) * (jc::kMetaThreads + 32), "build_batch_meta");  // s_keys, s_scan
+  register_simple<float, 1>("f32");
+  register_simple<float, 4>("f32");
+  register_simple<__half, 1>("f16");
+  register_simple<__half, 8>("f16");
+  register_simple<__nv_bfloat16, 1>("bf16");
+  register_simple<__nv_bfloat16, 8>("bf16");
+  register_tc<__half>("f16");
+  register_tc<__nv_bfloat16>("bf16");
+}
+
+template <typename E>
+float tof(E v) {
+  if constexpr (std::is_same_v<E, float>) {
+    return v;
+  } else {
+    return to_f(v);
+  }
+}
+
+template <typename E>
+E fromf(float v) {
+  if constexpr (std::is_same_v<E, float>) {
+    return v;
+  } else {
+    return from_f<E>(v);
+  }
+}
+
+template <typename E>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<E, float>) return DType::kFloat32;
+  if constexpr (std::is_same_v<E, __half>) return DType::kFloat16;
+  return DType::kBFloat16;
+}
+
+template <typename E>
+const char* dtype_name() {
+  if constexpr (std::is_same_v<E, float>) return "fp32";
+  if constexpr (std::is_same_v<E, __half>) return "fp16";
+  return "bf16";
+}
+
+template <typename E>
+double tolerance() {
+  if constexpr (std::is_same_v<E, float>) return 2e-5;
+  if constexpr (std::is_same_v<E, __half>) return 2e-3;
+  return 1.6e-2;
+}
+
+// Launches recorded since `from`, as "name grid smem cluster" lines.
+std::string launches_since(size_t from) {
+  std::string s;
+  const auto& L = emu::rt().launches;
+  for (size_t i = from; i < L.size(); ++i) {
+    const auto& l = L[i];
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s%s grid %ux%u smem %zu cl %d", s.empty() ? "" : "; ",
+                  kernel_names()[l.kernel].c_str(), l.grid.x, l.grid.y, l.smem, l.cluster);
+    s += buf;
+  }
+  return s;
+}
+
+bool launched_since(size_t from, const std::string& prefix, int* cluster = nullptr) {
+  const auto& L = emu::rt().launches;
+  for (size_t i = from; i < L.size(); ++i)
+    if (kernel_names()[L[i].kernel].rfind(prefix, 0) == 0) {
+      if (cluster) *cluster = L[i].cluster;
+      return true;
+    }
+  return false;
+}
+
+void check(bool ok, const std::string& what) {
+  if (!ok) ++failures;
+  std::printf("  %-60s %s\n", what.c_str(), ok ? "ok" : "FAIL");
+}
+
+void check_no_pending_error(const std::string& op) {
+  check(cudaGetLastError() == cudaSuccess, op + ": no error left pending");
+}
+
+// ---------------------------------------------------------------------------
+// build_batch_meta through its launcher, against the reference.
+
+struct MetaBufs {
+  Buf<int> mapping, ac, sorted, c_ids, c_cnt, c_start, l_ids, l_cnt, l_start;
+  Buf<bool> flag;
+  int T, A, C;
+  MetaBufs(int T_, int A_, int C_)
+      : mapping(std::max(T_, 1)), ac(A_), sorted(std::max(T_, 1)), c_ids(C_), c_cnt(C_), c_start(C_ + 1),
+        l_ids(A_), l_cnt(A_), l_start(A_ + 1), flag(1), T(T_), A(A_), C(C_) {}
+  BatchMetaParams params() {
+    return BatchMetaParams{mapping.data, ac.data,     T,           A,           C,           sorted.data, c_ids.data,
+                           c_cnt.data,   c_start.data, l_ids.data, l_cnt.data, l_start.data, flag.data};
+  }
+  SegmentTable clusters() const { return SegmentTable{sorted.data, c_ids.data, c_start.data, C, T}; }
+  SegmentTable loras() const { return SegmentTable{sorted.data, l_ids.data, l_start.data, A, T}; }
+};
+
+// Fills mb with a batch, runs the op; returns the launcher's status.
+cudaError_t build_meta_op(MetaBufs& mb, const std::vector<int>& mapping, const std::vector<int>& ac) {
+  for (int t = 0; t < mb.T; ++t) mb.mapping[t] = mapping[t];
+  for (int a = 0; a < mb.A; ++a) mb.ac[a] = ac[a];
+  for (Buf<int>* b : {&mb.sorted, &mb.c_ids, &mb.c_cnt, &mb.c_start, &mb.l_ids, &mb.l_cnt, &mb.l_start})
+    for (size_t i = 0; i < b->n; ++i) (*b)[i] = INT32_MIN;
+  return jc::build_batch_meta_cuda(mb.params(), nullptr);
+}
+
+bool meta_matches(const MetaBufs& mb, const std::vector<int>& mapping, const std::vector<int>& ac) {
+  const Meta ref = build_meta(mapping, ac, mb.C);
+  int n_with = 0;
+  for (int a : mapping) n_with += a >= 0 ? 1 : 0;
+  bool ok = *mb.flag.data == (n_with == 0);
+  for (int t = 0; t < mb.T; ++t) ok = ok && mb.sorted[t] == ref.sorted[t];
+  auto segs = [&](const Buf<int>& ids, const Buf<int>& cnt, const Buf<int>& start, const std::vector<int>& rids,
+                  const std::vector<int>& rstart, int cap) {
+    for (int k = 0; k < cap; ++k) {
+      const int want_cnt = rids[k] >= 0 ? rstart[k + 1] - rstart[k] : 0;
+      ok = ok && ids[k] == rids[k] && cnt[k] == want_cnt && start[k] == rstart[k];
+    }
+    ok = ok && start[cap] == rstart[cap];
+  };
+  segs(mb.c_ids, mb.c_cnt, mb.c_start, ref.c_ids, ref.c_start, mb.C);
+  segs(mb.l_ids, mb.l_cnt, mb.l_start, ref.l_ids, ref.l_start, mb.A);
+  return ok;
+}
+
+void meta_case(Device dev, const std::string& pattern, int T, int A, int C, bool cost = false) {
+  cudaSetDevice(dev);
+  std::printf("build_batch_meta on %s: T=%d A=%d C=%d %s (static %zu + dynamic %zu bytes)\n",
+              emu::rt().devices[dev].name, T, A, C, pattern.c_str(), sizeof(int) * (jc::kMetaThreads + 32),
+              jc::batch_meta_smem_bytes(A, C));
+  const std::vector<int> mapping = token_mapping(pattern, T, A);
+  std::vector<int> ac(A);
+  for (int& v : ac) v = randint(C);
+  MetaBufs mb(T, A, C);
+  const auto t0 = std::chrono::steady_clock::now();
+  const cudaError_t err = build_meta_op(mb, mapping, ac);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  check(err == cudaSuccess, std::string("launch: ") + cudaGetErrorName(err));
+  check_no_pending_error("build_batch_meta");
+  if (err == cudaSuccess) check(meta_matches(mb, mapping, ac), "tables match the reference");
+  check(mb.mapping.guards_ok() && mb.sorted.guards_ok() && mb.l_start.guards_ok() && mb.c_start.guards_ok(),
+        "guard bytes intact");
+  if (cost) {
+    // Cost model of the kernel's serial phases: the placing warp's
+    // collective steps (each carries a shared-memory round trip of a
+    // cursor) and the block barriers. Assumed: 25 cycles per collective
+    // step, 100 per 1024-thread barrier, 1.98 GHz (H200 boost clock).
+    const auto& st = emu::m().stats;
+    const long w0 = st.warp_collectives.empty() ? 0 : st.warp_collectives[0];
+    long others = 0;
+    for (size_t w = 1; w < st.warp_collectives.size(); ++w) others = std::max(others, st.warp_collectives[w]);
+    const double cycles = 25.0 * static_cast<double>(w0) + 100.0 * static_cast<double>(st.block_barriers);
+    std::printf("  cost model: warp 0 %ld collective steps, other warps at most %ld, %ld block barriers;"
+                " estimate %.0f cycles = %.1f us at 1.98 GHz (emulated in %.1f s)\n",
+                w0, others, st.block_barriers, cycles, cycles / 1980.0, secs);
+  }
+}
+
+void meta_too_large(Device dev, int A, int C) {
+  cudaSetDevice(dev);
+  std::printf("build_batch_meta on %s: A=%d C=%d does not fit\n", emu::rt().devices[dev].name, A, C);
+  std::vector<int> mapping(16, 0), ac(A, 0);
+  MetaBufs mb(16, A, C);
+  const size_t before = emu::rt().launches.size();
+  const cudaError_t err = build_meta_op(mb, mapping, ac);
+  check(err == cudaErrorInvalidValue, std::string("refused with cudaErrorInvalidValue, got ") + cudaGetErrorName(err));
+  check(emu::rt().launches.size() == before, "nothing launched");
+  check(jc::build_batch_meta_shared_limit() == static_cast<size_t>(emu::rt().devices[dev].smem_optin) -
+                                                   sizeof(int) * (jc::kMetaThreads + 32),
+        "reported limit is the opt-in limit less the static bytes");
+  check_no_pending_error("build_batch_meta");
+}
+
+// ---------------------------------------------------------------------------
+// The other ops through their launchers.
+
+struct OpsCase {
+  std::string name;
+  Device dev;
+  int T, A, C, d, r;
+  std::vector<int> widths;
+  std::string pattern;
+  int x_lead = 0, x_extra = 0;  // x is columns [x_lead, x_lead + d) of rows x_lead + d + x_extra wide
+  int y_lead = 0, y_extra = 0;
+  int gap = 0;                  // columns between y slices
+  float x_scale = 1.f, v_scale = 1.f, g_scale = 1.f, u_scale = 1.f;
+  bool rel_to_ref = false;      // y starts at 0 and the error is relative to max |ref|, not max(1, max |ref|)
+  unsigned ops = 0x3f;          // 1 shrink, 2 lora_shrink, 4 core, 8 expand, 16 lora_expand, 32 fused
+  std::string expect_fused;     // kernel name prefix fused must launch ("" : any)
+  int expect_cluster = 0;       // cluster size of the fused launch (0: any)
+};
+
+template <typename E>
+void ops_case(const OpsCase& c) {
+  cudaSetDevice(c.dev);
+  const int T = c.T, A = c.A, C = c.C, d = c.d, r = c.r;
+  const int S = static_cast<int>(c.widths.size());
+  std::printf("%s on %s: T=%d A=%d C=%d d=%d r=%d S=%d %s %s\n", c.name.c_str(), emu::rt().devices[c.dev].name, T, A,
+              C, d, r, S, c.pattern.c_str(), dtype_name<E>());
+  const std::vector<int> mapping = token_mapping(c.pattern, T, A);
+  std::vector<int> ac(A);
+  for (int& v : ac) v = randint(C);
+  MetaBufs mb(T, A, C);
+  if (build_meta_op(mb, mapping, ac) != cudaSuccess || !meta_matches(mb, mapping, ac)) {
+    check(false, "batch metadata");
+    return;
+  }
+
+  std::vector<int> offsets;
+  int ycols = c.gap;
+  for (int w : c.widths) {
+    offsets.push_back(ycols);
+    ycols += w + c.gap;
+  }
+  const int x_ld = c.x_lead + d + c.x_extra, y_ld = c.y_lead + ycols + c.y_extra;
+  Buf<E> xb(static_cast<size_t>(T) * x_ld), yb(static_cast<size_t>(T) * y_ld);
+  E* x = xb.data + c.x_lead;
+  E* y = yb.data + c.y_lead;
+  for (size_t i = 0; i < xb.n; ++i) xb[i] = fromf<E>(randn() * c.x_scale);
+  std::vector<E> y0(yb.n);
+  for (size_t i = 0; i < yb.n; ++i) y0[i] = fromf<E>(c.rel_to_ref ? 0.f : randn());
+
+  auto fill = [](Buf<E>& b, float scale) {
+    for (size_t i = 0; i < b.n; ++i) b[i] = fromf<E>(randn() * scale);
+  };
+  std::vector<std::unique_ptr<Buf<E>>> V, U, Sg, Af, Bf;
+  std::vector<bool> diag(S);
+  for (int s = 0; s < S; ++s) {
+    diag[s] = s == 1;
+    V.emplace_back(new Buf<E>(static_cast<size_t>(C) * r * d));
+    U.emplace_back(new Buf<E>(static_cast<size_t>(C) * c.widths[s] * r));
+    Sg.emplace_back(new Buf<E>(static_cast<size_t>(A) * r * (diag[s] ? 1 : r)));
+    Af.emplace_back(new Buf<E>(static_cast<size_t>(A) * r * d));
+    Bf.emplace_back(new Buf<E>(static_cast<size_t>(A) * c.widths[s] * r));
+    fill(*V[s], c.v_scale / std::sqrt(static_cast<float>(d)));
+    fill(*U[s], c.u_scale / std::sqrt(static_cast<float>(r)));
+    fill(*Sg[s], diag[s] ? 1.f : 1.f / std::sqrt(static_cast<float>(r)));
+    fill(*Af[s], 1.f / std::sqrt(static_cast<float>(d)));
+    fill(*Bf[s], c.u_scale / std::sqrt(static_cast<float>(r)));
+  }
+  Buf<float> scales(static_cast<size_t>(S) * A);
+  for (size_t i = 0; i < scales.n; ++i) scales[i] = 0.5f + std::uniform_real_distribution<float>(0, 1)(rng);
+  Buf<float> h(static_cast<size_t>(S) * T * r), g(static_cast<size_t>(S) * T * r);
+  std::vector<float> gin(g.n);
+  for (float& v : gin) v = randn() * c.g_scale;
+
+  auto stacks = [&](std::vector<std::unique_ptr<Buf<E>>>& b, bool expand_side) {
+    StackList l{};
+    l.num_slices = S;
+    for (int s = 0; s < S; ++s) {
+      const int rows = expand_side ? c.widths[s] : r, cols = expand_side ? r : d;
+      l.stack[s] = WeightStack{b[s]->data, static_cast<int64_t>(rows) * cols, cols, rows, cols};
+      l.col_offset[s] = offsets[s];
+    }
+    return l;
+  };
+  StackList Sl{};
+  Sl.num_slices = S;
+  for (int s = 0; s < S; ++s) {
+    Sl.stack[s] = WeightStack{Sg[s]->data, static_cast<int64_t>(r) * (diag[s] ? 1 : r), diag[s] ? 0 : r,
+                              diag[s] ? 1 : r, r};
+    Sl.diagonal[s] = diag[s];
+  }
+  const Activation xa{x, x_ld, d};
+  const Activation ya{y, y_ld, ycols};
+  const Intermediate ha{h.data, static_cast<int64_t>(T) * r, r, r};
+  const Intermediate ga{g.data, static_cast<int64_t>(T) * r, r, r};
+  const double tol = tolerance<E>();
+  const DType dt = dtype_of<E>();
+
+  auto X = [&](int t, int k) { return static_cast<double>(tof(x[static_cast<size_t>(t) * x_ld + k])); };
+  auto W = [&](const Buf<E>& b, size_t i) { return static_cast<double>(tof(b[i])); };
+  auto ref_h = [&](int s, int t, bool lora) {
+    std::vector<double> out(r, 0.0);
+    const int a = mapping[t];
+    if (a < 0) return out;
+    const int grp = lora ? a : ac[a];
+    for (int i = 0; i < r; ++i) {
+      const Buf<E>& w = lora ? *Af[s] : *V[s];
+      for (int k = 0; k < d; ++k) out[i] += W(w, (static_cast<size_t>(grp) * r + i) * d + k) * X(t, k);
+      if (lora) out[i] *= scales[static_cast<size_t>(s) * A + a];
+    }
+    return out;
+  };
+  auto ref_core = [&](int s, int t, const std::vector<double>& hv) {
+    std::vector<double> out(r, 0.0);
+    const int a = mapping[t];
+    if (a < 0) return out;
+    for (int i = 0; i < r; ++i) {
+      if (diag[s]) {
+        out[i] = W(*Sg[s], static_cast<size_t>(a) * r + i) * hv[i];
+      } else {
+        for (int k = 0; k < r; ++k) out[i] += W(*Sg[s], (static_cast<size_t>(a) * r + i) * r + k) * hv[k];
+      }
+    }
+    return out;
+  };
+  // y reference: y0 plus, per token with an adapter, W_s[grp] g_s for every slice.
+  auto ref_y = [&](auto g_of, bool lora) {
+    std::vector<double> ref(yb.n);
+    for (size_t i = 0; i < yb.n; ++i) ref[i] = tof(y0[i]);
+    for (int t = 0; t < T; ++t) {
+      const int a = mapping[t];
+      if (a < 0) continue;
+      const int grp = lora ? a : ac[a];
+      for (int s = 0; s < S; ++s) {
+        const std::vector<double> gv = g_of(s, t);
+        const Buf<E>& w = lora ? *Bf[s] : *U[s];
+        for (int j = 0; j < c.widths[s]; ++j) {
+          double acc = 0;
+          for (int i = 0; i < r; ++i) acc += W(w, (static_cast<size_t>(grp) * c.widths[s] + j) * r + i) * gv[i];
+          ref[static_cast<size_t>(t) * y_ld + c.y_lead + offsets[s] + j] += acc;
+        }
+      }
+    }
+    return ref;
+  };
+  auto compare = [&](const std::string& what, auto got_at, const std::vector<double>& ref) {
+    double err = 0, ref_max = c.rel_to_ref ? 0 : 1;
+    for (size_t i = 0; i < ref.size(); ++i) ref_max = std::max(ref_max, std::fabs(ref[i]));
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double v = got_at(i);
+      err = std::isfinite(v) ? std::max(err, std::fabs(v - ref[i])) : INFINITY;
+    }
+    report(what, err / ref_max, tol);
+  };
+  auto run = [&](const std::string& op, auto&& launch) {
+    const size_t before = emu::rt().launches.size();
+    const cudaError_t err = launch();
+    check(err == cudaSuccess, op + " launch: " + cudaGetErrorName(err));
+    check_no_pending_error(op);
+    std::printf("    %s\n", launches_since(before).c_str());
+    return before;
+  };
+  auto h_at = [&](size_t i) { return static_cast<double>(h[i]); };
+  auto y_at = [&](size_t i) { return static_cast<double>(tof(yb[i])); };
+  auto ref_hs = [&](bool lora) {
+    std::vector<double> ref(h.n);
+    for (int s = 0; s < S; ++s)
+      for (int t = 0; t < T; ++t) {
+        const auto hv = ref_h(s, t, lora);
+        for (int i = 0; i < r; ++i) ref[(static_cast<size_t>(s) * T + t) * r + i] = hv[i];
+      }
+    return ref;
+  };
+  auto reset_y = [&] {
+    for (size_t i = 0; i < yb.n; ++i) yb[i] = y0[i];
+  };
+
+  for (int lora = 0; lora < 2; ++lora) {
+    if (!(c.ops & (lora ? 2u : 1u))) continue;
+    ShrinkParams p{xa, stacks(lora ? Af : V, false), ha,
+                   lora ? Scales{scales.data, A, 1} : Scales{nullptr, 0, 0}, lora ? mb.loras() : mb.clusters()};
+    for (size_t i = 0; i < h.n; ++i) h[i] = NAN;
+    const char* op = lora ? "lora_shrink" : "jd_shrink";
+    run(op, [&] { return lora ? jc::lora_shrink_cuda(p, dt, nullptr) : jc::jd_shrink_cuda(p, dt, nullptr); });
+    compare(std::string(op) + " h", h_at, ref_hs(lora));
+  }
+  if (c.ops & 4u) {
+    for (size_t i = 0; i < h.n; ++i) h[i] = gin[i];
+    for (size_t i = 0; i < g.n; ++i) g[i] = NAN;
+    CoreParams p{ha, ga, Sl, mb.mapping.data, T, A};
+    run("jd_core", [&] { return jc::jd_core_cuda(p, dt, nullptr); });
+    std::vector<double> ref(g.n);
+    for (int s = 0; s < S; ++s)
+      for (int t = 0; t < T; ++t) {
+        std::vector<double> hv(r);
+        for (int i = 0; i < r; ++i) hv[i] = gin[(static_cast<size_t>(s) * T + t) * r + i];
+        const auto gv = ref_core(s, t, hv);
+        for (int i = 0; i < r; ++i) ref[(static_cast<size_t>(s) * T + t) * r + i] = gv[i];
+      }
+    compare("jd_core g", [&](size_t i) { return static_cast<double>(g[i]); }, ref);
+  }
+  auto g_in = [&](int s, int t) {
+    std::vector<double> gv(r);
+    for (int i = 0; i < r; ++i) gv[i] = gin[(static_cast<size_t>(s) * T + t) * r + i];
+    return gv;
+  };
+  for (int lora = 0; lora < 2; ++lora) {
+    if (!(c.ops & (lora ? 16u : 8u))) continue;
+    for (size_t i = 0; i < g.n; ++i) g[i] = gin[i];
+    reset_y();
+    ExpandParams p{ga, stacks(lora ? Bf : U, true), ya, lora ? mb.loras() : mb.clusters()};
+    const char* op = lora ? "lora_expand" : "jd_expand";
+    run(op, [&] { return lora ? jc::lora_expand_cuda(p, dt, nullptr) : jc::jd_expand_cuda(p, dt, nullptr); });
+    compare(std::string(op) + " y (all columns)", y_at, ref_y(g_in, lora));
+  }
+  if (c.ops & 32u) {
+    reset_y();
+    FusedParams p{xa, stacks(V, false), Sl, stacks(U, true), ya, mb.mapping.data, mb.clusters(), r, A};
+    const size_t before = run("jd_fused", [&] { return jc::jd_fused_cuda(p, dt, nullptr); });
+    compare("jd_fused y (all columns)", y_at, ref_y([&](int s, int t) { return ref_core(s, t, ref_h(s, t, false)); }, false));
+    if (!c.expect_fused.empty()) {
+      int cl = 0;
+      check(launched_since(before, c.expect_fused, &cl), "fused ran " + c.expect_fused);
+      if (c.expect_cluster > 0)
+        check(cl == c.expect_cluster, "fused cluster size " + std::to_string(cl) + " == " + std::to_string(c.expect_cluster));
+    }
+  }
+  bool guards = xb.guards_ok() && yb.guards_ok() && h.guards_ok() && g.guards_ok();
+  for (int s = 0; s < S; ++s) guards = guards && V[s]->guards_ok() && U[s]->guards_ok() && Sg[s]->guards_ok();
+  check(guards, "guard bytes intact");
+}
+
+// A simple kernel whose shared memory exceeds the device: refused, nothing launched.
+void simple_fused_too_large(Device dev, int r) {
+  cudaSetDevice(dev);
+  std::printf("simple jd_fused on %s: r=%d does not fit\n", emu::rt().devices[dev].name, r);
+  FusedParams p{};
+  p.shrink.num_slices = p.core.num_slices = p.expand.num_slices = 1;
+  p.seg.num_tokens = 4;
+  p.r = r;
+  const size_t before = emu::rt().launches.size();
+  const cudaError_t err = jc::jd_fused_cuda(p, DType::kFloat32, nullptr);
+  check(err == cudaErrorInvalidValue, std::string("refused with cudaErrorInvalidValue, got ") + cudaGetErrorName(err));
+  check(emu::rt().launches.size() == before, "nothing launched");
+  check_no_pending_error("jd_fused");
+}
+
+OpsCase ops(const std::string& name, Device dev, int T, int A, int C, int d, int r, std::vector<int> widths,
+            const std::string& pattern) {
+  OpsCase c;
+  c.name = name;
+  c.dev = dev;
+  c.T = T, c.A = A, c.C = C, c.d = d, c.r = r;
+  c.widths = std::move(widths);
+  c.pattern = pattern;
+  return c;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  set_up_devices();
+  register_kernels();
+  using bf16 = __nv_bfloat16;
+
+  // build_batch_meta: the smallest tables; A + C just below and just above
+  // the slots whose counters plus the kernel's static arrays pass 48 KiB
+  // (5616 / 5617), inside that window (5764), on both architectures; the
+  // largest tables and batches; tables that fit no device.
+  meta_case(kA100, "uniform", 3, 1, 1);
+  meta_case(kA100, "all_none", 40, 9, 3);
+  meta_case(kA100, "uniform", 0, 9, 3);
+  meta_case(kA100, "zipf", 64, 5552, 64);
+  meta_case(kA100, "zipf", 64, 5553, 64);
+  meta_case(kA100, "uniform", 4096, 5700, 64);
+  meta_case(kH200, "skewed", 2000, 6080, 64);
+  meta_too_large(kA100, 30000, 64);
+  if (!quick) meta_case(kH200, "zipf", 65536, 19936, 64, /*cost=*/true);
+
+  // Simple kernels at the shared-memory edges: fused at r = 383 / 384 and
+  // expand at r = 767 / 768 (dynamic bytes at or just under 48 KiB, static
+  // arrays on top), fp32 so that the simple kernels run.
+  {
+    OpsCase c = ops("simple fused at the 48 KiB edge", kA100, 5, 6, 2, 24, 383, {16}, "uniform");
+    c.ops = 32;
+    c.expect_fused = "fused<";
+    ops_case<float>(c);
+    c.r = 384;
+    ops_case<float>(c);
+    OpsCase e = ops("simple expand at the 48 KiB edge", kA100, 5, 6, 2, 8, 767, {24}, "uniform");
+    e.ops = 8;
+    ops_case<float>(e);
+    e.r = 768;
+    ops_case<float>(e);
+  }
+  simple_fused_too_large(kA100, 1400);
+
+  // Every op, simple kernels: fp32 with odd d_in and strided column slices
+  // of x and y (q/k/v widths, gaps); fp16 one element off alignment (scalar
+  // loads).
+  {
+    OpsCase c = ops("fp32 strided, d_in 200", kA100, 9, 12, 3, 200, 16, {200, 56, 56}, "zipf");
+    c.x_lead = 8, c.x_extra = 24, c.y_lead = 8, c.y_extra = 16, c.gap = 8;
+    ops_case<float>(c);
+    OpsCase m = ops("fp16 misaligned, d_in 111", kH200, 7, 10, 3, 111, 16, {40, 24}, "uniform");
+    m.x_lead = 1, m.x_extra = 5, m.y_lead = 1, m.y_extra = 3, m.gap = 1;
+    m.expect_fused = "fused<f16,1>";
+    ops_case<__half>(m);
+  }
+  // Tensor-core kernels through their launchers: strided slices, d_in 5120 + 8
+  // with a cluster of 8 on sm_90; d_in 200 on sm_80.
+  {
+    OpsCase c = ops("bf16 strided, d_in 5128", kH200, 16, 20, 3, 5128, 16, {64, 16, 16}, "distinct");
+    c.x_lead = 8, c.x_extra = 16, c.y_lead = 8, c.y_extra = 8, c.gap = 8;
+    c.expect_fused = "tc_fused<bf16,16>";
+    c.expect_cluster = 8;
+    if (!quick) ops_case<bf16>(c);
+    OpsCase a = ops("fp16 strided, d_in 200", kA100, 21, 15, 4, 200, 32, {136, 24}, "skewed");
+    a.x_lead = 8, a.x_extra = 8, a.y_lead = 16, a.y_extra = 8, a.gap = 16;
+    a.expect_fused = "tc_fused<f16,16>";
+    a.expect_cluster = 1;
+    ops_case<__half>(a);
+  }
+  // fp16 beyond the half range in g (|g| ~ 1e5: the split into hi + lo
+  // halves must not overflow) and tiny g (~1e-6, below fp16's normal range,
+  // with large U so that y is a normal fp16 number; compared relative to
+  // the result), on the tensor-core path; then x ~ 1e4 through fused, where
+  // h and g pass 65520.
+  {
+    OpsCase big = ops("fp16 large g", kH200, 20, 8, 2, 64, 16, {64}, "uniform");
+    big.g_scale = 1e5f, big.u_scale = 1e-3f, big.ops = 8 | 16;
+    ops_case<__half>(big);
+    OpsCase tiny = big;
+    tiny.name = "fp16 tiny g";
+    tiny.g_scale = 1e-6f, tiny.u_scale = 1e3f, tiny.rel_to_ref = true;
+    ops_case<__half>(tiny);
+    OpsCase fx = ops("fp16 large x through fused", kH200, 16, 8, 2, 64, 16, {64}, "uniform");
+    fx.x_scale = 1e4f, fx.v_scale = 8.f, fx.u_scale = 1e-3f, fx.ops = 32;
+    fx.expect_fused = "tc_fused<f16,16>";
+    ops_case<__half>(fx);
+  }
+  // Clusters follow the image, not the device: an sm_80 image on an sm_90
+  // device gets cl = 1 (the same call on the sm_90a image gets 8).
+  {
+    OpsCase c = ops("cluster choice, sm_80 image on sm_90", kH200Sm80Image, 16, 20, 3, 1024, 16, {64}, "uniform");
+    c.ops = 1 | 32;
+    c.expect_fused = "tc_fused<bf16,16>";
+    c.expect_cluster = 1;
+    ops_case<bf16>(c);
+    c.name = "cluster choice, sm_90a image";
+    c.dev = kH200;
+    c.expect_cluster = 8;
+    if (!quick) ops_case<bf16>(c);
+  }
+  // A refused opt-in sends the call to the simple kernels (r = 128 tiles
+  // need more than 48 KiB), leaving no error behind.
+  {
+    OpsCase c = ops("opt-in refused: fallback", kA100NoOptIn, 16, 10, 2, 256, 128, {64}, "uniform");
+    c.ops = 1 | 8 | 32;
+    c.expect_fused = "fused<bf16,8>";
+    ops_case<bf16>(c);
+  }
+  // Prefill tiles (from 1024 tokens) through the launcher.
+  if (!quick) {
+    OpsCase c = ops("bf16 prefill", kH200, 1030, 40, 3, 64, 16, {64}, "zipf");
+    c.ops = 1 | 8 | 32;
+    c.expect_fused = "tc_fused<bf16,64>";
+    ops_case<bf16>(c);
+  }
+
+  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "all launches match", failures);
+  return failures ? 1 : 0;
+}
