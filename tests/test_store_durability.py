@@ -118,3 +118,31 @@ def test_remove_unknown_name_changes_nothing(world, tmp_path, capsys):
     assert cli(["remove", str(s), "adapter_0", "nope"]) == 2
     assert "no adapter named 'nope'" in capsys.readouterr().err
     assert {f: open(s / f, "rb").read() for f in os.listdir(s)} == before
+
+
+def test_adapter_cache_add_persist_writes_the_store(world, tmp_path):
+    from jdlora_ops.peft_io import read_peft_adapter
+    from jdlora_ops.serving import AdapterCache
+
+    _, paths, store = world
+    s = tmp_path / "s"
+    shutil.copytree(store, s)
+    cache = AdapterCache(str(s), device="cpu")
+    report = cache.add_peft(paths[4], max_rel_error=0.5, persist=True)
+    assert report.path == "compressed"
+    assert "adapter_4" in cache
+    # a restarted server (a new cache on the same store) sees it, with the cores jdlora add would write
+    again = AdapterCache(str(s), device="cpu")
+    assert "adapter_4" in again
+    assert set(verify_store(s).values()) == {"ok"}
+    ref = tmp_path / "ref"
+    shutil.copytree(store, ref)
+    assert cli(["add", str(ref), paths[4], "-q"]) == 0
+    a, b = load_store(s), load_store(ref)
+    for mod in a.modules:
+        assert (a.reconstruct("adapter_4", mod) - b.reconstruct("adapter_4", mod)).abs().max() < 1e-6
+    pa = read_peft_adapter(paths[4])
+    assert a.metadata["configs"]["adapter_4"]["r"] == pa.config["r"]
+    with pytest.raises(ValueError, match="already"):
+        cache.add_peft(paths[4], max_rel_error=0.5, persist=True)
+    assert _names(s) == _names(ref)  # the refused second add wrote nothing

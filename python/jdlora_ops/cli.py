@@ -290,10 +290,9 @@ def _activation_weighted(metadata: dict | None) -> dict:
 
 
 def cmd_add(args) -> int:
-    from .compress import project_adapters
-    from .compress.error_budget import budget_new_adapters, check_budget
     from .peft_io import PeftCollection
-    from .store import load_store, read_manifest, save_store
+    from .store import load_store, read_manifest
+    from .store_update import add_to_store
 
     _threads(args.threads)
     manifest = read_manifest(args.store)
@@ -301,35 +300,10 @@ def cmd_add(args) -> int:
     collection = PeftCollection(
         _adapter_paths(args), expect_base_model=manifest.get("base_model"), expect_modules=compressed.module_specs
     )
-    if args.cluster is not None and compressed.method in ("full", "diag"):
-        if not 0 <= args.cluster < compressed.num_clusters:
-            raise CLIError(f"--cluster {args.cluster} out of range: the store has {compressed.num_clusters} clusters")
-    budget = args.max_rel_error
-    if budget is None:
-        budget = (compressed.metadata or {}).get("max_rel_error")
-    if budget is not None:
-        budget = check_budget(budget)
-    calibration = (compressed.metadata or {}).get("calibration")
-    if calibration:
-        from .compress.activation_aware import project_activation_aware
-        from .compress.calibration import load_stats
-
-        stats_path = args.calibration or calibration.get("stats")
-        if not stats_path:
-            raise CLIError(f"{args.store} was compressed activation-aware: give its stats with --calibration")
-        stats = load_stats(stats_path)
-        report, paths = project_activation_aware(compressed, collection, stats, damping=calibration["damping"],
-                                                 budget=budget, cluster=args.cluster, device=args.device,
-                                                 progress=not args.quiet)
-    else:
-        if args.calibration:
-            raise CLIError(f"--calibration: {args.store} was not compressed activation-aware")
-        report = project_adapters(compressed, collection, cluster=args.cluster, device=args.device,
-                                  progress=not args.quiet)
-        paths = (budget_new_adapters(compressed, collection, report, budget, device=args.device)
-                 if budget is not None else ["jd"] * len(report.names))
-    save_store(args.store, compressed, update=True, reuse_bases=compressed.method in ("full", "diag"),
-               dtype=next(iter(compressed.modules.values())).U.dtype)
+    res = add_to_store(args.store, collection, cluster=args.cluster, max_rel_error=args.max_rel_error,
+                       calibration=args.calibration, device=args.device, progress=not args.quiet,
+                       compressed=compressed)
+    report, paths, budget, compressed = res.report, res.paths, res.budget, res.collection
     for j, name in enumerate(report.names):
         if paths[j] != "jd":
             e = compressed.individual[name].rel_errors.values()

@@ -752,6 +752,36 @@ class AdapterCache:
 
     def add(
         self, name: str, factors: Factors | None = None, *, max_rel_error: float, config: dict | None = None,
+        base_model: str | None = None, persist: bool = False,
+    ) -> AddReport:
+        """:meth:`_add` (below); with ``persist=True`` the adapter is also written into the store the
+        cache was opened from, as ``jdlora add`` would (:func:`jdlora_ops.store_update.add_to_store`: the
+        store's metric and error budget, an atomic update), so that a restarted server sees it. The
+        store is written after the cache took the adapter; a failed write raises and leaves the store as
+        it was (the adapter stays served from memory)."""
+        if persist:
+            path = getattr(self.reader, "path", None)
+            if path is None:
+                raise ValueError("AdapterCache.add(persist=True): the cache was not opened from a store directory")
+            switching = factors is None
+            if switching:
+                with self.lock:
+                    if name not in self.host.uncompressed:
+                        raise self._unknown(name)
+                    factors = {self.module_specs[m].name: ab for m, ab in self.host.uncompressed[name].factors.items()}
+            report = self._add(name, None if switching else factors, max_rel_error=max_rel_error, config=config,
+                               base_model=base_model)
+            from ..compress.collection import InMemoryCollection
+            from ..store_update import add_to_store
+
+            mods = {mod: (f[0], f[1], f[2] if len(f) > 2 else 1.0) for mod, f in factors.items()}
+            add_to_store(path, InMemoryCollection({name: mods}, modules=list(self.module_specs),
+                                                  metadata={"configs": {name: dict(config or {})}}))
+            return report
+        return self._add(name, factors, max_rel_error=max_rel_error, config=config, base_model=base_model)
+
+    def _add(
+        self, name: str, factors: Factors | None = None, *, max_rel_error: float, config: dict | None = None,
         base_model: str | None = None,
     ) -> AddReport:
         """Project an adapter into the collection; served compressed if the error is small enough.
@@ -847,7 +877,8 @@ class AdapterCache:
         self.register_uncompressed(pa.name, factors, config=pa.config)
         return pa.name
 
-    def add_peft(self, path: str | os.PathLike, *, max_rel_error: float, name: str | None = None) -> AddReport:
+    def add_peft(self, path: str | os.PathLike, *, max_rel_error: float, name: str | None = None,
+                 persist: bool = False) -> AddReport:
         """:meth:`add` for a PEFT adapter directory."""
         pa, factors = self._read_peft(path, name)
-        return self.add(pa.name, factors, max_rel_error=max_rel_error, config=pa.config)
+        return self.add(pa.name, factors, max_rel_error=max_rel_error, config=pa.config, persist=persist)
