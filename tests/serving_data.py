@@ -125,3 +125,16 @@ def assert_unchanged(cache, snap, host_counters: bool = True) -> None:
     assert now_st == st
     for a, b in zip(tabs, now_tabs):
         assert torch.equal(a, b)
+
+
+def serve_and_check(planner, coll, unc, adapters, counts, seed=0):
+    """Serve one batch through every module and compare with the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    with planner.prepare(adapters, counts) as plan:
+        for spec in MODULES:
+            x = torch.randn(plan.num_tokens, spec.d_in, generator=gen)
+            y0 = torch.randn(plan.num_tokens, spec.d_out, generator=gen)
+            y = y0.clone()
+            plan.apply(spec.name, x, y)
+            ref = reference_output(coll, unc, adapters, counts, spec.name, x, y0)
+            torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)

@@ -18,7 +18,7 @@ from jdlora_ops.compress.error_budget import apply_error_budget, check_budget
 from jdlora_ops.peft_io import PeftCollection, export_peft_adapter
 from jdlora_ops.serving import AdapterCache, BatchPlanner
 from jdlora_ops.store import load_store, read_manifest, save_store
-from serving_data import MODULES, one_thread, reference_output  # noqa: F401
+from serving_data import MODULES, one_thread, reference_output, serve_and_check  # noqa: F401
 
 F64 = torch.float64
 BUDGET = 0.05
@@ -104,16 +104,7 @@ def test_cache_serves_every_path_in_one_batch(tmp_path, fitted):
         assert set(moved) <= set(cache.adapter_names)
         planner = BatchPlanner(cache, 64)
         adapters = [res.adapter_names[0], "flat", None, "steep", res.adapter_names[-1], moved[0]]
-        counts = [3, 2, 1, 4, 1, 2]
-        gen = torch.Generator().manual_seed(0)
-        with planner.prepare(adapters, counts) as plan:
-            for spec in MODULES:
-                x = torch.randn(plan.num_tokens, spec.d_in, generator=gen)
-                y0 = torch.randn(plan.num_tokens, spec.d_out, generator=gen)
-                y = y0.clone()
-                plan.apply(spec.name, x, y)
-                ref = reference_output(res, {}, adapters, counts, spec.name, x, y0)
-                torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)
+        serve_and_check(planner, res, {}, adapters, [3, 2, 1, 4, 1, 2])
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), "x"])

@@ -7,7 +7,9 @@ import torch
 
 from jdlora_ops.serving import AdapterCache, BatchPlanner, CapacityError, StoreReader
 from jdlora_ops.store import save_store
-from serving_data import MODULES, by_cluster, one_thread, random_collection, random_lora, reference_output  # noqa: F401
+from serving_data import (  # noqa: F401
+    MODULES, by_cluster, one_thread, random_collection, random_lora, reference_output, serve_and_check,
+)
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -15,18 +17,6 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.fixture(scope="module")
 def coll():
     return random_collection(n=12, K=4, r=6, seed=3)
-
-
-def serve_and_check(planner, coll, unc, adapters, counts, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with planner.prepare(adapters, counts) as plan:
-        for spec in MODULES:
-            x = torch.randn(plan.num_tokens, spec.d_in, generator=gen)
-            y0 = torch.randn(plan.num_tokens, spec.d_out, generator=gen)
-            y = y0.clone()
-            plan.apply(spec.name, x, y)
-            ref = reference_output(coll, unc, adapters, counts, spec.name, x, y0)
-            torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)
 
 
 def test_tables_have_fixed_shapes_and_fill_on_demand(coll):

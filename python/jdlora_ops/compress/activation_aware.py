@@ -89,9 +89,11 @@ def reconstruction_errors(f: ModuleFactors, U: torch.Tensor, Vt: torch.Tensor, s
 
 def update_norms(f: ModuleFactors, M: torch.Tensor | None = None) -> torch.Tensor:
     """``||dW_i M||_F^2`` for every adapter (float64 ``[n]``; ``M = None`` is the identity)."""
+    if M is None:
+        return f.to(torch.float64).norms_sq().cpu()
     out = torch.zeros(f.num_adapters, dtype=torch.float64)
     for g in f.groups:
-        A = g.A.double() if M is None else g.A.double() @ M.double()
+        A = g.A.double() @ M.double()
         Bt = g.Bt.double()
         out[g.index.cpu()] = ((A @ A.transpose(1, 2)) * (Bt @ Bt.transpose(1, 2))).sum(dim=(1, 2))
     return out

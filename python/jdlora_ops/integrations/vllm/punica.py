@@ -94,7 +94,9 @@ class JDLoRAPunicaWrapper(_Base):
         if self._has_peft:
             A = [a[:, 0] for a in lora_a_stacked]
             B = [b[:, 0] for b in lora_b_stacked]
-            h = lora_shrink(xs, A, self._lora_scales * float(scale), self._peft_meta)
+            # vLLM folds the scaling into B and passes 1.0; only another scale costs a tensor.
+            scales = self._lora_scales if scale == 1.0 else self._lora_scales * float(scale)
+            h = lora_shrink(xs, A, scales, self._peft_meta)
             lora_expand(h, B, self._peft_meta, out, offsets)
         if out is not ys:
             ys.add_(out.to(ys.dtype))
