@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from jdlora_ops.compress._team import ModuleTeam
 from jdlora_ops.compress.collection import ModuleSpec

@@ -8,9 +8,10 @@ downstream may then go another way. :class:`ModuleTeam` keeps the order fixed:
 
 * the modules are cut into contiguous blocks, one per process, in module
   order, with about equal work (``d_in x d_out x n``) per block;
-* a sum over modules is a relay: process 0 adds its modules' contributions to
-  zeros in module order and sends the running sum to process 1, which adds
-  its own in order, and so on; the last process broadcasts the total. Every
+* a sum over modules is a relay: the first process adds its modules'
+  contributions to zeros in module order and sends the running sum to the
+  next process, which adds its own in order, and so on; the last process
+  broadcasts the total. Processes without modules in the sum are skipped. Every
   addition happens in the order (and on the same operands) of a single
   process adding module after module, so the result is bitwise the same
   whatever the number of processes. Only the additions wait for each other;
@@ -73,6 +74,10 @@ class ModuleTeam:
             before += w
         return out
 
+    def holders(self, specs, n: int = 1) -> list[int]:
+        """The processes that own at least one of ``specs``, in order (the relay's stops)."""
+        return sorted(set(self.owners(specs, n)))
+
     def local(self, specs, n: int = 1) -> list[int]:
         """Indices into ``specs`` of this process's modules, in module order."""
         return [i for i, r in enumerate(self.owners(specs, n)) if r == self.rank]
@@ -108,13 +113,17 @@ class ModuleTeam:
         return out
 
     # ------------------------------------------------------------- collectives
-    def ordered_sum(self, contributions: Iterable[torch.Tensor], numel: int, dtype=torch.float64) -> torch.Tensor:
+    def ordered_sum(self, contributions: Iterable[torch.Tensor], numel: int, holders: list[int],
+                    dtype=torch.float64) -> torch.Tensor:
         """Sum over all modules of flat ``[numel]`` contributions, bitwise as one process adding them in order.
 
         ``contributions`` yields this process's contributions in module order
-        (it may do the work lazily; an exception there fails every process).
+        (it may do the work lazily; an exception there fails every process);
+        ``holders``: :meth:`holders` of the modules summed over; the others
+        only receive the total.
         """
-        acc = torch.zeros(numel, dtype=dtype) if self.rank == 0 else None
+        first = holders[0] if holders else 0
+        acc = torch.zeros(numel, dtype=dtype) if self.rank == first else None
         pending: list[torch.Tensor] = []
 
         def collect():
@@ -126,22 +135,24 @@ class ModuleTeam:
                     pending.append(c)
 
         self.run(collect)
-        if self.world == 1:
-            return acc
+        if self.world == 1 or not holders:
+            return acc if acc is not None else torch.zeros(numel, dtype=dtype)
         d = self._dist
         buf = torch.zeros(numel, dtype=dtype, device=self.device)
-        if self.rank > 0:
-            d.recv(buf, src=self._global(self.rank - 1), group=self.group)
-            acc = buf.cpu()
-            for c in pending:
-                acc.add_(c)
-        if self.rank < self.world - 1:
-            d.send(acc.to(self.device), dst=self._global(self.rank + 1), group=self.group)
-            self.bytes_sent += acc.numel() * acc.element_size()
-        else:
-            buf = acc.to(self.device)
-            self.bytes_sent += (self.world - 1) * buf.numel() * buf.element_size()
-        d.broadcast(buf, src=self._global(self.world - 1), group=self.group)
+        if self.rank in holders:
+            at = holders.index(self.rank)
+            if at > 0:
+                d.recv(buf, src=self._global(holders[at - 1]), group=self.group)
+                acc = buf.cpu()
+                for c in pending:
+                    acc.add_(c)
+            if at < len(holders) - 1:
+                d.send(acc.to(self.device), dst=self._global(holders[at + 1]), group=self.group)
+                self.bytes_sent += acc.numel() * acc.element_size()
+            else:
+                buf = acc.to(self.device)
+                self.bytes_sent += (self.world - 1) * buf.numel() * buf.element_size()
+        d.broadcast(buf, src=self._global(holders[-1]), group=self.group)
         self.collectives += 2
         return buf.cpu()
 

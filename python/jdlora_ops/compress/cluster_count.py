@@ -106,7 +106,7 @@ def choose_num_clusters(
             f = collection.load_module(specs[i], dtype=dtype, device=device)
             yield f.ranks().sum().reshape(1) * (specs[i].d_out + specs[i].d_in)
 
-    ranks_sum = int(team.ordered_sum(module_sizes(), 1, dtype=torch.int64))
+    ranks_sum = int(team.ordered_sum(module_sizes(), 1, team.holders(specs, n), dtype=torch.int64))
     core = rank * rank if method == "full" else rank
     original = max(ranks_sum, 1)
     aff = None

@@ -298,7 +298,7 @@ def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, wei
                               weights=weights, max_iter=max_iter, tol=tol, seed=seed, dtype=dtype, device=device,
                               keep=keep and rnd == 0, ranks=ranks, out_modules=out_modules if keep else None)
                   for mi, spec in it)
-        sums = team.ordered_sum(fitted, n * K + 2 * n + 3)
+        sums = team.ordered_sum(fitted, n * K + 2 * n + 3, team.holders(specs, n))
         cost = sums[: n * K].view(n, K)
         norms, scale = sums[n * K : n * K + n], sums[n * K + n : n * K + 2 * n]
         objective, total, inner = (float(x) for x in sums[n * K + 2 * n :])

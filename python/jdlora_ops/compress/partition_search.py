@@ -230,7 +230,7 @@ def subspace_affinities(
             a_in = _side_affinity(V, w, g_in)
             yield torch.stack([a_out * a_in, a_out, a_in])
 
-    both, col, row = team.ordered_sum(per_module(), 3 * n * n).view(3, n, n)
+    both, col, row = team.ordered_sum(per_module(), 3 * n * n, team.holders(modules, n)).view(3, n, n)
     m = max(1, len(modules))
     return {"column and row spaces": both / m, "column spaces": col / m, "row spaces": row / m}
 
