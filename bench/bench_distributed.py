@@ -143,6 +143,9 @@ def write_md(path: str, key: str, payload: dict) -> None:
     lines = [f"## {key}", "",
              f"{payload['date']}, {payload['machine']['cpu_model']}, {payload['machine']['logical_cpus']} logical CPUs, 1 thread per process; "
              f"commit {payload['commit']}; load average at start {payload['load_start']}, at end {payload['load_end']}.",
+             "The machine is shared with other jobs: at a load average several times its 2 cores every "
+             "process gets a fraction of a core, so absolute times are inflated and the ratio moves with the load "
+             "between the runs; several processes also win a larger share of the cores from the other jobs.",
              f"Collection: {payload['n']} adapters x {payload['modules']} modules (Llama-7B q/k/v shapes, r_i = 16), "
              "r = 16, K = 25, max_iter 20, tol 1e-4, max_rounds 3.", "",
              f"Command: `{payload['command']}`", "",
@@ -158,7 +161,7 @@ def write_md(path: str, key: str, payload: dict) -> None:
     lines += ["### Estimate (not measured): 10,000 adapters x 560 modules (80 layers x q, k, v, o, gate, up, down)", "",
               f"Scaled from the measured one-thread round above by n x (d_out + d_in): x{est['scale_vs_measured']:.0f}, "
               f"i.e. {est['one_thread_round_seconds'] / 3600:.1f} h per fit/reassign round on one thread of this "
-              "machine. Assumes the same K = 25, r = 16, r_i = 16 and JD iterations per fit; compute per worker as "
+              "machine at the load above (an idle core would be faster). Assumes the same K = 25, r = 16, r_i = 16 and JD iterations per fit; compute per worker as "
               "here; the partition search (4 modules) is not parallel beyond 4 workers and is left out.", "",
               "| workers | round (h) | block imbalance | relay bytes per round | relay at 10 Gbit/s (s) |",
               "|---:|---:|---:|---:|---:|"]

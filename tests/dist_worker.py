@@ -56,8 +56,10 @@ def case_stats(collection) -> CalibrationStats:
 def case_args(case: dict, rank: int) -> dict:
     seed = case.get("seed", 0) + (rank if case.get("seed_by_rank") else 0)
     return dict(method=case.get("method", "full"), num_clusters=case.get("clusters", 3), seed=seed,
-                dtype=getattr(torch, case.get("dtype", "float64")), max_iter=40, tol=1e-9, max_rounds=4,
-                max_rel_error=case.get("budget"), store_dtype=torch.float32)
+                dtype=getattr(torch, case.get("dtype", "float64")), max_iter=case.get("max_iter", 40),
+                tol=case.get("tol", 1e-9), max_rounds=4,
+                max_rel_error=case.get("budget"), store_dtype=torch.float32,
+                cluster_range=tuple(case["cluster_range"]) if "cluster_range" in case else None)
 
 
 def run_case(case: dict, rank: int) -> None:

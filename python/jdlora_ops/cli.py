@@ -8,6 +8,7 @@
     jdlora verify STORE
     jdlora calibrate MODEL_DIR --text FILE... (--adapters DIR...|--modules NAME...) --out STATS
     jdlora demo [ARGS...]
+    torchrun --nproc-per-node N -m jdlora_ops.cli compress ...   (modules shared by N processes, same store)
 
 Bad input (missing or damaged files, adapters of another base model or with
 other shapes, a rank the modules cannot hold, K outside [1, number of adapters],

@@ -52,7 +52,7 @@ from .compress.collection import ModuleSpec
 from .compress.result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, sigma_is_diagonal
 
 __all__ = ["StoreError", "save_store", "load_store", "read_manifest", "is_store", "verify_store", "verify_file",
-           "file_sha256", "new_staging_dir", "CollectionReader", "StoreReader", "tensor_bytes", "FORMAT", "FORMAT_VERSION"]
+           "file_sha256", "check_target", "new_staging_dir", "CollectionReader", "StoreReader", "tensor_bytes", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "jdlora-store"
 FORMAT_VERSION = 2
@@ -240,13 +240,7 @@ def save_store(
     if compressed.method not in METHODS:
         raise StoreError(f"unknown method {compressed.method!r}")
     dt = dtype or next((cm.U.dtype for cm in compressed.modules.values()), torch.float32)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise StoreError(f"{path}: exists and is not a directory")
-    existing = os.path.isdir(path) and bool(os.listdir(path))
-    if existing and not is_store(path):
-        raise StoreError(f"{path}: exists, is not empty and is not a jdlora store; refusing to write there")
-    if existing and not (overwrite or update):
-        raise StoreError(f"{path}: a store already exists (use overwrite to replace it)")
+    existing = check_target(path, replace=overwrite or update)
 
     old_manifest = read_manifest(path) if existing else None
     bases_name = f"bases-{secrets.token_hex(8)}.safetensors"
@@ -338,6 +332,18 @@ def save_store(
             except OSError:
                 pass
     return manifest
+
+
+def check_target(path: str, *, replace: bool) -> bool:
+    """Whether a store exists at ``path``; a ``StoreError`` when nothing may be written there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(f"{path}: exists and is not a directory")
+    existing = os.path.isdir(path) and bool(os.listdir(path))
+    if existing and not is_store(path):
+        raise StoreError(f"{path}: exists, is not empty and is not a jdlora store; refusing to write there")
+    if existing and not replace:
+        raise StoreError(f"{path}: a store already exists (use overwrite to replace it)")
+    return existing
 
 
 def new_staging_dir(path: str | os.PathLike) -> str:

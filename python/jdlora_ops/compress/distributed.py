@@ -143,8 +143,8 @@ def compress_to_store(
     their modules only. Every process raises when any fails (the others with
     :class:`RankFailed` naming it); the store is then not written.
     """
+    from . import compress  # the package's name, which callers (and tests) may replace
     from .activation_aware import DEFAULT_DAMPING, compress_activation_aware
-    from .clustering import compress
     from .error_budget import apply_error_budget, check_budget
 
     t0 = time.perf_counter()
@@ -177,17 +177,10 @@ def compress_to_store(
 
 def _check_target(out, overwrite: bool, root: bool) -> None:
     """Fail before any work when the store could not be written at the end (process 0 writes it)."""
-    from ..store import StoreError, is_store
+    from ..store import check_target
 
-    path = os.path.abspath(os.fspath(out))
-    if not root or not os.path.exists(path):
-        return
-    if not os.path.isdir(path):
-        raise StoreError(f"{path}: exists and is not a directory")
-    if os.listdir(path) and not is_store(path):
-        raise StoreError(f"{path}: exists, is not empty and is not a jdlora store; refusing to write there")
-    if os.listdir(path) and not overwrite:
-        raise StoreError(f"{path}: a store already exists (use overwrite to replace it)")
+    if root:
+        check_target(os.path.abspath(os.fspath(out)), replace=overwrite)
 
 
 # ------------------------------------------------------------------ writing
