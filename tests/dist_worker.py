@@ -29,9 +29,9 @@ from jdlora_ops.synthetic import SyntheticCollection, SyntheticSpec, llama_like_
 F64 = torch.float64
 
 
-def case_collection(fail_on: str | None = None):
-    """12 adapters in 3 families on 2 layers x (q, k, v, o) of a small Llama-like model."""
-    mods = llama_like_modules(2, 24, 12, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+def case_collection(fail_on: str | None = None, modules: int | None = None):
+    """12 adapters in 3 families on 2 layers x (q, k, v, o) of a small Llama-like model (the first ``modules``)."""
+    mods = llama_like_modules(2, 24, 12, targets=("q_proj", "k_proj", "v_proj", "o_proj"))[:modules]
     col = SyntheticCollection(SyntheticSpec(12, mods, ranks=(3, 5), num_families=3, family_dim=6, seed=5))
     if fail_on is None:
         return col
@@ -63,7 +63,7 @@ def case_args(case: dict, rank: int) -> dict:
 
 
 def run_case(case: dict, rank: int) -> None:
-    collection = case_collection(case.get("fail_on"))
+    collection = case_collection(case.get("fail_on"), case.get("modules"))
     stats = case_stats(collection) if case.get("calibration") else None
     compress_to_store(collection, case.get("rank", 4), case["out"], calibration=stats, **case_args(case, rank))
 

@@ -29,6 +29,8 @@ CASES = [
     {"name": "full-calibration-budget", "method": "full", "clusters": 2, "calibration": True, "budget": 0.6},
 ]
 # --clusters auto: the count search sums sizes and costs over modules too (one process count is enough).
+# Fewer modules than processes: the last one holds none and only receives the sums.
+FEW = [{"name": "few-modules", "method": "full", "clusters": 2, "modules": 2}]
 AUTO = [{"name": "full-auto", "method": "full", "clusters": "auto", "cluster_range": [2, 3], "max_iter": 10,
          "tol": 1e-5}]
 
@@ -83,7 +85,7 @@ def no_leftovers(folder) -> list[str]:
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_processes_write_the_one_process_store(nproc, tmp_path, one_thread):
-    todo = CASES + (AUTO if nproc == 2 else [])
+    todo = CASES + (AUTO if nproc == 2 else FEW)
     ref = one_process_stores(todo, tmp_path)
     assert ref["full-budget"][0]["individual"], "the budget case must move some adapters out of the joint tables"
     assert ref["full-calibration-budget"][0]["individual"]
