@@ -8,6 +8,7 @@
     jdlora verify STORE
     jdlora calibrate MODEL_DIR --text FILE... (--adapters DIR...|--modules NAME...) --out STATS
     jdlora demo [ARGS...]
+    torchrun --nproc-per-node N -m jdlora_ops.cli compress ...   (modules shared by N processes, same store)
 
 Bad input (missing or damaged files, adapters of another base model or with
 other shapes, a rank the modules cannot hold, K outside [1, number of adapters],
@@ -183,24 +184,39 @@ def _threads(n):
         torch.set_num_threads(n)
 
 
-def _adapter_paths(args) -> list[str]:
+def _adapter_paths(args, quiet: bool | None = None) -> list[str]:
     from .peft_io import find_adapter_dirs
 
     paths, notes = find_adapter_dirs(args.adapters)
-    if notes and not args.quiet:
+    if notes and not (args.quiet if quiet is None else quiet):
         print(f"found {len(paths)} adapters (" + "; ".join(notes) + ")", file=sys.stderr)
     return paths
 
 
 def cmd_compress(args) -> int:
+    """Compress; under torchrun (``WORLD_SIZE`` > 1) every rank runs this and they share the modules."""
+    from .compress.distributed import init_from_env
+
+    team = init_from_env(args.device)
+    try:
+        return _compress(args, team)
+    finally:
+        if team.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _compress(args, team) -> int:
     import torch
 
-    from .compress import compress
-    from .compress.error_budget import apply_error_budget, check_budget
+    from .compress.distributed import compress_to_store
+    from .compress.error_budget import check_budget
     from .peft_io import PeftCollection
-    from .store import StoreError, is_store, read_manifest, save_store
+    from .store import StoreError, is_store
 
     _threads(args.threads)
+    quiet = args.quiet or not team.is_root
     compute = _dtype(args.compute_dtype)
     if compute not in (torch.float32, torch.float64):
         raise CLIError("--compute-dtype must be float32 or float64")
@@ -220,7 +236,7 @@ def cmd_compress(args) -> int:
         raise CLIError("--damping needs --calibration")
     if args.damping is not None and not args.damping > 0:
         raise CLIError(f"--damping must be > 0, got {args.damping}")
-    collection = PeftCollection(_adapter_paths(args))
+    collection = team.run(lambda: PeftCollection(_adapter_paths(args, quiet)))
     rank = args.rank
     if args.method in ("svd", "none"):
         top = max((e.rank for a in collection.adapters for e in a.modules.values()), default=0)
@@ -233,31 +249,35 @@ def cmd_compress(args) -> int:
     if args.calibration is not None:
         from .compress.calibration import load_stats
 
-        stats = load_stats(args.calibration)
-        stats.check_modules({m.name: m.d_in for m in collection.modules}, where=f"--calibration {args.calibration}")
-    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
+        def read_stats():
+            st = load_stats(args.calibration)
+            st.check_modules({m.name: m.d_in for m in collection.modules}, where=f"--calibration {args.calibration}")
+            return st
+
+        stats = team.run(read_stats)
+    log = (lambda msg: print(msg, file=sys.stderr)) if not quiet else None
     t0 = time.perf_counter()
     common = dict(
         method=args.method, num_clusters=args.clusters, weights=args.weights,
         max_iter=args.max_iter, tol=args.tol, max_rounds=args.max_rounds, seed=args.seed, dtype=compute,
-        device=args.device, progress=not args.quiet, log=log, cluster_range=args.clusters_range, tradeoff=args.tradeoff,
+        device=args.device, progress=not quiet, log=log, cluster_range=args.clusters_range, tradeoff=args.tradeoff,
     )
-    if stats is not None:
-        from .compress.activation_aware import DEFAULT_DAMPING, compress_activation_aware
-
-        result = compress_activation_aware(
-            collection, stats, rank, damping=args.damping or DEFAULT_DAMPING, max_rel_error=args.max_rel_error,
-            stats_path=os.path.abspath(args.calibration), **common)
-    else:
-        result = compress(collection, rank, **common)
-        if args.max_rel_error is not None:
-            apply_error_budget(result, collection, args.max_rel_error, dtype=compute, device=args.device)
-    seconds = time.perf_counter() - t0
-    result.metadata.setdefault("compressor", {})["seconds"] = round(seconds, 3)
     if store_dtype is None:
         store_dtype = collection.dtype if collection.dtype in (torch.float16, torch.bfloat16, torch.float32) \
             else torch.float32
-    save_store(out, result, overwrite=args.overwrite, dtype=store_dtype)
+    result = compress_to_store(
+        collection, rank, out, team=team, calibration=stats,
+        calibration_path=None if stats is None else os.path.abspath(args.calibration), damping=args.damping,
+        max_rel_error=args.max_rel_error, store_dtype=store_dtype, overwrite=args.overwrite, **common)
+    seconds = time.perf_counter() - t0
+    if team.is_root:
+        _report_compress(args, result, collection, rank, out, store_dtype, seconds, team.world)
+    return 0
+
+
+def _report_compress(args, result, collection, rank, out, store_dtype, seconds, world) -> None:
+    from .store import read_manifest
+
     s = result.summary()
     count = result.metadata.get("cluster_count")
     if count:
@@ -271,7 +291,8 @@ def cmd_compress(args) -> int:
     print(
         f"compressed {result.num_adapters + len(result.individual)} adapters x {len(result.modules)} modules "
         f"({args.method}, r={rank}, "
-        f"{'per adapter' if args.method in ('svd', 'none') else f'{result.num_clusters} clusters'}) in {seconds:.1f} s: "
+        f"{'per adapter' if args.method in ('svd', 'none') else f'{result.num_clusters} clusters'}) in {seconds:.1f} s"
+        f"{f' on {world} processes' if world > 1 else ''}: "
         f"relative squared error mean {s['mean_rel_error']:.4f} max {s['max_rel_error']:.4f}; "
         f"store {args.out}: {_bytes(_store_bytes(out, read_manifest(out)))} written in "
         f"{str(store_dtype).replace('torch.', '')} (the adapters: {_bytes(_adapter_bytes(collection))})"
@@ -281,7 +302,6 @@ def cmd_compress(args) -> int:
         vals = [v for per in aw.values() for v in per]
         print(f"activation-weighted relative squared error mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} "
               f"(inputs of {args.calibration})")
-    return 0
 
 
 def _activation_weighted(metadata: dict | None) -> dict:

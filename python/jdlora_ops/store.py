@@ -52,7 +52,7 @@ from .compress.collection import ModuleSpec
 from .compress.result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, sigma_is_diagonal
 
 __all__ = ["StoreError", "save_store", "load_store", "read_manifest", "is_store", "verify_store", "verify_file",
-           "file_sha256", "CollectionReader", "StoreReader", "tensor_bytes", "FORMAT", "FORMAT_VERSION"]
+           "file_sha256", "check_target", "new_staging_dir", "CollectionReader", "StoreReader", "tensor_bytes", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "jdlora-store"
 FORMAT_VERSION = 2
@@ -222,6 +222,7 @@ def save_store(
     update: bool = False,
     dtype: torch.dtype | None = None,
     reuse_bases: bool = False,
+    staging: str | None = None,
 ) -> dict:
     """Write ``compressed`` as a store at ``path`` atomically; returns the manifest.
 
@@ -231,18 +232,15 @@ def save_store(
       ``reuse_bases`` its bases file is kept rather than rewritten).
     * ``dtype``: dtype of the stored bases and cores (default: as computed);
       errors and norms are stored as float64.
+    * ``staging``: an empty directory from :func:`new_staging_dir` to
+      assemble a new store in (default: a fresh one); it is renamed into
+      place on success and removed on failure.
     """
     path = os.path.abspath(os.fspath(path))
     if compressed.method not in METHODS:
         raise StoreError(f"unknown method {compressed.method!r}")
     dt = dtype or next((cm.U.dtype for cm in compressed.modules.values()), torch.float32)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise StoreError(f"{path}: exists and is not a directory")
-    existing = os.path.isdir(path) and bool(os.listdir(path))
-    if existing and not is_store(path):
-        raise StoreError(f"{path}: exists, is not empty and is not a jdlora store; refusing to write there")
-    if existing and not (overwrite or update):
-        raise StoreError(f"{path}: a store already exists (use overwrite to replace it)")
+    existing = check_target(path, replace=overwrite or update)
 
     old_manifest = read_manifest(path) if existing else None
     bases_name = f"bases-{secrets.token_hex(8)}.safetensors"
@@ -271,10 +269,11 @@ def save_store(
         files["individual"] = f"individual-{secrets.token_hex(8)}.safetensors"
     manifest = _manifest(compressed, files, dt)
 
+    if staging is not None and existing:
+        shutil.rmtree(staging, ignore_errors=True)  # an existing store is updated in place
     if not existing:
         parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        tmp = staging or new_staging_dir(path)
         try:
             _write_tensors(os.path.join(tmp, bases_name), bases)
             _write_tensors(os.path.join(tmp, cores_name), cores)
@@ -333,6 +332,26 @@ def save_store(
             except OSError:
                 pass
     return manifest
+
+
+def check_target(path: str, *, replace: bool) -> bool:
+    """Whether a store exists at ``path``; a ``StoreError`` when nothing may be written there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(f"{path}: exists and is not a directory")
+    existing = os.path.isdir(path) and bool(os.listdir(path))
+    if existing and not is_store(path):
+        raise StoreError(f"{path}: exists, is not empty and is not a jdlora store; refusing to write there")
+    if existing and not replace:
+        raise StoreError(f"{path}: a store already exists (use overwrite to replace it)")
+    return existing
+
+
+def new_staging_dir(path: str | os.PathLike) -> str:
+    """A fresh hidden sibling of the store ``path`` to assemble a new store in (same filesystem: renames work)."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
 
 
 def _write_json(path: str, manifest: dict) -> None:

@@ -9,6 +9,8 @@
   budget as their own truncated SVD or factors (:class:`IndividualAdapter`).
 * :func:`search_partition`, :func:`subspace_affinities`: how the clusters are
   found; :func:`choose_num_clusters`: ``num_clusters="auto"``.
+* :mod:`~jdlora_ops.compress.distributed`: the same on several processes
+  (``torch.distributed``), module by module, bitwise equal results.
 * :class:`AdapterCollection` and its implementations produce a module's
   factors on demand (:class:`ModuleFactors`).
 """

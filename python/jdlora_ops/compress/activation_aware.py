@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ._team import SOLO
 from .calibration import CalibrationStats, whitening
 from .collection import AdapterCollection, ModuleFactors, RankGroup, column_layout
 from .result import CompressedCollection
@@ -116,19 +117,23 @@ def compress_activation_aware(
     from .error_budget import apply_error_budget
 
     stats.check_modules({s.name: s.d_in for s in collection.modules}, where="calibration stats")
-    S, S_inv = {}, {}
-    for spec in collection.modules:
-        S[spec.name], S_inv[spec.name] = whitening(stats.second_moments[spec.name], damping)
+    S = _Whitening(stats, damping)
+    S_inv = S.inverse
     whitened = WhitenedCollection(collection, S)
     result = compress(whitened, rank, **compress_args)
     if max_rel_error is not None:
         apply_error_budget(result, whitened, max_rel_error, dtype=compress_args.get("dtype", torch.float32),
-                           device=compress_args.get("device", "cpu"))
+                           device=compress_args.get("device", "cpu"), team=compress_args.get("team", SOLO))
         for ind in result.individual.values():
             ind.factors = {m: ((A.double() @ S_inv[m]).to(A.dtype), B) for m, (A, B) in ind.factors.items()}
     weighted = {}
+    # Adapters the error budget moved out are no longer in the joint tables.
+    names = list(collection.adapter_names)
+    kept = torch.tensor([names.index(x) for x in result.adapter_names], dtype=torch.long)
     for name, cm in result.modules.items():
         f = collection.load_module(cm.spec, dtype=torch.float64)
+        if kept.numel() < len(names):
+            f = f.select(kept)
         cm.Vt = (cm.Vt.double() @ S_inv[name]).to(cm.Vt.dtype)
         half = _sqrt_psd(stats.second_moments[name])
         norms_c = update_norms(f, half)
@@ -146,6 +151,28 @@ def compress_activation_aware(
                            "stats": stats_path}
     result.metadata = meta
     return result
+
+
+class _Whitening(dict):
+    """Module name -> ``S_m``, computed when first needed: a process of a team whitens its own modules only."""
+
+    def __init__(self, stats: CalibrationStats, damping: float):
+        super().__init__()
+        self.stats, self.damping, self.inverse = stats, damping, _Inverse(self)
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        self[name], self.inverse[name] = whitening(self.stats.second_moments[name], self.damping)
+        return self[name]
+
+
+class _Inverse(dict):
+    def __init__(self, forward: _Whitening):
+        super().__init__()
+        self.forward = forward
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        self.forward[name]  # computes both
+        return dict.__getitem__(self, name)
 
 
 def _sqrt_psd(C: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ._team import SOLO, ModuleTeam
 from .collection import AdapterCollection
 from .partition_search import Trial, search_partition, subspace_affinities
 
@@ -80,6 +81,7 @@ def choose_num_clusters(
     device: torch.device | str = "cpu",
     search_options: dict | None = None,
     log: Callable[[str], None] | None = None,
+    team: ModuleTeam = SOLO,
 ) -> ClusterCountChoice:
     """Pick ``K`` from ``counts`` (each in ``[1, n]``) by the trade-off in the module docstring.
 
@@ -93,15 +95,18 @@ def choose_num_clusters(
     bad = [K for K in counts if not 1 <= K <= n]
     if bad or not counts:
         raise ValueError(f"cluster counts (--clusters-range) must lie in [1, {n}] (the number of adapters), got {counts}")
-    ranks_sum = 0
     width_total = 0
     for spec in collection.modules:
         width_total += spec.d_out + spec.d_in
-    # The original size needs every module's ranks; reading them costs one pass over the factors.
-    for spec in collection.modules:
-        f = collection.load_module(spec, dtype=dtype, device=device)
-        ranks_sum += int(f.ranks().sum()) * (spec.d_out + spec.d_in)
-        del f
+    specs = list(collection.modules)
+
+    def module_sizes():
+        # The original size needs every module's ranks; reading them costs one pass over the factors.
+        for i in team.local(specs, n):
+            f = collection.load_module(specs[i], dtype=dtype, device=device)
+            yield f.ranks().sum().reshape(1) * (specs[i].d_out + specs[i].d_in)
+
+    ranks_sum = int(team.ordered_sum(module_sizes(), 1, team.holders(specs, n), dtype=torch.int64))
     core = rank * rank if method == "full" else rank
     original = max(ranks_sum, 1)
     aff = None
@@ -114,7 +119,8 @@ def choose_num_clusters(
             trial = fit(torch.zeros(n, dtype=torch.long) if K == 1 else torch.arange(n), 1, None)
         else:
             if aff is None:
-                aff = subspace_affinities(collection, subset, rank=rank, seed=seed, dtype=dtype, device=device)
+                aff = subspace_affinities(collection, subset, rank=rank, seed=seed, dtype=dtype, device=device,
+                                          team=team)
             trial = search_partition(aff, K, fit, seed=seed, **(search_options or {})).best
         err = _mean_rel_error(trial)
         after = K * rank * width_total + n * core * len(collection.modules)

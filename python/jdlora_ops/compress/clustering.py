@@ -24,6 +24,7 @@ import torch
 
 from ._linalg import F64, eps_of
 from .collection import AdapterCollection, ModuleSpec
+from ._team import SOLO, ModuleTeam
 from .jd import JDResult, check_rank, jd_diag, jd_full
 from .cluster_count import candidate_counts, choose_num_clusters
 from .partition_search import Trial, fill_empty, search_partition, subspace_affinities
@@ -105,6 +106,7 @@ def compress(
     tradeoff: float = 1.0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    team: ModuleTeam = SOLO,
 ) -> CompressedCollection:
     """Compress a collection jointly: ``K`` clusters, JD-Full or JD-Diag per (cluster, module).
 
@@ -136,6 +138,10 @@ def compress(
       reassignment compares summed relative or absolute errors.
     * ``dtype``: compute dtype (float32/float64); factors are converted as
       each module is read.
+    * ``team``: the processes sharing the work module by module (see
+      :mod:`~jdlora_ops.compress.distributed`); the partition and every sum are
+      bitwise those of one process, and ``modules`` (and ``metadata["ranks"]``)
+      hold this process's modules only.
 
     Raises ``ValueError`` (naming the argument, the expected and the actual
     value) for a rank a module cannot hold, ``K`` outside ``[1, n]``, an empty
@@ -180,7 +186,7 @@ def compress(
     device = torch.device(device)
     K = num_clusters
     opts = dict(rank=rank, method=method, weights=weights, max_iter=max_iter, tol=tol, seed=seed, dtype=dtype,
-                device=device)
+                device=device, team=team)
 
     search = None
     count_curve = None
@@ -188,7 +194,7 @@ def compress(
         subset = _spread(specs, signature_modules)
         choice = choose_num_clusters(
             collection, rank, counts, tradeoff=tradeoff, subset=subset, method=method, seed=seed, dtype=dtype,
-            device=device, log=say,
+            device=device, log=say, team=team,
             fit_subset=lambda k: (lambda start, rounds, warm: _fit_rounds(collection, subset, start, k, rounds, warm,
                                                                           **opts)[0]),
             search_options=dict(restarts=restarts, refine_rounds=warmup_rounds, move_rounds=move_rounds,
@@ -210,7 +216,7 @@ def compress(
     else:
         t = time.perf_counter()
         subset = _spread(specs, signature_modules)
-        aff = subspace_affinities(collection, subset, rank=rank, seed=seed, dtype=dtype, device=device)
+        aff = subspace_affinities(collection, subset, rank=rank, seed=seed, dtype=dtype, device=device, team=team)
         say(f"subspace affinities of {n} adapters on {len(subset)} modules in {time.perf_counter() - t:.1f} s")
 
         def fit_subset(start: torch.Tensor, rounds: int, warm: dict | None) -> Trial:
@@ -263,73 +269,40 @@ def _check_unique(names: list[str]) -> None:
 
 
 def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, weights, max_iter, tol, seed, dtype,
-                device, keep=False, say=None, progress=False):
+                device, keep=False, say=None, progress=False, team=SOLO):
     """Fit/reassign rounds over ``specs`` from ``assign``, at most ``rounds`` fits.
 
     Each round reads every module once: JD per cluster (warm-started from the
     previous round's bases), then every adapter's cost under every cluster.
     Adapters then move to their cheapest cluster; rounds end when none moves.
     The returned :class:`Trial` describes the last fit (its partition, objective
-    and costs); with ``keep`` the assembled modules, history and ranks come too.
+    and costs); with ``keep`` the assembled modules, history and ranks come too
+    (of ``team``'s local modules only when it has several processes).
     """
-    fit = jd_full if method == "full" else jd_diag
     say = say or (lambda _msg: None)
     n = assign.numel()
     warm = dict(warm or {})
     history: list[dict] = []
     ranks: dict[str, list[int]] = {}
     out_modules: dict[str, CompressedModule] = {}
+    mine = team.local(specs, n)
     for rnd in range(rounds):
         t_round = time.perf_counter()
-        cost = torch.zeros(n, K, dtype=F64)
-        norms = torch.zeros(n, dtype=F64)
-        scale = torch.zeros(n, dtype=F64)
         members = [(assign == k).nonzero().flatten() for k in range(K)]
-        inner = 0
-        objective = 0.0
-        total = 0.0
-        it = specs
-        if progress:
+        it = [(mi, specs[mi]) for mi in mine]
+        if progress and team.is_root:
             from tqdm.auto import tqdm
 
-            it = tqdm(specs, desc=f"round {rnd + 1}", unit="module", leave=False)
-        for mi, spec in enumerate(it):
-            f = collection.load_module(spec, dtype=dtype, device=device)
-            if keep and rnd == 0:
-                ranks[spec.name] = f.ranks().tolist()
-            parts = f.partition(assign, K) if K > 1 else [f]
-            del f
-            results: list[JDResult | None] = [None] * K
-            for k in range(K):
-                if members[k].numel() == 0:
-                    continue
-                res = fit(
-                    parts[k], rank, weights=weights, max_iter=max_iter, tol=tol,
-                    seed=seed * 1_000_003 + mi * 1009 + k, dtype=dtype, device=device, init=warm.get((mi, k)),
-                )
-                warm[(mi, k)] = (res.U, res.V)
-                results[k] = res
-                inner += res.iterations
-                objective += res.history[-1]
-                total += float((res.weights.to(F64) * res.norms_sq.to(F64)).sum())
-                norms[members[k]] += res.norms_sq.to(F64).cpu()
-                scale[members[k]] += (res.weights.to(F64) * res.norms_sq.to(F64)).cpu()
-            U = torch.stack([r.U if r is not None else torch.zeros(spec.d_out, rank, dtype=dtype, device=device)
-                             for r in results])
-            V = torch.stack([r.V if r is not None else torch.zeros(spec.d_in, rank, dtype=dtype, device=device)
-                             for r in results])
-            if keep:
-                out_modules[spec.name] = _assemble(spec, n, K, rank, method, results, members, dtype, device)
-            # Costs under every cluster's bases (with K = 1 too: they are the per-adapter errors).
-            valid = torch.tensor([r is not None for r in results])
-            for k in range(K):
-                if members[k].numel() == 0:
-                    continue
-                ev = evaluate_clusters(parts[k], U, V, method, valid=valid)
-                c = relative(ev.errors, ev.norms_sq) if weights == "relative" else ev.errors
-                cost[members[k]] += c.cpu()
-            del parts
-        entry = {"round": rnd + 1, "objective": objective, "jd_iterations": inner,
+            it = tqdm(it, desc=f"round {rnd + 1}", unit="module", leave=False)
+        fitted = (_fit_module(collection, mi, spec, assign, members, K, warm, rank=rank, method=method,
+                              weights=weights, max_iter=max_iter, tol=tol, seed=seed, dtype=dtype, device=device,
+                              keep=keep and rnd == 0, ranks=ranks, out_modules=out_modules if keep else None)
+                  for mi, spec in it)
+        sums = team.ordered_sum(fitted, n * K + 2 * n + 3, team.holders(specs, n))
+        cost = sums[: n * K].view(n, K)
+        norms, scale = sums[n * K : n * K + n], sums[n * K + n : n * K + 2 * n]
+        objective, total, inner = (float(x) for x in sums[n * K + 2 * n :])
+        entry = {"round": rnd + 1, "objective": objective, "jd_iterations": int(inner),
                  "seconds": time.perf_counter() - t_round}
         if K == 1:
             entry["moved"] = 0
@@ -378,6 +351,57 @@ def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, wei
         assign = new
     trial.norms, trial.scale = norms, scale
     return trial, history, out_modules, ranks
+
+
+def _fit_module(collection, mi, spec, assign, members, K, warm, *, rank, method, weights, max_iter, tol, seed, dtype,
+                device, keep, ranks, out_modules) -> torch.Tensor:
+    """One module of a round: JD per cluster, then every adapter's cost under every cluster.
+
+    Returns the module's flat contribution to the round's sums (see
+    :func:`_fit_rounds`): costs ``[n, K]``, ``||dW_i||^2``, ``w_i ||dW_i||^2``,
+    the objective, the objective of fitting nothing and the JD iterations.
+    """
+    fit = jd_full if method == "full" else jd_diag
+    n = assign.numel()
+    f = collection.load_module(spec, dtype=dtype, device=device)
+    if keep:
+        ranks[spec.name] = f.ranks().tolist()
+    parts = f.partition(assign, K) if K > 1 else [f]
+    del f
+    cost = torch.zeros(n, K, dtype=F64)
+    norms = torch.zeros(n, dtype=F64)
+    scale = torch.zeros(n, dtype=F64)
+    objective = total = inner = 0.0
+    results: list[JDResult | None] = [None] * K
+    for k in range(K):
+        if members[k].numel() == 0:
+            continue
+        res = fit(
+            parts[k], rank, weights=weights, max_iter=max_iter, tol=tol,
+            seed=seed * 1_000_003 + mi * 1009 + k, dtype=dtype, device=device, init=warm.get((mi, k)),
+        )
+        warm[(mi, k)] = (res.U, res.V)
+        results[k] = res
+        inner += res.iterations
+        objective += res.history[-1]
+        total += float((res.weights.to(F64) * res.norms_sq.to(F64)).sum())
+        norms[members[k]] = res.norms_sq.to(F64).cpu()
+        scale[members[k]] = (res.weights.to(F64) * res.norms_sq.to(F64)).cpu()
+    U = torch.stack([r.U if r is not None else torch.zeros(spec.d_out, rank, dtype=dtype, device=device)
+                     for r in results])
+    V = torch.stack([r.V if r is not None else torch.zeros(spec.d_in, rank, dtype=dtype, device=device)
+                     for r in results])
+    if out_modules is not None:
+        out_modules[spec.name] = _assemble(spec, n, K, rank, method, results, members, dtype, device)
+    # Costs under every cluster's bases (with K = 1 too: they are the per-adapter errors).
+    valid = torch.tensor([r is not None for r in results])
+    for k in range(K):
+        if members[k].numel() == 0:
+            continue
+        ev = evaluate_clusters(parts[k], U, V, method, valid=valid)
+        c = relative(ev.errors, ev.norms_sq) if weights == "relative" else ev.errors
+        cost[members[k]] = c.cpu()
+    return torch.cat([cost.reshape(-1), norms, scale, torch.tensor([objective, total, inner], dtype=F64)])
 
 
 def _assemble(spec, n, K, rank, method, results, members, dtype, device) -> CompressedModule:

@@ -20,11 +20,12 @@ import math
 import torch
 
 from ._linalg import F64
+from ._team import SOLO, ModuleTeam
 from .baselines import truncated_svd
 from .collection import AdapterCollection
 from .result import CompressedCollection, IndividualAdapter
 
-__all__ = ["check_budget", "apply_error_budget", "budget_new_adapters", "smallest_rank", "individual_adapters"]
+__all__ = ["check_budget", "apply_error_budget", "all_rel_errors", "budget_new_adapters", "smallest_rank", "individual_adapters"]
 
 
 def check_budget(max_rel_error) -> float:
@@ -54,33 +55,50 @@ def individual_adapters(
     jd_errors: dict[str, dict[str, float]] | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    team: ModuleTeam = SOLO,
 ) -> dict[str, IndividualAdapter]:
-    """Truncated SVD (or original factors) of the adapters ``names`` of ``collection`` meeting ``budget``."""
+    """Truncated SVD (or original factors) of the adapters ``names`` of ``collection`` meeting ``budget``.
+
+    With several processes in ``team`` each computes its own modules (the
+    ranks are the maximum over modules, which any order gives exactly); the
+    returned factors, errors and ranks then cover those modules only.
+    """
     all_names = list(collection.adapter_names)
     idx = torch.tensor([all_names.index(x) for x in names], dtype=torch.long)
     m = len(names)
-    need = torch.zeros(m, dtype=torch.long)
-    full_rank = torch.zeros(m, dtype=torch.long)
-    spectra = []
-    for spec in collection.modules:
-        f = collection.load_module(spec, dtype=dtype, device=device).select(idx)
-        ranks = f.ranks()
-        k_max = max([0] + [g.rank for g in f.groups])
-        s2 = torch.zeros(m, max(k_max, 1), dtype=F64)
-        if k_max:
-            _, s, _, _, norms = truncated_svd(f, k_max)
-            s2 = s.to(F64).cpu().square()
-            need = torch.maximum(need, smallest_rank(s2, norms.to(F64).cpu(), budget))
-        full_rank = torch.maximum(full_rank, ranks)
-        spectra.append(ranks)
-        del f
+    specs = [collection.modules[i] for i in team.local(collection.modules, len(all_names))]
+
+    def needed_ranks():
+        need = torch.zeros(m, dtype=torch.long)
+        full_rank = torch.zeros(m, dtype=torch.long)
+        spectra = []
+        for spec in specs:
+            f = collection.load_module(spec, dtype=dtype, device=device).select(idx)
+            ranks = f.ranks()
+            k_max = max([0] + [g.rank for g in f.groups])
+            if k_max:
+                _, s, _, _, norms = truncated_svd(f, k_max)
+                need = torch.maximum(need, smallest_rank(s.to(F64).cpu().square(), norms.to(F64).cpu(), budget))
+            full_rank = torch.maximum(full_rank, ranks)
+            spectra.append(ranks)
+            del f
+        return need, full_rank, spectra
+
+    need, full_rank, spectra = team.run(needed_ranks)
+    need, full_rank = team.maximum(need), team.maximum(full_rank)
+    return team.run(_individual_factors, collection, specs, spectra, names, idx, need, full_rank, jd_errors, dtype,
+                    device)
+
+
+def _individual_factors(collection, specs, spectra, names, idx, need, full_rank, jd_errors, dtype, device):
+    m = len(names)
     out: dict[str, IndividualAdapter] = {}
     keep_full = need >= full_rank
     ks = torch.where(keep_full, full_rank, need).clamp_min(1)
     factors: list[dict] = [{} for _ in range(m)]
     errors: list[dict] = [{} for _ in range(m)]
     orig: list[dict] = [{} for _ in range(m)]
-    for spec, ranks in zip(collection.modules, spectra):
+    for spec, ranks in zip(specs, spectra):
         f = collection.load_module(spec, dtype=dtype, device=device).select(idx)
         for j in range(m):
             orig[j][spec.name] = int(ranks[j])
@@ -108,6 +126,18 @@ def individual_adapters(
     return out
 
 
+def all_rel_errors(result: CompressedCollection, team: ModuleTeam = SOLO) -> tuple[torch.Tensor, list[str]]:
+    """``[n, M]`` relative errors of every module and the module names, gathered from ``team``'s processes."""
+    if team.world == 1:
+        return result.rel_errors(), list(result.modules)
+    parts = team.all_objects({m: cm.rel_errors.double().cpu() for m, cm in result.modules.items()})
+    merged = {m: r for part in parts for m, r in part.items()}
+    # Process blocks are contiguous in module order, so rank order is module order.
+    mods = list(merged)
+    return (torch.stack([merged[m] for m in mods], dim=1) if mods
+            else torch.zeros(result.num_adapters, 0, dtype=F64)), mods
+
+
 def apply_error_budget(
     result: CompressedCollection,
     collection: AdapterCollection,
@@ -115,25 +145,28 @@ def apply_error_budget(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    team: ModuleTeam = SOLO,
 ) -> list[str]:
     """Move the adapters of ``result`` whose joint error exceeds ``max_rel_error`` on some
     module out of the joint tables, into ``result.individual`` (in place). Returns their names.
 
     Clusters left without adapters are dropped. ``result.metadata["max_rel_error"]``
     records the budget so that adapters added later follow the same rule.
+    With several processes in ``team``, ``result`` holds each one's modules
+    and the decision looks at all of them.
     """
     budget = check_budget(max_rel_error)
     result.metadata["max_rel_error"] = budget
     if result.method not in ("full", "diag") or result.num_adapters == 0:
         return []
-    rel = result.rel_errors()
+    rel, mods = all_rel_errors(result, team)
     over = (rel > budget).any(dim=1)
     if not bool(over.any()):
         return []
-    mods = list(result.modules)
     names = [x for x, o in zip(result.adapter_names, over.tolist()) if o]
     jd = {x: {m: float(rel[i, j]) for j, m in enumerate(mods)} for i, x in enumerate(result.adapter_names) if over[i]}
-    result.individual.update(individual_adapters(collection, names, budget, jd_errors=jd, dtype=dtype, device=device))
+    result.individual.update(individual_adapters(collection, names, budget, jd_errors=jd, dtype=dtype, device=device,
+                                                 team=team))
     drop_from_tables(result, over)
     return names
 

@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 
 from ._linalg import F64
+from ._team import SOLO, ModuleTeam
 
 __all__ = ["Trial", "SearchResult", "kmeans", "fill_empty", "same_partition", "subspace_affinities",
            "spectral_embedding", "search_partition"]
@@ -192,39 +193,44 @@ def subspace_affinities(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    team: ModuleTeam = SOLO,
 ) -> dict[str, torch.Tensor]:
     """Affinities of adapters' dominant subspaces, averaged over ``modules``.
 
     Returns float64 ``[n, n]`` matrices in ``[0, 1]`` for three views:
     ``"column and row spaces"`` (per module the product of the two, so a pair
     scores high only where both subspaces overlap), ``"column spaces"`` and
-    ``"row spaces"``. See the module docstring.
+    ``"row spaces"``. See the module docstring. ``team`` shares the modules among processes
+    with the same result bitwise.
     """
     from .baselines import truncated_svd
 
     n = len(collection.adapter_names)
+    modules = list(modules)
     gen = torch.Generator().manual_seed(int(seed) + 7919)
-    both = torch.zeros(n, n, dtype=F64)
-    col = torch.zeros(n, n, dtype=F64)
-    row = torch.zeros(n, n, dtype=F64)
-    for spec in modules:
-        f = collection.load_module(spec, dtype=dtype, device=device)
-        k = max([1] + [min(rank, _AFFINITY_RANK, g.rank) for g in f.groups])
-        U, s, V, _, _ = truncated_svd(f, k)
-        del f
-        w = s / s[:, :1].clamp_min(torch.finfo(s.dtype).tiny)
 
-        def sketch(d):
-            if d <= sketch_dim:
-                return None
-            G = torch.randn(d, sketch_dim, generator=gen, dtype=torch.float32) / sketch_dim**0.5
-            return G.to(dtype=U.dtype, device=U.device)
+    def sketch(d):
+        if d <= sketch_dim:
+            return None
+        return torch.randn(d, sketch_dim, generator=gen, dtype=torch.float32) / sketch_dim**0.5
 
-        a_out = _side_affinity(U, w, sketch(spec.d_out))
-        a_in = _side_affinity(V, w, sketch(spec.d_in))
-        both += a_out * a_in
-        col += a_out
-        row += a_in
+    # Drawn for every module in module order, so that each process's modules get the sketches
+    # one process would give them.
+    sketches = [(sketch(spec.d_out), sketch(spec.d_in)) for spec in modules]
+
+    def per_module():
+        for i in team.local(modules, n):
+            f = collection.load_module(modules[i], dtype=dtype, device=device)
+            k = max([1] + [min(rank, _AFFINITY_RANK, g.rank) for g in f.groups])
+            U, s, V, _, _ = truncated_svd(f, k)
+            del f
+            w = s / s[:, :1].clamp_min(torch.finfo(s.dtype).tiny)
+            g_out, g_in = (None if G is None else G.to(dtype=U.dtype, device=U.device) for G in sketches[i])
+            a_out = _side_affinity(U, w, g_out)
+            a_in = _side_affinity(V, w, g_in)
+            yield torch.stack([a_out * a_in, a_out, a_in])
+
+    both, col, row = team.ordered_sum(per_module(), 3 * n * n, team.holders(modules, n)).view(3, n, n)
     m = max(1, len(modules))
     return {"column and row spaces": both / m, "column spaces": col / m, "row spaces": row / m}
 
