@@ -101,8 +101,10 @@ def test_build_batch_meta(pattern, T):
 
 # Serving-size tables: thousands of adapter slots, hundreds of clusters, a
 # prefill-size batch; 20000 slots need more than the default 48 KiB of shared
-# memory; 1 slot / 1 cluster is the smallest table.
-@pytest.mark.parametrize("T,A,C", [(8192, 4000, 300), (5000, 20000, 64), (3, 1, 1)])
+# memory; 65536 tokens are 64 rounds of the block-wide placement; many
+# clusters over fewer adapters; 1 slot / 1 cluster is the smallest table.
+@pytest.mark.parametrize("T,A,C", [(8192, 4000, 300), (5000, 20000, 64), (65536, 19936, 64), (4096, 3000, 17000),
+                                   (3, 1, 1)])
 @pytest.mark.parametrize("pattern", ["identical", "uniform", "zipf", "skewed", "all_none"])
 def test_build_batch_meta_large(T, A, C, pattern):
     b = make_batch(pattern, T, seed_of("meta-large", pattern, T, A, C), device=DEV, A=A, C=C)
@@ -800,10 +802,11 @@ def test_compile_reduce_overhead(T):
 # (csrc/cuda/emulation/launch_emulation.cpp) runs the same decisions on
 # emulated devices on every CI run.
 
-# build_batch_meta keeps 4224 bytes of static shared memory besides 8 bytes
-# per adapter slot and cluster: from A + C = 5617 the block needs more than
-# 48 KiB and the launch must opt in (5616 is the last that does not).
-@pytest.mark.parametrize("A,C", [(5552, 64), (5553, 64), (5700, 64), (6080, 64), (6081, 64)])
+# build_batch_meta keeps 128 bytes of static shared memory besides 8 bytes
+# per adapter slot and cluster and a 32 KiB placement table: from A + C =
+# 2032 the block needs more than 48 KiB and the launch must opt in (2031 is
+# the last that does not).
+@pytest.mark.parametrize("A,C", [(1967, 64), (1968, 64), (5700, 64), (6080, 64), (6081, 64)])
 def test_build_batch_meta_static_plus_dynamic_shared(A, C):
     b = make_batch("uniform", 4096, seed_of("meta-smem", A, C), device=DEV, A=A, C=C)
     assert_meta(b.meta, b.T, R.build_batch_meta(b.mapping, b.adapter_cluster, C))
