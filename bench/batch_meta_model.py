@@ -33,8 +33,13 @@ BEFORE = {"commit": "7bfeabc", "placement": "one warp walks adapters and tokens 
 
 
 def git_head() -> str:
+    """The commit, with "+changes" when the working tree differs from it."""
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return r.stdout.strip() if r.returncode == 0 else "unknown"
+    if r.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, cwd=ROOT).stdout.strip()
+    return r.stdout.strip() + ("+changes" if dirty else "")
 
 
 def main() -> int:

@@ -5,7 +5,9 @@
 // shrink-step choice, shared-memory accounting (static + dynamic bytes
 // against 48 KiB and the per-architecture opt-in limit), the opt-in itself
 // and the fallback when a fast launch fails. Results are compared with a
-// float64 reference. Run it with csrc/cuda/emulation/run.sh.
+// float64 reference; batch-invariant mode is checked bit for bit across
+// batch sizes and devices, and build_batch_meta priced by a cost model.
+// Run it with csrc/cuda/emulation/run.sh.
 //
 // Emulated devices: an A100 (sm_80, 108 SMs, 163 KiB opt-in), an H200 with
 // its sm_90a image (132 SMs, 227 KiB, clusters), an H200 running an sm_80
@@ -27,8 +29,11 @@
 #include "../kernels.cu"
 #include "jdlora/cuda/tc_kernels.cuh"
 #include "emu_harness.h"
+#include "jdlora/mode.h"
 
 #include <chrono>
+#include <memory>
+#include <tuple>
 #include <cstring>
 #include <string>
 
@@ -305,6 +310,34 @@ struct OpsCase {
   int expect_cluster = 0;       // cluster size of the fused launch (0: any)
 };
 
+// The StackList of one weight stack per slice: [groups, r, d] on the
+// shrink side, [groups, widths[s], r] on the expand side.
+template <typename E>
+StackList stack_list(const std::vector<std::unique_ptr<Buf<E>>>& b, const std::vector<int>& widths,
+                     const std::vector<int>& offsets, int r, int d, bool expand_side) {
+  StackList l{};
+  l.num_slices = static_cast<int>(b.size());
+  for (int s = 0; s < l.num_slices; ++s) {
+    const int rows = expand_side ? widths[s] : r, cols = expand_side ? r : d;
+    l.stack[s] = WeightStack{b[s]->data, static_cast<int64_t>(rows) * cols, cols, rows, cols};
+    l.col_offset[s] = offsets[s];
+  }
+  return l;
+}
+
+// The core stacks: [A, r, r], or [A, r] where diag[s].
+template <typename E>
+StackList core_list(const std::vector<std::unique_ptr<Buf<E>>>& b, const std::vector<bool>& diag, int r) {
+  StackList l{};
+  l.num_slices = static_cast<int>(b.size());
+  for (int s = 0; s < l.num_slices; ++s) {
+    l.stack[s] = WeightStack{b[s]->data, static_cast<int64_t>(r) * (diag[s] ? 1 : r), diag[s] ? 0 : r,
+                             diag[s] ? 1 : r, r};
+    l.diagonal[s] = diag[s];
+  }
+  return l;
+}
+
 template <typename E>
 void ops_case(const OpsCase& c) {
   cudaSetDevice(c.dev);
@@ -360,22 +393,9 @@ void ops_case(const OpsCase& c) {
   for (float& v : gin) v = randn() * c.g_scale;
 
   auto stacks = [&](std::vector<std::unique_ptr<Buf<E>>>& b, bool expand_side) {
-    StackList l{};
-    l.num_slices = S;
-    for (int s = 0; s < S; ++s) {
-      const int rows = expand_side ? c.widths[s] : r, cols = expand_side ? r : d;
-      l.stack[s] = WeightStack{b[s]->data, static_cast<int64_t>(rows) * cols, cols, rows, cols};
-      l.col_offset[s] = offsets[s];
-    }
-    return l;
+    return stack_list(b, c.widths, offsets, r, d, expand_side);
   };
-  StackList Sl{};
-  Sl.num_slices = S;
-  for (int s = 0; s < S; ++s) {
-    Sl.stack[s] = WeightStack{Sg[s]->data, static_cast<int64_t>(r) * (diag[s] ? 1 : r), diag[s] ? 0 : r,
-                              diag[s] ? 1 : r, r};
-    Sl.diagonal[s] = diag[s];
-  }
+  const StackList Sl = core_list(Sg, diag, r);
   const Activation xa{x, x_ld, d};
   const Activation ya{y, y_ld, ycols};
   const Intermediate ha{h.data, static_cast<int64_t>(T) * r, r, r};
@@ -515,6 +535,153 @@ void ops_case(const OpsCase& c) {
   bool guards = xb.guards_ok() && yb.guards_ok() && h.guards_ok() && g.guards_ok();
   for (int s = 0; s < S; ++s) guards = guards && V[s]->guards_ok() && U[s]->guards_ok() && Sg[s]->guards_ok();
   check(guards, "guard bytes intact");
+}
+
+// ---------------------------------------------------------------------------
+// Batch-invariant mode: one probe token (the batch's last, with the same
+// slot, x row, h and g rows and y row in every batch) through every op at
+// several batch sizes and on both architectures. The weights and the
+// probe's rows come from a fixed seed; the other tokens from one that
+// changes with T.
+
+struct ProbeRun {
+  std::vector<uint32_t> bits;  // the probe's outputs, op after op, as raw bits
+  std::vector<int> clusters;   // cluster size of each shrink and fused launch
+};
+
+template <typename E>
+ProbeRun probe_run(Device dev, int T, bool invariant) {
+  constexpr int A = 12, C = 3, d = 520, r = 16, S = 2, kProbeSlot = 5;
+  const std::vector<int> widths = {64, 32}, offsets = {0, 64};
+  constexpr int ycols = 96;
+  cudaSetDevice(dev);
+  jdlora::set_batch_invariant(invariant);
+  std::mt19937 fixed(99), other(static_cast<unsigned>(T));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto fill = [&](auto& buf, size_t from, size_t to, std::mt19937& g, float scale) {
+    for (size_t i = from; i < to; ++i) buf[i] = fromf<E>(nd(g) * scale);
+  };
+  std::vector<int> ac(A), mapping(T);
+  for (int& v : ac) v = std::uniform_int_distribution<int>(0, C - 1)(fixed);
+  for (int& v : mapping) v = std::uniform_int_distribution<int>(-1, A - 1)(other);
+  mapping[T - 1] = kProbeSlot;
+  MetaBufs mb(T, A, C);
+  ProbeRun out;
+  if (build_meta_op(mb, mapping, ac) != cudaSuccess) return out;
+
+  const size_t probe_x = static_cast<size_t>(T - 1) * d, probe_y = static_cast<size_t>(T - 1) * ycols;
+  Buf<E> xb(static_cast<size_t>(T) * d), yb(static_cast<size_t>(T) * ycols);
+  std::vector<E> y0(yb.n);
+  fill(xb, 0, probe_x, other, 1.f);
+  fill(xb, probe_x, xb.n, fixed, 1.f);
+  fill(y0, 0, probe_y, other, 1.f);
+  fill(y0, probe_y, y0.size(), fixed, 1.f);
+  std::vector<std::unique_ptr<Buf<E>>> V, U, Sg, Af, Bf;
+  for (int s = 0; s < S; ++s) {
+    const bool diag = s == 1;
+    for (auto [v, n, scale] : {std::tuple{&V, static_cast<size_t>(C) * r * d, 1.f / std::sqrt(float(d))},
+                               std::tuple{&U, static_cast<size_t>(C) * widths[s] * r, 1.f / std::sqrt(float(r))},
+                               std::tuple{&Sg, static_cast<size_t>(A) * r * (diag ? 1 : r), 1.f},
+                               std::tuple{&Af, static_cast<size_t>(A) * r * d, 1.f / std::sqrt(float(d))},
+                               std::tuple{&Bf, static_cast<size_t>(A) * widths[s] * r, 1.f}}) {
+      v->emplace_back(new Buf<E>(n));
+      fill(*v->back(), 0, n, fixed, scale);
+    }
+  }
+  Buf<float> scales(static_cast<size_t>(S) * A), h(static_cast<size_t>(S) * T * r), g(h.n);
+  for (size_t i = 0; i < scales.n; ++i) scales[i] = 0.5f + 0.1f * static_cast<float>(i % 7);
+  std::vector<float> gin(g.n);
+  for (int s = 0; s < S; ++s)
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < r; ++i) gin[(static_cast<size_t>(s) * T + t) * r + i] = nd(t == T - 1 ? fixed : other);
+
+  auto stacks = [&](std::vector<std::unique_ptr<Buf<E>>>& b, bool expand_side) {
+    return stack_list(b, widths, offsets, r, d, expand_side);
+  };
+  const StackList Sl = core_list(Sg, {false, true}, r);
+  const Activation xa{xb.data, d, d}, ya{yb.data, ycols, ycols};
+  const Intermediate ha{h.data, static_cast<int64_t>(T) * r, r, r}, ga{g.data, static_cast<int64_t>(T) * r, r, r};
+  const DType dt = dtype_of<E>();
+  auto keep_f32 = [&](const Buf<float>& b) {
+    for (int s = 0; s < S; ++s)
+      for (int i = 0; i < r; ++i) {
+        uint32_t u;
+        std::memcpy(&u, &b[(static_cast<size_t>(s) * T + T - 1) * r + i], 4);
+        out.bits.push_back(u);
+      }
+  };
+  auto keep_y = [&] {
+    for (int j = 0; j < ycols; ++j) {
+      uint32_t u = 0;
+      std::memcpy(&u, &yb[probe_y + j], sizeof(E));
+      out.bits.push_back(u);
+    }
+  };
+  auto launch = [&](const std::string& op, bool split_k, auto&& f) {
+    const size_t before = emu::rt().launches.size();
+    check(f() == cudaSuccess, op + " launch");
+    for (size_t i = before; i < emu::rt().launches.size(); ++i)
+      if (split_k) out.clusters.push_back(emu::rt().launches[i].cluster);
+  };
+  auto reset_y = [&] {
+    for (size_t i = 0; i < yb.n; ++i) yb[i] = y0[i];
+  };
+  for (int lora = 0; lora < 2; ++lora) {
+    ShrinkParams p{xa, stacks(lora ? Af : V, false), ha, lora ? Scales{scales.data, A, 1} : Scales{nullptr, 0, 0},
+                   lora ? mb.loras() : mb.clusters()};
+    launch("shrink", true, [&] { return lora ? jc::lora_shrink_cuda(p, dt, nullptr) : jc::jd_shrink_cuda(p, dt, nullptr); });
+    keep_f32(h);
+  }
+  for (size_t i = 0; i < h.n; ++i) h[i] = gin[i];
+  CoreParams cp{ha, ga, Sl, mb.mapping.data, T, A};
+  launch("jd_core", false, [&] { return jc::jd_core_cuda(cp, dt, nullptr); });
+  keep_f32(g);
+  for (int lora = 0; lora < 2; ++lora) {
+    for (size_t i = 0; i < g.n; ++i) g[i] = gin[i];
+    reset_y();
+    ExpandParams p{ga, stacks(lora ? Bf : U, true), ya, lora ? mb.loras() : mb.clusters()};
+    launch("expand", false, [&] { return lora ? jc::lora_expand_cuda(p, dt, nullptr) : jc::jd_expand_cuda(p, dt, nullptr); });
+    keep_y();
+  }
+  reset_y();
+  FusedParams fp{xa, stacks(V, false), Sl, stacks(U, true), ya, mb.mapping.data, mb.clusters(), r, A};
+  launch("jd_fused", true, [&] { return jc::jd_fused_cuda(fp, dt, nullptr); });
+  keep_y();
+  jdlora::set_batch_invariant(false);
+  return out;
+}
+
+// With the mode on, the probe's outputs are bitwise equal at every batch
+// size on both devices. With it off, on the tensor-core path (split_k), the
+// launches differ (the cluster split follows the batch and the device) and
+// so do the outputs, so the first check can fail; the simple kernels split
+// no sum, and are checked to be invariant in both modes.
+template <typename E>
+void batch_invariance(const std::vector<int>& sizes, bool split_k) {
+  std::printf("batch-invariant mode, %s: probe token at T =", dtype_name<E>());
+  for (int T : sizes) std::printf(" %d", T);
+  std::printf(" on the A100 and the H200\n");
+  for (int invariant = 1; invariant >= 0; --invariant) {
+    std::vector<ProbeRun> runs;
+    for (Device dev : {kH200, kA100})
+      for (int T : sizes) runs.push_back(probe_run<E>(dev, T, invariant != 0));
+    bool same_bits = true, same_clusters_per_device = true;
+    std::string cls;
+    for (size_t i = 0; i < runs.size(); ++i) {
+      same_bits = same_bits && !runs[i].bits.empty() && runs[i].bits == runs[0].bits;
+      const size_t first_of_device = i / sizes.size() * sizes.size();
+      same_clusters_per_device = same_clusters_per_device && runs[i].clusters == runs[first_of_device].clusters;
+      cls += " " + std::to_string(runs[i].clusters.empty() ? 0 : runs[i].clusters.back());
+    }
+    std::printf("  mode %s: fused cluster sizes (H200 runs, then A100 runs):%s\n", invariant ? "on" : "off", cls.c_str());
+    if (invariant || !split_k) {
+      check(same_bits, std::string(invariant ? "on" : "off") + ": the probe's outputs are bitwise equal in every run");
+      check(same_clusters_per_device, std::string(invariant ? "on" : "off") + ": each device decides alike at every T");
+    } else {
+      check(!same_clusters_per_device, "off: the cluster split follows the batch size");
+      check(!same_bits, "off: the probe's outputs differ between runs");
+    }
+  }
 }
 
 // A simple kernel whose shared memory exceeds the device: refused, nothing launched.
@@ -672,6 +839,12 @@ int main(int argc, char** argv) {
     c.expect_fused = "tc_fused<bf16,64>";
     ops_case<bf16>(c);
   }
+
+  // Batch-invariant mode: the tensor-core path (bf16) and the simple
+  // kernels (fp32), from a single token to prefill tiles.
+  // (2200 tokens: the default H200 cluster drops from 8 to 4.)
+  batch_invariance<bf16>({1, 37, 2200}, true);
+  batch_invariance<float>({1, 37, 1030}, false);
 
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "all launches match", failures);
   return failures ? 1 : 0;
