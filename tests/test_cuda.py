@@ -815,6 +815,15 @@ def test_build_batch_meta_static_plus_dynamic_shared(A, C):
     assert_meta(b.meta, b.T, R.build_batch_meta(b.mapping, b.adapter_cluster, C))
 
 
+# A + C = 26000 leaves no room for the 32 KiB placement table on a 227 KiB
+# device: one warp places the tokens (the same tables).
+def test_build_batch_meta_one_warp_placement():
+    if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < 227 * 1024:
+        pytest.skip("needs 227 KiB of shared memory per block (sm_90)")
+    b = make_batch("zipf", 4096, seed_of("meta-walk"), device=DEV, A=25936, C=64)
+    assert_meta(b.meta, b.T, R.build_batch_meta(b.mapping, b.adapter_cluster, 64))
+
+
 def simple_case(T, d, r, dtype, seed):
     b = make_batch("uniform", T, seed, device=DEV, A=6, C=2)
     g = gen(seed)

@@ -259,13 +259,15 @@ void report_meta_cost(int T, int A, int C, double secs) {
 
 void meta_case(Device dev, const std::string& pattern, int T, int A, int C, bool cost = false) {
   cudaSetDevice(dev);
-  std::printf("build_batch_meta on %s: T=%d A=%d C=%d %s (static %zu + dynamic %zu bytes)\n",
+  MetaBufs mb(T, A, C);
+  const bool parallel = jc::batch_meta_smem_bytes(A, C, true) <= jc::build_batch_meta_shared_limit();
+  std::printf("build_batch_meta on %s: T=%d A=%d C=%d %s (static %zu + dynamic %zu bytes, %s)\n",
               emu::rt().devices[dev].name, T, A, C, pattern.c_str(), kMetaStaticBytes,
-              jc::batch_meta_smem_bytes(A, C));
+              jc::build_batch_meta_shared_bytes(mb.params()), parallel ? "all warps place" : "one warp places");
   const std::vector<int> mapping = token_mapping(pattern, T, A);
   std::vector<int> ac(A);
   for (int& v : ac) v = randint(C);
-  MetaBufs mb(T, A, C);
+  const size_t launches_before = emu::rt().launches.size();
   const auto t0 = std::chrono::steady_clock::now();
   const cudaError_t err = build_meta_op(mb, mapping, ac);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -274,6 +276,9 @@ void meta_case(Device dev, const std::string& pattern, int T, int A, int C, bool
   if (err == cudaSuccess) check(meta_matches(mb, mapping, ac), "tables match the reference");
   check(mb.mapping.guards_ok() && mb.sorted.guards_ok() && mb.l_start.guards_ok() && mb.c_start.guards_ok(),
         "guard bytes intact");
+  check(emu::rt().launches.size() == launches_before + 1 &&
+            emu::rt().launches.back().smem == jc::batch_meta_smem_bytes(A, C, parallel),
+        "launched with the shared memory of its placement");
   if (cost) report_meta_cost(T, A, C, secs);
 }
 
@@ -746,6 +751,7 @@ int main(int argc, char** argv) {
     meta_case(kH200, spread, 7, 9, 3);
     meta_case(kH200, spread, 4096, 19936, 64);
     meta_case(kH200, spread, 4096, 3000, 17000);
+    meta_case(kA100, spread, 4096, 19936, 64);  // the table does not fit: one warp places
     if (!quick) meta_case(kH200, spread, 65536, 19936, 64, /*cost=*/std::string(spread) == "zipf");
   }
 

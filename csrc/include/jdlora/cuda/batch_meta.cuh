@@ -9,6 +9,8 @@
 // with one match and a small table of per-warp counts carries the ranks
 // across warps. Nothing in a round depends on the order in which threads
 // run, so the result is deterministic and equals reference.build_batch_meta.
+// Where the 32 KiB table does not fit beside the counters (A + C above about
+// 16700 on an A100, 24900 on an H200) one warp walks each round instead.
 //
 // Cost at T = 65536, A + C = 20000 (host emulation's counts and cost model,
 // csrc/cuda/emulation/launch_emulation.cpp; bench/results/batch_meta_model.json):
@@ -29,11 +31,15 @@ inline constexpr int kMetaWarps = kMetaThreads / 32;
 // per key present in the round (at most 32 per warp, so a byte holds one).
 inline constexpr size_t kPlaceTableBytes = static_cast<size_t>(kMetaThreads) * kMetaWarps;
 
+// Keys of one round, for the one-warp walk (place_round).
+inline constexpr size_t kWalkKeyBytes = sizeof(int) * kMetaThreads;
+
 // Dynamic shared memory of the kernel: two ints per adapter slot and per
-// cluster, two for the "no adapter" key, and the placement table.
-inline size_t batch_meta_smem_bytes(int num_adapters, int num_clusters) {
+// cluster, two for the "no adapter" key, and the placement table (parallel)
+// or the keys of the one-warp walk.
+inline size_t batch_meta_smem_bytes(int num_adapters, int num_clusters, bool parallel) {
   return sizeof(int) * (2 * (static_cast<size_t>(num_adapters) + 1) + 2 * static_cast<size_t>(num_clusters)) +
-         kPlaceTableBytes;
+         (parallel ? kPlaceTableBytes : kWalkKeyBytes);
 }
 
 // Sum of the bytes of `row` (kMetaWarps of them) before byte `n`. A word
@@ -94,8 +100,45 @@ __device__ __forceinline__ int block_stable_place(int key, unsigned round, int* 
   return pos;
 }
 
+// Places the keys of one warp-wide chunk in order: lanes with the same key get
+// consecutive positions from cursor[key], in lane order, and the highest of
+// them advances the cursor. key < 0: no place. Returns the position or -1.
+__device__ __forceinline__ int warp_stable_place(int key, int* cursor) {
+  const int lane = threadIdx.x & 31;
+  // Lanes without a key get distinct negative keys so they match no one.
+  const unsigned peers = __match_any_sync(kFullMask, key >= 0 ? key : -1 - lane);
+  int pos = -1;
+  if (key >= 0) pos = cursor[key] + __popc(peers & lanemask_lt());
+  __syncwarp();
+  if (key >= 0 && lane == 31 - __clz(peers)) cursor[key] += __popc(peers);
+  __syncwarp();
+  return pos;
+}
+
+// One round of a stable placement, with block_stable_place's contract: all
+// warps when the placement table fits the device (`parallel`), else warp 0
+// walks the round's keys in order, which needs 4 KiB instead of 32 and so
+// keeps the largest tables within an A100's shared memory, at the earlier
+// one-warp speed. Same positions either way. `scratch`: the table or the keys.
+__device__ __forceinline__ int place_round(bool parallel, int key, unsigned round, int* cursor, unsigned* tag,
+                                           unsigned* scratch) {
+  if (parallel) return block_stable_place(key, round, cursor, tag, scratch);
+  int* s_keys = reinterpret_cast<int*>(scratch);
+  const int tid = threadIdx.x;
+  s_keys[tid] = key;
+  __syncthreads();
+  if (tid < 32) {
+    for (int i = 0; i < kMetaThreads; i += 32) {
+      const int k = s_keys[i + tid];
+      if (__ballot_sync(kFullMask, k >= 0) != 0) s_keys[i + tid] = warp_stable_place(k, cursor);
+    }
+  }
+  __syncthreads();
+  return key >= 0 ? s_keys[tid] : -1;
+}
+
 __global__ void __launch_bounds__(kMetaThreads)
-    build_batch_meta_kernel(const __grid_constant__ BatchMetaParams p) {
+    build_batch_meta_kernel(const __grid_constant__ BatchMetaParams p, bool parallel) {
   __shared__ int s_scan[32];
 
   const int T = p.num_tokens;
@@ -107,7 +150,7 @@ __global__ void __launch_bounds__(kMetaThreads)
   int* s_clu = s_cnt + A + 1;          // [A + 1] cluster of the slot (-1 out of range), later placement tags
   int* s_ctok = s_clu + A + 1;         // [C] tokens per cluster, later placement tags
   int* s_cadp = s_ctok + C;            // [C] active adapters per cluster, later the next active position
-  unsigned* s_counts = reinterpret_cast<unsigned*>(s_cadp + C);
+  unsigned* s_counts = reinterpret_cast<unsigned*>(s_cadp + C);  // placement table or walk keys
   unsigned* s_tag_clu = reinterpret_cast<unsigned*>(s_ctok);
   unsigned* s_tag_slot = reinterpret_cast<unsigned*>(s_clu);
 
@@ -120,7 +163,8 @@ __global__ void __launch_bounds__(kMetaThreads)
     s_ctok[c] = 0;
     s_cadp[c] = 0;
   }
-  for (size_t i = tid; i < kPlaceTableBytes / sizeof(unsigned); i += nt) s_counts[i] = 0;
+  if (parallel)
+    for (size_t i = tid; i < kPlaceTableBytes / sizeof(unsigned); i += nt) s_counts[i] = 0;
   __syncthreads();
 
   // A token has an adapter when its slot and the slot's cluster are in range.
@@ -178,8 +222,8 @@ __global__ void __launch_bounds__(kMetaThreads)
   for (int base = 0; base < A; base += nt) {
     const int a = base + tid;
     const bool active = a < A && s_cnt[a] > 0;
-    const int k = block_stable_place(active ? s_clu[a] : -1, static_cast<unsigned>(base / nt), s_cadp, s_tag_clu,
-                                     s_counts);
+    const int k = place_round(parallel, active ? s_clu[a] : -1, static_cast<unsigned>(base / nt), s_cadp,
+                              s_tag_clu, s_counts);
     if (k >= 0) p.active_lora_ids[k] = a;
   }
   __syncthreads();
@@ -228,7 +272,7 @@ __global__ void __launch_bounds__(kMetaThreads)
       const int a = p.token_lora_mapping[t];
       key = a >= 0 && a < A && s_cnt[a] >= 0 ? a : A;
     }
-    const int pos = block_stable_place(key, static_cast<unsigned>(base / nt), s_cnt, s_tag_slot, s_counts);
+    const int pos = place_round(parallel, key, static_cast<unsigned>(base / nt), s_cnt, s_tag_slot, s_counts);
     if (pos >= 0) p.token_indices_sorted[pos] = t;
   }
 }
