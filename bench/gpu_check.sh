@@ -10,7 +10,7 @@
 #      (with the inputs of the issue-12 defects and the serving cache's CUDA
 #      test), and one small case per kernel (a cluster of 8 included) under
 #      racecheck and synccheck, where the runtime allows the sanitizer;
-#   4. the benchmark sweep (bench/gpu_sweep.py);
+#   4. the benchmark sweep (bench/gpu_sweep.py), batch-invariant mode's cost included;
 #
 # writing JSON, markdown, the plot and the logs to $OUT (8 files), and the
 # summary (gpu_check.md) last on stdout. Each stage runs under a time limit
@@ -169,7 +169,7 @@ if has_stage sanitizer; then
     "test_cuda.py::test_multi_slice_expand_fused[misaligned-bfloat16-4096-16-133-zipf]"
     "test_cuda.py::test_cuda_graph_every_op[48]"
     # The inputs that triggered the launch and fp16 defects of issue 12.
-    "test_cuda.py::test_build_batch_meta_static_plus_dynamic_shared[5553-64]"
+    "test_cuda.py::test_build_batch_meta_static_plus_dynamic_shared[1968-64]"
     "test_cuda.py::test_simple_fused_at_the_shared_memory_edge[383-float32]"
     "test_cuda.py::test_simple_fused_at_the_shared_memory_edge[384-bfloat16]"
     "test_cuda.py::test_simple_expand_at_the_shared_memory_edge[767]"
@@ -179,16 +179,20 @@ if has_stage sanitizer; then
     "test_cuda.py::test_fp16_fused_h_beyond_half_range"
     "test_cuda.py::test_cluster_split_follows_the_image[bfloat16]"
     "test_cuda.py::test_largest_tensor_core_tiles[1100]"
+    # Batch-invariant mode's fixed split (a cluster of 8 from a single token on).
+    "test_cuda.py::test_batch_invariant_mode[520-bfloat16]"
     # The serving cache: pinned host tiers, side-stream copies and events.
     "test_serving_cache.py::test_cuda_pinned_host_side_stream_and_events"
   )
   # One small case per kernel for racecheck and synccheck (both replay every
-  # shared-memory access, so sizes stay small): build_batch_meta; the simple
+  # shared-memory access, so sizes stay small): build_batch_meta (one round of
+# its block-wide placement, and four); the simple
   # shrink, core, expand and fused (fp32); the tensor-core shrink, expand and
   # fused with decode tiles, and with a cluster of 8 (one window, d_in 1024,
   # on sm_90); prefill tiles; the fp16 row scaling of g.
   SHARED_TESTS=(
     "test_cuda.py::test_build_batch_meta[133-zipf]"
+    "test_cuda.py::test_build_batch_meta_static_plus_dynamic_shared[1968-64]"
     "test_cuda.py::test_jd_shrink[float32-16-111-7-zipf]"
     "test_cuda.py::test_jd_core[float32-16-7-zipf]"
     "test_cuda.py::test_jd_expand[float32-16-111-7-zipf]"

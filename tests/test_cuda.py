@@ -4,8 +4,10 @@ Skipped without a CUDA device. Covers every op over popularity x T x d x r x
 dtype, multi-slice calls (3 slices, widths d, d/4, d/4 like q/k/v with GQA)
 with strided and misaligned activations, corrupt metadata (skipped, never
 read out of bounds), large adapter/cluster tables, CUDA graphs that capture
-every op and are replayed on new inputs written into the same buffers, and
-torch.compile(mode="reduce-overhead", fullgraph=True).
+every op and are replayed on new inputs written into the same buffers,
+torch.compile(mode="reduce-overhead", fullgraph=True), and batch-invariant
+mode (one token's outputs bitwise equal across batch sizes, eager and in a
+CUDA graph).
 
 Dispatch (jdlora/cuda/tc_launchers.h): fp16/bf16 calls with r % 8 == 0,
 r <= 128 and 16-byte-aligned rows take the tensor-core kernels, with decode
@@ -29,7 +31,8 @@ import torch
 import jdlora_ops
 from jdlora_ops import reference as R
 
-from conftest import DTYPES, POPULARITY, assert_close, make_batch, randn, token_mapping
+from conftest import (DTYPES, POPULARITY, assert_batch_invariant, assert_close, make_batch, probe_batch, probe_bits,
+                      probe_outputs, randn, run_probe, token_mapping)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -101,8 +104,10 @@ def test_build_batch_meta(pattern, T):
 
 # Serving-size tables: thousands of adapter slots, hundreds of clusters, a
 # prefill-size batch; 20000 slots need more than the default 48 KiB of shared
-# memory; 1 slot / 1 cluster is the smallest table.
-@pytest.mark.parametrize("T,A,C", [(8192, 4000, 300), (5000, 20000, 64), (3, 1, 1)])
+# memory; 65536 tokens are 64 rounds of the block-wide placement; many
+# clusters over fewer adapters; 1 slot / 1 cluster is the smallest table.
+@pytest.mark.parametrize("T,A,C", [(8192, 4000, 300), (5000, 20000, 64), (65536, 19936, 64), (4096, 3000, 17000),
+                                   (3, 1, 1)])
 @pytest.mark.parametrize("pattern", ["identical", "uniform", "zipf", "skewed", "all_none"])
 def test_build_batch_meta_large(T, A, C, pattern):
     b = make_batch(pattern, T, seed_of("meta-large", pattern, T, A, C), device=DEV, A=A, C=C)
@@ -800,13 +805,23 @@ def test_compile_reduce_overhead(T):
 # (csrc/cuda/emulation/launch_emulation.cpp) runs the same decisions on
 # emulated devices on every CI run.
 
-# build_batch_meta keeps 4224 bytes of static shared memory besides 8 bytes
-# per adapter slot and cluster: from A + C = 5617 the block needs more than
-# 48 KiB and the launch must opt in (5616 is the last that does not).
-@pytest.mark.parametrize("A,C", [(5552, 64), (5553, 64), (5700, 64), (6080, 64), (6081, 64)])
+# build_batch_meta keeps 128 bytes of static shared memory besides 8 bytes
+# per adapter slot and cluster and a 32 KiB placement table: from A + C =
+# 2032 the block needs more than 48 KiB and the launch must opt in (2031 is
+# the last that does not).
+@pytest.mark.parametrize("A,C", [(1967, 64), (1968, 64), (5700, 64), (6080, 64), (6081, 64)])
 def test_build_batch_meta_static_plus_dynamic_shared(A, C):
     b = make_batch("uniform", 4096, seed_of("meta-smem", A, C), device=DEV, A=A, C=C)
     assert_meta(b.meta, b.T, R.build_batch_meta(b.mapping, b.adapter_cluster, C))
+
+
+# A + C = 26000 leaves no room for the 32 KiB placement table on a 227 KiB
+# device: one warp places the tokens (the same tables).
+def test_build_batch_meta_one_warp_placement():
+    if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < 227 * 1024:
+        pytest.skip("needs 227 KiB of shared memory per block (sm_90)")
+    b = make_batch("zipf", 4096, seed_of("meta-walk"), device=DEV, A=25936, C=64)
+    assert_meta(b.meta, b.T, R.build_batch_meta(b.mapping, b.adapter_cluster, 64))
 
 
 def simple_case(T, d, r, dtype, seed):
@@ -937,3 +952,53 @@ def test_largest_tensor_core_tiles(T):
     jdlora_ops.jd_fused(x, V, S, U, b.meta, y)
     torch.cuda.synchronize()
     assert_close(y, ref, dtype, "y")
+
+
+# --- batch-invariant mode ------------------------------------------------------
+#
+# One probe token (same slot, rows and weights) in batches of 1, 37 and 4096
+# tokens: with the mode on its outputs from every op are bitwise equal. d_in =
+# 520 and 4096: by default sm_90 splits d_in over a cluster of 8 for small
+# batches and fewer for large ones; bf16/fp16 take the tensor-core kernels
+# (decode tiles, then prefill tiles at 4096), fp32 the simple ones.
+
+@pytest.mark.parametrize("d", [520, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_batch_invariant_mode(dtype, d):
+    with jdlora_ops.batch_invariant_mode():
+        assert_batch_invariant({T: probe_outputs(T, dtype, DEV, d=d) for T in (1, 37, 4096)})
+
+
+def test_batch_invariant_mode_matches_the_reference():
+    """The mode changes rounding only: every op still matches float64."""
+    with jdlora_ops.batch_invariant_mode():
+        L = GraphLayer(1100)
+        m, xv, y0 = L.new_inputs("zipf", 21)
+        meta = jdlora_ops.BatchMeta.allocate(1100, L.A, L.C, DEV).build(m.to(DEV), L.adapter_cluster)
+        x, y = xv.to(DEV), y0.to(DEV)
+        h = jdlora_ops.jd_shrink(x, L.V, meta)
+        g = jdlora_ops.jd_core(h, L.S, meta)
+        hl = jdlora_ops.lora_shrink(x, L.Af, L.scales, meta)
+        out = {"h": h, "g": g, "y_staged": jdlora_ops.jd_expand(g, L.U, meta, y.clone(), L.offsets),
+               "y_fused": jdlora_ops.jd_fused(x, L.V, L.S, L.U, meta, y.clone(), L.offsets),
+               "hl": hl, "y_lora": jdlora_ops.lora_expand(hl, L.Bf, meta, y.clone(), L.offsets)}
+        L.check(m, xv, y0, out, "batch-invariant")
+
+
+def test_batch_invariant_mode_in_a_cuda_graph():
+    """A graph captured with the mode on replays its decisions: the probe's
+    outputs in a replayed batch of 37 equal those of an eager batch of 1."""
+    with jdlora_ops.batch_invariant_mode():
+        want = probe_outputs(1, torch.bfloat16, DEV, d=520)
+        b = probe_batch(37, torch.bfloat16, DEV, d=520)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run_probe(b)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run_probe(b)
+    graph.replay()  # the mode is off again: the graph keeps its captured kernels
+    torch.cuda.synchronize()
+    assert_batch_invariant({"eager T=1": want, "graph T=37": probe_bits(out)})

@@ -7,6 +7,9 @@ expand-type ops also that tokens without an adapter keep their y rows.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 import jdlora_ops
 from jdlora_ops import reference as R
 
-from conftest import DTYPES, POPULARITY, assert_close, make_batch, randn
+from conftest import DTYPES, POPULARITY, assert_batch_invariant, assert_close, make_batch, probe_outputs, randn
 
 TOKENS = [1, 7, 133]
 DIMS = [111, 4096]
@@ -116,3 +119,58 @@ def test_lora_expand(pattern, T, d, r, dtype):
     ref = R.lora_expand(h, [B], [0], b.mapping, y)
     jdlora_ops.lora_expand(h, B, b.meta, y)
     assert_close(y, ref, dtype, "y")
+
+
+# --- batch invariance ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("invariant", [False, True], ids=["default", "batch_invariant"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_cpu_kernels_are_batch_invariant(dtype, invariant):
+    """The CPU kernels sum each token's products in one fixed order whatever
+    the batch (work is split by token, never within a token's sums), in both
+    modes: one token's output is bitwise the same alone and in batches of 37
+    and 4096 (d_in = 111, so its x rows sit at every alignment)."""
+    with jdlora_ops.batch_invariant_mode(invariant):
+        assert_batch_invariant({T: probe_outputs(T, dtype) for T in (1, 37, 4096)})
+
+
+def test_batch_invariant_switch():
+    before = jdlora_ops.batch_invariant()
+    with jdlora_ops.batch_invariant_mode():
+        assert jdlora_ops.batch_invariant()
+        with jdlora_ops.batch_invariant_mode(False):
+            assert not jdlora_ops.batch_invariant()
+        assert jdlora_ops.batch_invariant()
+    assert jdlora_ops.batch_invariant() == before
+    with pytest.raises(TypeError, match="on must be a bool, got int"):
+        jdlora_ops.set_batch_invariant(1)
+    assert jdlora_ops.batch_invariant() == before
+
+
+@pytest.mark.parametrize("value,want", [("1", True), ("0", False), ("", False)])
+def test_batch_invariant_from_environment(value, want):
+    code = "import jdlora_ops; print(jdlora_ops.batch_invariant())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JDLORA_BATCH_INVARIANT": value})
+    assert r.stdout.strip() == str(want)
+
+
+def test_batch_invariant_under_torch_compile():
+    """The mode reaches ops called from compiled code (read at launch, no new op input)."""
+    def fused(x, V, S, U, meta, y):
+        jdlora_ops.jd_fused(x, V, S, U, meta, y)
+        return y
+
+    b = make_batch("uniform", 9, seed_of("compile-invariant"))
+    g = torch.Generator().manual_seed(7)
+    x = randn(b.T, 64, dtype=torch.bfloat16, gen=g)
+    V = randn(b.C, 16, 64, dtype=torch.bfloat16, gen=g)
+    S = randn(b.A, 16, 16, dtype=torch.bfloat16, gen=g)
+    U = randn(b.C, 64, 16, dtype=torch.bfloat16, gen=g)
+    y = randn(b.T, 64, dtype=torch.bfloat16, gen=g)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with jdlora_ops.batch_invariant_mode():
+        got = compiled(x, V, S, U, b.meta, y.clone())
+        want = fused(x, V, S, U, b.meta, y.clone())
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

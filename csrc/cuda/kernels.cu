@@ -134,17 +134,26 @@ size_t simple_expand_shared_bytes(int r) { return sizeof(float) * kMaxTileTokens
 
 size_t simple_fused_shared_bytes(int r) { return sizeof(float) * 2 * kMaxTileTokens * static_cast<size_t>(r); }
 
-size_t build_batch_meta_shared_bytes(const BatchMetaParams& p) {
-  return batch_meta_smem_bytes(p.num_adapters, p.num_clusters);
-}
-
 size_t build_batch_meta_shared_limit() {
   return max_dynamic_shared(device_info(), kernel_info(reinterpret_cast<const void*>(build_batch_meta_kernel)));
 }
 
+namespace {
+// The block-wide placement where its table fits the device, else the
+// one-warp walk: decided by A, C and the device, never by the batch.
+bool batch_meta_parallel(const BatchMetaParams& p) {
+  return batch_meta_smem_bytes(p.num_adapters, p.num_clusters, true) <= build_batch_meta_shared_limit();
+}
+}  // namespace
+
+size_t build_batch_meta_shared_bytes(const BatchMetaParams& p) {
+  return batch_meta_smem_bytes(p.num_adapters, p.num_clusters, batch_meta_parallel(p));
+}
+
 cudaError_t build_batch_meta_cuda(const BatchMetaParams& p, cudaStream_t stream) {
-  return launch_kernel(build_batch_meta_kernel, shape(1, 1, kMetaThreads, build_batch_meta_shared_bytes(p)), stream,
-                       p);
+  const bool parallel = batch_meta_parallel(p);
+  const size_t smem = batch_meta_smem_bytes(p.num_adapters, p.num_clusters, parallel);
+  return launch_kernel(build_batch_meta_kernel, shape(1, 1, kMetaThreads, smem), stream, p, parallel);
 }
 
 cudaError_t jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {

@@ -8,6 +8,7 @@
 #include "jdlora/cuda/launch.h"
 #include "jdlora/cuda/tc_kernels.cuh"
 #include "jdlora/cuda/tc_launchers.h"
+#include "jdlora/mode.h"
 
 namespace jdlora::cuda {
 namespace {
@@ -62,11 +63,15 @@ bool full_cores_vectorizable(const StackList& l) {
   return true;
 }
 
-// fp16/bf16 and the tile by batch size; f(type tag, tile) returns whether it launched.
+// fp16/bf16 and the tile by batch size; f(type tag, tile) returns whether it
+// launched. A prefill tile that cannot launch (its shared memory) tries the
+// decode tile before the simple kernels: the tiles round alike (see
+// shrink_phase), so a batch's size never decides between the tensor-core
+// and the simple kernels' rounding.
 template <typename F>
 bool dispatch(DType dtype, int num_tokens, F&& f) {
   auto by_tile = [&](auto tag) {
-    if (num_tokens >= kPrefillMinTokens) return f(tag, PrefillTile{});
+    if (num_tokens >= kPrefillMinTokens && f(tag, PrefillTile{})) return true;
     return f(tag, DecodeTile{});
   };
   switch (dtype) {
@@ -85,6 +90,19 @@ int pick_cluster(const DeviceInfo& dev, const KernelInfo& k, int64_t blocks, int
   int cl = 1;
   while (cl < 8 && cl * 2 <= max_split && blocks * cl < 2 * static_cast<int64_t>(dev.sms)) cl *= 2;
   return cl;
+}
+
+// Batch-invariant mode's split of d_in: the largest pick_cluster can choose
+// for this d_in (the one it picks for small batches), whatever the batch and
+// the device. Where clusters run it is the cluster; elsewhere one block sums
+// the shares in turn (shrink_shares), which rounds the same way. Tile,
+// k_tile and expand's column span still follow the batch: they change which
+// rows share a block, not the order of any row's sums.
+int invariant_split(int d_in) {
+  const int max_split = static_cast<int>(ceil_div(d_in, 64));
+  int n = 1;
+  while (n < 8 && n * 2 <= max_split) n *= 2;
+  return n;
 }
 
 // d_in step of shrink: as wide as the stage budget allows (fewer, larger
@@ -117,8 +135,19 @@ bool launch_if_fits(Kern kernel, const KernelInfo& info, Kernel k, dim3 grid, in
 template <typename T, typename Cfg>
 TcArgs split_k_args(const DeviceInfo& dev, const KernelInfo& k, int64_t blocks, int r, int d_in) {
   TcArgs a{};
-  a.cl = pick_cluster(dev, k, blocks, d_in);
-  a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, a.cl)));
+  int split = 1;
+  if (batch_invariant()) {
+    split = invariant_split(d_in);
+    a.cl = clusters_available(dev, k) ? split : 1;
+    a.k_split = a.cl > 1 ? 1 : split;
+    // Share bounds in 64-element units, not k-tiles: k_tile follows the tile
+    // (and so the batch size), the bounds must not.
+    a.share = static_cast<int>(ceil_div(ceil_div(d_in, 64), split)) * 64;
+  } else {
+    split = a.cl = pick_cluster(dev, k, blocks, d_in);
+    a.k_split = 1;
+  }
+  a.k_tile = pick_k_tile<Cfg>(r, sizeof(T), static_cast<int>(ceil_div(d_in, split)));
   a.r_pad = round_up(r, 16);
   return a;
 }

@@ -20,6 +20,7 @@
 #include <string>
 
 #include "build_info.h"
+#include "jdlora/mode.h"
 
 TORCH_LIBRARY(jdlora_ops, m) {
   // Stable sort of tokens by (cluster, adapter) and the per-cluster and
@@ -93,4 +94,7 @@ PYBIND11_MODULE(_C, m) {
     info["build_type"] = JDLORA_BUILD_TYPE;
     return info;
   });
+  m.def("set_batch_invariant", &jdlora::set_batch_invariant, pybind11::arg("on"),
+        "Switch batch-invariant mode on or off for the whole process (see jdlora_ops.set_batch_invariant).");
+  m.def("batch_invariant", &jdlora::batch_invariant, "Whether batch-invariant mode is on.");
 }

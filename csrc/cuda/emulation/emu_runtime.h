@@ -336,6 +336,12 @@ inline int atomicAdd(int* p, int v) {
   return old;
 }
 
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old > v ? old : v;
+  return old;
+}
+
 [[noreturn]] inline void __trap() {
   std::fprintf(stderr, "emulation: __trap() in block (%u, %u) thread %u\n", emu::cur().bid.x, emu::cur().bid.y,
                emu::cur().tid.x);

@@ -5,7 +5,9 @@
 // shrink-step choice, shared-memory accounting (static + dynamic bytes
 // against 48 KiB and the per-architecture opt-in limit), the opt-in itself
 // and the fallback when a fast launch fails. Results are compared with a
-// float64 reference. Run it with csrc/cuda/emulation/run.sh.
+// float64 reference; batch-invariant mode is checked bit for bit across
+// batch sizes and devices, and build_batch_meta priced by a cost model.
+// Run it with csrc/cuda/emulation/run.sh.
 //
 // Emulated devices: an A100 (sm_80, 108 SMs, 163 KiB opt-in), an H200 with
 // its sm_90a image (132 SMs, 227 KiB, clusters), an H200 running an sm_80
@@ -27,8 +29,11 @@
 #include "../kernels.cu"
 #include "jdlora/cuda/tc_kernels.cuh"
 #include "emu_harness.h"
+#include "jdlora/mode.h"
 
 #include <chrono>
+#include <memory>
+#include <tuple>
 #include <cstring>
 #include <string>
 
@@ -94,8 +99,11 @@ void register_tc(const std::string& t) {
   reg(tc::tc_fused_kernel<T, tc::PrefillTile>, 0, "tc_fused<" + t + ",64>");
 }
 
+// build_batch_meta's static arrays: s_scan.
+constexpr size_t kMetaStaticBytes = sizeof(int) * 32;
+
 void register_kernels() {
-  reg(jc::build_batch_meta_kernel, sizeof(int) * (jc::kMetaThreads + 32), "build_batch_meta");  // s_keys, s_scan
+  reg(jc::build_batch_meta_kernel, kMetaStaticBytes, "build_batch_meta");
   register_simple<float, 1>("f32");
   register_simple<float, 4>("f32");
   register_simple<__half, 1>("f16");
@@ -224,15 +232,42 @@ bool meta_matches(const MetaBufs& mb, const std::vector<int>& mapping, const std
   return ok;
 }
 
+// Cost model of build_batch_meta (no timing exists in the emulation, so this
+// is a model, not a measurement): its two serial resources are the busiest
+// warp's collective steps (votes, matches, shuffles, each with a shared-memory
+// round trip) and the block barriers. Assumed: 25 cycles per collective step,
+// 100 per 1024-thread barrier, 1.98 GHz (H200 boost clock). With
+// JDLORA_META_COST_JSON set, the figures are also written there as JSON.
+void report_meta_cost(int T, int A, int C, double secs) {
+  const auto& st = emu::m().stats;
+  const long steps = st.max_warp_collectives();
+  const double cycles = 25.0 * static_cast<double>(steps) + 100.0 * static_cast<double>(st.block_barriers);
+  const double us = cycles / 1980.0;
+  std::printf("  cost model: busiest warp %ld collective steps, %ld block barriers; estimate %.0f cycles = %.1f us"
+              " at 1.98 GHz (emulated in %.1f s)\n",
+              steps, st.block_barriers, cycles, us, secs);
+  if (const char* path = std::getenv("JDLORA_META_COST_JSON")) {
+    if (FILE* f = std::fopen(path, "w")) {
+      std::fprintf(f,
+                   "{\"num_tokens\": %d, \"num_adapters\": %d, \"num_clusters\": %d, \"warp_steps\": %ld, "
+                   "\"block_barriers\": %ld, \"cycles\": %.0f, \"estimate_us\": %.1f}\n",
+                   T, A, C, steps, st.block_barriers, cycles, us);
+      std::fclose(f);
+    }
+  }
+}
+
 void meta_case(Device dev, const std::string& pattern, int T, int A, int C, bool cost = false) {
   cudaSetDevice(dev);
-  std::printf("build_batch_meta on %s: T=%d A=%d C=%d %s (static %zu + dynamic %zu bytes)\n",
-              emu::rt().devices[dev].name, T, A, C, pattern.c_str(), sizeof(int) * (jc::kMetaThreads + 32),
-              jc::batch_meta_smem_bytes(A, C));
+  MetaBufs mb(T, A, C);
+  const bool parallel = jc::batch_meta_smem_bytes(A, C, true) <= jc::build_batch_meta_shared_limit();
+  std::printf("build_batch_meta on %s: T=%d A=%d C=%d %s (static %zu + dynamic %zu bytes, %s)\n",
+              emu::rt().devices[dev].name, T, A, C, pattern.c_str(), kMetaStaticBytes,
+              jc::build_batch_meta_shared_bytes(mb.params()), parallel ? "all warps place" : "one warp places");
   const std::vector<int> mapping = token_mapping(pattern, T, A);
   std::vector<int> ac(A);
   for (int& v : ac) v = randint(C);
-  MetaBufs mb(T, A, C);
+  const size_t launches_before = emu::rt().launches.size();
   const auto t0 = std::chrono::steady_clock::now();
   const cudaError_t err = build_meta_op(mb, mapping, ac);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -241,20 +276,10 @@ void meta_case(Device dev, const std::string& pattern, int T, int A, int C, bool
   if (err == cudaSuccess) check(meta_matches(mb, mapping, ac), "tables match the reference");
   check(mb.mapping.guards_ok() && mb.sorted.guards_ok() && mb.l_start.guards_ok() && mb.c_start.guards_ok(),
         "guard bytes intact");
-  if (cost) {
-    // Cost model of the kernel's serial phases: the placing warp's
-    // collective steps (each carries a shared-memory round trip of a
-    // cursor) and the block barriers. Assumed: 25 cycles per collective
-    // step, 100 per 1024-thread barrier, 1.98 GHz (H200 boost clock).
-    const auto& st = emu::m().stats;
-    const long w0 = st.warp_collectives.empty() ? 0 : st.warp_collectives[0];
-    long others = 0;
-    for (size_t w = 1; w < st.warp_collectives.size(); ++w) others = std::max(others, st.warp_collectives[w]);
-    const double cycles = 25.0 * static_cast<double>(w0) + 100.0 * static_cast<double>(st.block_barriers);
-    std::printf("  cost model: warp 0 %ld collective steps, other warps at most %ld, %ld block barriers;"
-                " estimate %.0f cycles = %.1f us at 1.98 GHz (emulated in %.1f s)\n",
-                w0, others, st.block_barriers, cycles, cycles / 1980.0, secs);
-  }
+  check(emu::rt().launches.size() == launches_before + 1 &&
+            emu::rt().launches.back().smem == jc::batch_meta_smem_bytes(A, C, parallel),
+        "launched with the shared memory of its placement");
+  if (cost) report_meta_cost(T, A, C, secs);
 }
 
 void meta_too_large(Device dev, int A, int C) {
@@ -266,8 +291,7 @@ void meta_too_large(Device dev, int A, int C) {
   const cudaError_t err = build_meta_op(mb, mapping, ac);
   check(err == cudaErrorInvalidValue, std::string("refused with cudaErrorInvalidValue, got ") + cudaGetErrorName(err));
   check(emu::rt().launches.size() == before, "nothing launched");
-  check(jc::build_batch_meta_shared_limit() == static_cast<size_t>(emu::rt().devices[dev].smem_optin) -
-                                                   sizeof(int) * (jc::kMetaThreads + 32),
+  check(jc::build_batch_meta_shared_limit() == static_cast<size_t>(emu::rt().devices[dev].smem_optin) - kMetaStaticBytes,
         "reported limit is the opt-in limit less the static bytes");
   check_no_pending_error("build_batch_meta");
 }
@@ -290,6 +314,34 @@ struct OpsCase {
   std::string expect_fused;     // kernel name prefix fused must launch ("" : any)
   int expect_cluster = 0;       // cluster size of the fused launch (0: any)
 };
+
+// The StackList of one weight stack per slice: [groups, r, d] on the
+// shrink side, [groups, widths[s], r] on the expand side.
+template <typename E>
+StackList stack_list(const std::vector<std::unique_ptr<Buf<E>>>& b, const std::vector<int>& widths,
+                     const std::vector<int>& offsets, int r, int d, bool expand_side) {
+  StackList l{};
+  l.num_slices = static_cast<int>(b.size());
+  for (int s = 0; s < l.num_slices; ++s) {
+    const int rows = expand_side ? widths[s] : r, cols = expand_side ? r : d;
+    l.stack[s] = WeightStack{b[s]->data, static_cast<int64_t>(rows) * cols, cols, rows, cols};
+    l.col_offset[s] = offsets[s];
+  }
+  return l;
+}
+
+// The core stacks: [A, r, r], or [A, r] where diag[s].
+template <typename E>
+StackList core_list(const std::vector<std::unique_ptr<Buf<E>>>& b, const std::vector<bool>& diag, int r) {
+  StackList l{};
+  l.num_slices = static_cast<int>(b.size());
+  for (int s = 0; s < l.num_slices; ++s) {
+    l.stack[s] = WeightStack{b[s]->data, static_cast<int64_t>(r) * (diag[s] ? 1 : r), diag[s] ? 0 : r,
+                             diag[s] ? 1 : r, r};
+    l.diagonal[s] = diag[s];
+  }
+  return l;
+}
 
 template <typename E>
 void ops_case(const OpsCase& c) {
@@ -346,22 +398,9 @@ void ops_case(const OpsCase& c) {
   for (float& v : gin) v = randn() * c.g_scale;
 
   auto stacks = [&](std::vector<std::unique_ptr<Buf<E>>>& b, bool expand_side) {
-    StackList l{};
-    l.num_slices = S;
-    for (int s = 0; s < S; ++s) {
-      const int rows = expand_side ? c.widths[s] : r, cols = expand_side ? r : d;
-      l.stack[s] = WeightStack{b[s]->data, static_cast<int64_t>(rows) * cols, cols, rows, cols};
-      l.col_offset[s] = offsets[s];
-    }
-    return l;
+    return stack_list(b, c.widths, offsets, r, d, expand_side);
   };
-  StackList Sl{};
-  Sl.num_slices = S;
-  for (int s = 0; s < S; ++s) {
-    Sl.stack[s] = WeightStack{Sg[s]->data, static_cast<int64_t>(r) * (diag[s] ? 1 : r), diag[s] ? 0 : r,
-                              diag[s] ? 1 : r, r};
-    Sl.diagonal[s] = diag[s];
-  }
+  const StackList Sl = core_list(Sg, diag, r);
   const Activation xa{x, x_ld, d};
   const Activation ya{y, y_ld, ycols};
   const Intermediate ha{h.data, static_cast<int64_t>(T) * r, r, r};
@@ -503,6 +542,153 @@ void ops_case(const OpsCase& c) {
   check(guards, "guard bytes intact");
 }
 
+// ---------------------------------------------------------------------------
+// Batch-invariant mode: one probe token (the batch's last, with the same
+// slot, x row, h and g rows and y row in every batch) through every op at
+// several batch sizes and on both architectures. The weights and the
+// probe's rows come from a fixed seed; the other tokens from one that
+// changes with T.
+
+struct ProbeRun {
+  std::vector<uint32_t> bits;  // the probe's outputs, op after op, as raw bits
+  std::vector<int> clusters;   // cluster size of each shrink and fused launch
+};
+
+template <typename E>
+ProbeRun probe_run(Device dev, int T, bool invariant) {
+  constexpr int A = 12, C = 3, d = 520, r = 16, S = 2, kProbeSlot = 5;
+  const std::vector<int> widths = {64, 32}, offsets = {0, 64};
+  constexpr int ycols = 96;
+  cudaSetDevice(dev);
+  jdlora::set_batch_invariant(invariant);
+  std::mt19937 fixed(99), other(static_cast<unsigned>(T));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto fill = [&](auto& buf, size_t from, size_t to, std::mt19937& g, float scale) {
+    for (size_t i = from; i < to; ++i) buf[i] = fromf<E>(nd(g) * scale);
+  };
+  std::vector<int> ac(A), mapping(T);
+  for (int& v : ac) v = std::uniform_int_distribution<int>(0, C - 1)(fixed);
+  for (int& v : mapping) v = std::uniform_int_distribution<int>(-1, A - 1)(other);
+  mapping[T - 1] = kProbeSlot;
+  MetaBufs mb(T, A, C);
+  ProbeRun out;
+  if (build_meta_op(mb, mapping, ac) != cudaSuccess) return out;
+
+  const size_t probe_x = static_cast<size_t>(T - 1) * d, probe_y = static_cast<size_t>(T - 1) * ycols;
+  Buf<E> xb(static_cast<size_t>(T) * d), yb(static_cast<size_t>(T) * ycols);
+  std::vector<E> y0(yb.n);
+  fill(xb, 0, probe_x, other, 1.f);
+  fill(xb, probe_x, xb.n, fixed, 1.f);
+  fill(y0, 0, probe_y, other, 1.f);
+  fill(y0, probe_y, y0.size(), fixed, 1.f);
+  std::vector<std::unique_ptr<Buf<E>>> V, U, Sg, Af, Bf;
+  for (int s = 0; s < S; ++s) {
+    const bool diag = s == 1;
+    for (auto [v, n, scale] : {std::tuple{&V, static_cast<size_t>(C) * r * d, 1.f / std::sqrt(float(d))},
+                               std::tuple{&U, static_cast<size_t>(C) * widths[s] * r, 1.f / std::sqrt(float(r))},
+                               std::tuple{&Sg, static_cast<size_t>(A) * r * (diag ? 1 : r), 1.f},
+                               std::tuple{&Af, static_cast<size_t>(A) * r * d, 1.f / std::sqrt(float(d))},
+                               std::tuple{&Bf, static_cast<size_t>(A) * widths[s] * r, 1.f}}) {
+      v->emplace_back(new Buf<E>(n));
+      fill(*v->back(), 0, n, fixed, scale);
+    }
+  }
+  Buf<float> scales(static_cast<size_t>(S) * A), h(static_cast<size_t>(S) * T * r), g(h.n);
+  for (size_t i = 0; i < scales.n; ++i) scales[i] = 0.5f + 0.1f * static_cast<float>(i % 7);
+  std::vector<float> gin(g.n);
+  for (int s = 0; s < S; ++s)
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < r; ++i) gin[(static_cast<size_t>(s) * T + t) * r + i] = nd(t == T - 1 ? fixed : other);
+
+  auto stacks = [&](std::vector<std::unique_ptr<Buf<E>>>& b, bool expand_side) {
+    return stack_list(b, widths, offsets, r, d, expand_side);
+  };
+  const StackList Sl = core_list(Sg, {false, true}, r);
+  const Activation xa{xb.data, d, d}, ya{yb.data, ycols, ycols};
+  const Intermediate ha{h.data, static_cast<int64_t>(T) * r, r, r}, ga{g.data, static_cast<int64_t>(T) * r, r, r};
+  const DType dt = dtype_of<E>();
+  auto keep_f32 = [&](const Buf<float>& b) {
+    for (int s = 0; s < S; ++s)
+      for (int i = 0; i < r; ++i) {
+        uint32_t u;
+        std::memcpy(&u, &b[(static_cast<size_t>(s) * T + T - 1) * r + i], 4);
+        out.bits.push_back(u);
+      }
+  };
+  auto keep_y = [&] {
+    for (int j = 0; j < ycols; ++j) {
+      uint32_t u = 0;
+      std::memcpy(&u, &yb[probe_y + j], sizeof(E));
+      out.bits.push_back(u);
+    }
+  };
+  auto launch = [&](const std::string& op, bool split_k, auto&& f) {
+    const size_t before = emu::rt().launches.size();
+    check(f() == cudaSuccess, op + " launch");
+    for (size_t i = before; i < emu::rt().launches.size(); ++i)
+      if (split_k) out.clusters.push_back(emu::rt().launches[i].cluster);
+  };
+  auto reset_y = [&] {
+    for (size_t i = 0; i < yb.n; ++i) yb[i] = y0[i];
+  };
+  for (int lora = 0; lora < 2; ++lora) {
+    ShrinkParams p{xa, stacks(lora ? Af : V, false), ha, lora ? Scales{scales.data, A, 1} : Scales{nullptr, 0, 0},
+                   lora ? mb.loras() : mb.clusters()};
+    launch("shrink", true, [&] { return lora ? jc::lora_shrink_cuda(p, dt, nullptr) : jc::jd_shrink_cuda(p, dt, nullptr); });
+    keep_f32(h);
+  }
+  for (size_t i = 0; i < h.n; ++i) h[i] = gin[i];
+  CoreParams cp{ha, ga, Sl, mb.mapping.data, T, A};
+  launch("jd_core", false, [&] { return jc::jd_core_cuda(cp, dt, nullptr); });
+  keep_f32(g);
+  for (int lora = 0; lora < 2; ++lora) {
+    for (size_t i = 0; i < g.n; ++i) g[i] = gin[i];
+    reset_y();
+    ExpandParams p{ga, stacks(lora ? Bf : U, true), ya, lora ? mb.loras() : mb.clusters()};
+    launch("expand", false, [&] { return lora ? jc::lora_expand_cuda(p, dt, nullptr) : jc::jd_expand_cuda(p, dt, nullptr); });
+    keep_y();
+  }
+  reset_y();
+  FusedParams fp{xa, stacks(V, false), Sl, stacks(U, true), ya, mb.mapping.data, mb.clusters(), r, A};
+  launch("jd_fused", true, [&] { return jc::jd_fused_cuda(fp, dt, nullptr); });
+  keep_y();
+  jdlora::set_batch_invariant(false);
+  return out;
+}
+
+// With the mode on, the probe's outputs are bitwise equal at every batch
+// size on both devices. With it off, on the tensor-core path (split_k), the
+// launches differ (the cluster split follows the batch and the device) and
+// so do the outputs, so the first check can fail; the simple kernels split
+// no sum, and are checked to be invariant in both modes.
+template <typename E>
+void batch_invariance(const std::vector<int>& sizes, bool split_k) {
+  std::printf("batch-invariant mode, %s: probe token at T =", dtype_name<E>());
+  for (int T : sizes) std::printf(" %d", T);
+  std::printf(" on the A100 and the H200\n");
+  for (int invariant = 1; invariant >= 0; --invariant) {
+    std::vector<ProbeRun> runs;
+    for (Device dev : {kH200, kA100})
+      for (int T : sizes) runs.push_back(probe_run<E>(dev, T, invariant != 0));
+    bool same_bits = true, same_clusters_per_device = true;
+    std::string cls;
+    for (size_t i = 0; i < runs.size(); ++i) {
+      same_bits = same_bits && !runs[i].bits.empty() && runs[i].bits == runs[0].bits;
+      const size_t first_of_device = i / sizes.size() * sizes.size();
+      same_clusters_per_device = same_clusters_per_device && runs[i].clusters == runs[first_of_device].clusters;
+      cls += " " + std::to_string(runs[i].clusters.empty() ? 0 : runs[i].clusters.back());
+    }
+    std::printf("  mode %s: fused cluster sizes (H200 runs, then A100 runs):%s\n", invariant ? "on" : "off", cls.c_str());
+    if (invariant || !split_k) {
+      check(same_bits, std::string(invariant ? "on" : "off") + ": the probe's outputs are bitwise equal in every run");
+      check(same_clusters_per_device, std::string(invariant ? "on" : "off") + ": each device decides alike at every T");
+    } else {
+      check(!same_clusters_per_device, "off: the cluster split follows the batch size");
+      check(!same_bits, "off: the probe's outputs differ between runs");
+    }
+  }
+}
+
 // A simple kernel whose shared memory exceeds the device: refused, nothing launched.
 void simple_fused_too_large(Device dev, int r) {
   cudaSetDevice(dev);
@@ -537,19 +723,37 @@ int main(int argc, char** argv) {
   register_kernels();
   using bf16 = __nv_bfloat16;
 
+  // build_batch_meta's cost model alone (bench/batch_meta_model.py).
+  if (argc > 1 && std::string(argv[1]) == "--meta-cost") {
+    meta_case(kH200, "zipf", 65536, 19936, 64, /*cost=*/true);
+    return failures ? 1 : 0;
+  }
+
   // build_batch_meta: the smallest tables; A + C just below and just above
-  // the slots whose counters plus the kernel's static arrays pass 48 KiB
-  // (5616 / 5617), inside that window (5764), on both architectures; the
-  // largest tables and batches; tables that fit no device.
+  // the slots whose counters plus the placement table and the static arrays
+  // pass 48 KiB (2031 / 2032), inside that window, on both architectures;
+  // the largest tables and batches; tables that fit no device.
   meta_case(kA100, "uniform", 3, 1, 1);
   meta_case(kA100, "all_none", 40, 9, 3);
   meta_case(kA100, "uniform", 0, 9, 3);
-  meta_case(kA100, "zipf", 64, 5552, 64);
-  meta_case(kA100, "zipf", 64, 5553, 64);
+  meta_case(kA100, "zipf", 64, 1967, 64);
+  meta_case(kA100, "zipf", 64, 1968, 64);
   meta_case(kA100, "uniform", 4096, 5700, 64);
   meta_case(kH200, "skewed", 2000, 6080, 64);
   meta_too_large(kA100, 30000, 64);
-  if (!quick) meta_case(kH200, "zipf", 65536, 19936, 64, /*cost=*/true);
+  // Every token spread at T = 1, 7, 4096 (several rounds of the block-wide
+  // placement, so that equal keys meet across warps and rounds; the sorted
+  // order is compared exactly, so an unstable placement fails), with many
+  // adapters over few clusters and many clusters over fewer adapters (A + C
+  // = 20000); then T = 65536 (64 rounds).
+  for (const char* spread : {"identical", "distinct", "uniform", "zipf", "skewed"}) {
+    meta_case(kA100, spread, 1, 9, 3);
+    meta_case(kH200, spread, 7, 9, 3);
+    meta_case(kH200, spread, 4096, 19936, 64);
+    meta_case(kH200, spread, 4096, 3000, 17000);
+    meta_case(kA100, spread, 4096, 19936, 64);  // the table does not fit: one warp places
+    if (!quick) meta_case(kH200, spread, 65536, 19936, 64, /*cost=*/std::string(spread) == "zipf");
+  }
 
   // Simple kernels at the shared-memory edges: fused at r = 383 / 384 and
   // expand at r = 767 / 768 (dynamic bytes at or just under 48 KiB, static
@@ -641,6 +845,12 @@ int main(int argc, char** argv) {
     c.expect_fused = "tc_fused<bf16,64>";
     ops_case<bf16>(c);
   }
+
+  // Batch-invariant mode: the tensor-core path (bf16) and the simple
+  // kernels (fp32), from a single token to prefill tiles.
+  // (2200 tokens: the default H200 cluster drops from 8 to 4.)
+  batch_invariance<bf16>({1, 37, 2200}, true);
+  batch_invariance<float>({1, 37, 1030}, false);
 
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "all launches match", failures);
   return failures ? 1 : 0;

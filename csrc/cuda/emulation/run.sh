@@ -3,7 +3,8 @@
 #   tc_emulation      the tensor-core kernels with forced tiles and clusters;
 #   launch_emulation  the library's launchers (kernels.cu, tc_kernels.cu) on
 #                     emulated devices, running every kernel they launch.
-# csrc/cuda/emulation/run.sh [--quick] [tc|launch]  (both by default)
+# csrc/cuda/emulation/run.sh [--quick|--meta-cost] [tc|launch]  (both by default;
+# --meta-cost: launch_emulation's build_batch_meta cost model only)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
@@ -13,7 +14,7 @@ QUICK=""
 WHICH="tc launch"
 for a in "$@"; do
   case "$a" in
-    --quick) QUICK=--quick ;;
+    --quick|--meta-cost) QUICK=$a ;;
     tc|launch) WHICH=$a ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac

@@ -27,7 +27,8 @@ namespace jdlora::cuda {
 // cannot run falls back to the simple kernels before anything is reported.
 
 // The per-adapter and per-cluster counters: 8 bytes per adapter slot and per
-// cluster of dynamic shared memory.
+// cluster of dynamic shared memory, plus the 32 KiB placement table where it
+// fits the device, else 4 KiB for a one-warp placement.
 cudaError_t build_batch_meta_cuda(const BatchMetaParams& p, cudaStream_t stream);
 
 // Dynamic shared memory build_batch_meta needs for p, and the most its kernel

@@ -54,6 +54,8 @@ struct TcArgs {
   int r_pad;   // r rounded up to 16, the MMA depth of expand
   int span;    // expand: y columns per block, a multiple of kNTile
   int s_vec;   // fused: full S rows allow 16-byte loads
+  int k_split; // cl == 1: shares of d_in one block sums in turn as a cluster of k_split would (<= 1: one)
+  int share;   // d_in elements per share, a multiple of 16 (<= 0: whole k-tiles, as even as they split)
 };
 
 // Dynamic shared memory of the kernels (byte offsets, each 16-byte aligned):
@@ -199,14 +201,17 @@ struct MmaLane {
 // ---------------------------------------------------------------------------
 // Shrink phase: h_tile[row, :r] = sum over d_in in [kbeg, kend) of
 // x[tok(row)] * W[group(run(row))] for every row of the window (0 for rows in
-// no run). Steps run k-tile major, run minor, so the x tile of a k-tile is
-// loaded once and reused by all runs.
+// no run), added to h_tile when `accumulate`, else to 0. Steps run k-tile
+// major, run minor, so the x tile of a k-tile is loaded once and reused by
+// all runs. A row's sum takes the same MMAs in the same order whatever the
+// tile, k_tile or the other rows (their runs add exact zeros), so only the
+// split of d_in into shares changes its rounding.
 
 template <typename T, typename Cfg>
 __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const T* __restrict__ x,
                                              int64_t ldx, const WeightStack& W, int r, int kbeg,
                                              int kend, int k_tile, T* x_ring, T* w_ring,
-                                             float* h_tile, int hs) {
+                                             float* h_tile, int hs, bool accumulate) {
   constexpr int M = Cfg::M;
   constexpr int S = Cfg::kStages;
   constexpr int NF = Cfg::kShrinkFrags;
@@ -281,9 +286,39 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
     const int n8 = ln.wn + f * Cfg::kWarpsN;
     if (n8 * 8 < r) {
       const int col = n8 * 8 + 2 * ln.q4;
-      *reinterpret_cast<float2*>(h_tile + ln.row_a * hs + col) = make_float2(acc[f][0], acc[f][1]);
-      *reinterpret_cast<float2*>(h_tile + ln.row_b * hs + col) = make_float2(acc[f][2], acc[f][3]);
+      float2* ha = reinterpret_cast<float2*>(h_tile + ln.row_a * hs + col);
+      float2* hb = reinterpret_cast<float2*>(h_tile + ln.row_b * hs + col);
+      // 0 + acc, as the cluster's sum over its blocks starts (reduce_rows).
+      const float2 pa = accumulate ? *ha : make_float2(0.f, 0.f);
+      const float2 pb = accumulate ? *hb : make_float2(0.f, 0.f);
+      *ha = make_float2(pa.x + acc[f][0], pa.y + acc[f][1]);
+      *hb = make_float2(pb.x + acc[f][2], pb.y + acc[f][3]);
     }
+  }
+}
+
+// Partial h over this block's share of d_in: share `rank` of a cluster of
+// a.cl blocks, or, without a cluster, all a.k_split shares in turn, added in
+// share order, so that the sum is bitwise the one a cluster of k_split
+// blocks forms in reduce_rows (batch-invariant mode on devices without
+// clusters).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void shrink_shares(const WindowPlan<Cfg::M>& pl, const Activation& x,
+                                              const WeightStack& W, int r, const TcArgs& a, int rank,
+                                              T* x_ring, T* w_ring, float* h_tile, int hs) {
+  const int d_in = x.cols;
+  const int parts = a.cl > 1 ? a.cl : max(a.k_split, 1);
+  // The last share may be short or empty.
+  const int ktiles = (d_in + a.k_tile - 1) / a.k_tile;
+  const int share = a.share > 0 ? a.share : (ktiles + parts - 1) / parts * a.k_tile;
+  const int first = a.cl > 1 ? rank : 0;
+  const int last = a.cl > 1 ? rank + 1 : parts;
+  for (int q = first; q < last; ++q) {
+    if (q > first) __syncthreads();  // the copy rings are reused
+    const int kbeg = min(d_in, q * share);
+    const int kend = min(d_in, kbeg + share);
+    shrink_phase<T, Cfg>(pl, static_cast<const T*>(x.data), x.stride_t, W, r, kbeg, kend, a.k_tile, x_ring,
+                         w_ring, h_tile, hs, q > first);
   }
 }
 
@@ -495,7 +530,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int s = static_cast<int>(blockIdx.y);
   const int r = p.h.r;
   const int hs = a.r_pad + 8;
-  const int d_in = p.x.cols;
   const SmemLayout L =
       smem_layout(Kernel::kShrink, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
                   sizeof(WindowPlan<M>));
@@ -504,14 +538,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   build_plan<M>(p.seg, static_cast<int>(blockIdx.x) / cl * M, pl);
 
-  // This block's share of d_in: whole k-tiles, the last share may be short or empty.
-  const int ktiles = (d_in + a.k_tile - 1) / a.k_tile;
-  const int share = (ktiles + cl - 1) / cl * a.k_tile;
-  const int kbeg = min(d_in, rank * share);
-  const int kend = min(d_in, kbeg + share);
-  shrink_phase<T, Cfg>(pl, static_cast<const T*>(p.x.data), p.x.stride_t, p.weights.stack[s], r, kbeg,
-                       kend, a.k_tile, reinterpret_cast<T*>(smem + L.x_ring),
-                       reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
+  shrink_shares<T, Cfg>(pl, p.x, p.weights.stack[s], r, a, rank, reinterpret_cast<T*>(smem + L.x_ring),
+                        reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
   cluster_barrier(cl);
 
   // Each block sums and writes its share of the rows; rows without a run
@@ -632,7 +660,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int s = static_cast<int>(blockIdx.y);
   const int r = p.r;
   const int hs = a.r_pad + 8;
-  const int d_in = p.x.cols;
   const SmemLayout L =
       smem_layout(Kernel::kFused, M, Cfg::kStages, Cfg::kNTile, r, a.r_pad, a.k_tile, sizeof(T),
                   sizeof(WindowPlan<M>));
@@ -643,13 +670,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   build_plan<M>(p.seg, static_cast<int>(blockIdx.x) / cl * M, pl, p.token_lora_mapping, p.num_adapters);
 
   // 1. Partial h over this block's share of d_in.
-  const int ktiles = (d_in + a.k_tile - 1) / a.k_tile;
-  const int kshare = (ktiles + cl - 1) / cl * a.k_tile;
-  const int kbeg = min(d_in, rank * kshare);
-  const int kend = min(d_in, kbeg + kshare);
-  shrink_phase<T, Cfg>(pl, static_cast<const T*>(p.x.data), p.x.stride_t, p.shrink.stack[s], r, kbeg,
-                       kend, a.k_tile, reinterpret_cast<T*>(smem + L.x_ring),
-                       reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
+  shrink_shares<T, Cfg>(pl, p.x, p.shrink.stack[s], r, a, rank, reinterpret_cast<T*>(smem + L.x_ring),
+                        reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
 
   // This block's share of the slice's columns. Its first weight and y tiles
   // and the core's S rows do not depend on h: start fetching them now, so
