@@ -194,3 +194,42 @@ def test_cli_add_projects_in_the_activation_weighted_metric(world, tmp_path, cap
     aw = c.metadata["activation_weighted_rel_errors"]
     assert all(len(v) == 2 for v in aw.values())
     assert cli(["add", store, world["adapters"][1], "--calibration", str(tmp_path / "nope"), "-q"]) == 2
+
+
+def test_cli_calibrate_bert_encoder_with_peft_adapter(tmp_path, one_thread):
+    """An encoder (BertModel, PEFT module names ``encoder.layer.L.attention.self.query``): the moments are the
+    inputs of each layer's query/key/value (the previous layer's output), padding excluded."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    model_dir, adapter_dir = str(tmp_path / "bert"), str(tmp_path / "adapter")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(" ".join(PARAGRAPHS).split()))]))
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab.read_text().split()), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(model_dir, safe_serialization=True)
+    peft_model = get_peft_model(BertModel.from_pretrained(model_dir),
+                                LoraConfig(r=2, lora_alpha=4, target_modules=["query", "key", "value"]))
+    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(PARAGRAPHS) + "\n")
+    out = str(tmp_path / "stats")
+    assert cli(["calibrate", model_dir, "--text", str(text), "--adapters", adapter_dir, "--out", out,
+                "--batch-size", "4", "-q"]) == 0
+    stats = load_stats(out)
+    names = [f"encoder.layer.{l}.attention.self.{p}" for l in range(2) for p in ("query", "key", "value")]
+    assert sorted(stats.second_moments) == sorted(names)
+    tok, model = BertTokenizerFast.from_pretrained(model_dir), BertModel.from_pretrained(model_dir).eval()
+    for layer in range(2):
+        total, n = torch.zeros(32, 32, dtype=torch.float64), 0
+        with torch.no_grad():
+            for p in PARAGRAPHS:  # one text at a time: no padding
+                x = model(**tok([p], return_tensors="pt"), output_hidden_states=True).hidden_states[layer][0].double()
+                total += x.T @ x
+                n += x.shape[0]
+        assert stats.token_count == n
+        for p in ("query", "key", "value"):
+            got = stats.second_moments[f"encoder.layer.{layer}.attention.self.{p}"]
+            assert float((got - total / n).abs().max()) < 1e-5 * float(total.abs().max() / n)

@@ -1,0 +1,364 @@
+"""Task benefit kept by compressed adapters: the real collection of bench/real_collection.
+
+    python bench/bench_real_collection.py run --group grid [--shard I/N]    # issue 10: the settings grid
+    python bench/bench_real_collection.py run --group aware --calibration STATS  # issue 11: activation-aware
+    python bench/bench_real_collection.py report                            # JSON, markdown, PNG
+
+Each setting goes through the CLI exactly as a user runs it (``jdlora compress
+ADAPTERS ... --out STORE``, then ``jdlora export STORE --all``); every exported
+adapter is merged into the base model (all-MiniLM-L6-v2) and its task is
+evaluated with its head on that task's held-out sentences (the first
+``--eval-per-label`` of each label from the task's eval split, the same for
+every setting). Reported per setting: the store's bytes on disk (every file
+of the store directory) against the adapters' safetensors files, the mean and
+max relative squared reconstruction error, and the retained task benefit
+``(acc_compressed - acc_base) / (acc_lora - acc_base)``: per adapter (mean and
+min over the adapters whose LoRA gains at least 5 points on these sentences;
+a smaller gain is a handful of sentences and makes the ratio noise), and pooled (summed
+gains over summed LoRA gains), overall and per family. One torch thread.
+
+Grid: JD-Full and JD-Diag x r in {4, 8, 16, 32} x K in {1, 4, 8}, without the
+settings whose store would hold at least as many values as the adapters
+themselves (no compression; with 32 rank-8 adapters, r = 32 and K = 8 is one
+of them); per-adapter SVD at ranks 1, 2, 4 and 8 (lossless); the error budget
+``--max-rel-error`` 0.1 and 0.3 on JD-Full r = 8 and r = 16 with one cluster.
+Aware: JD-Full r in {8, 16, 32} x K in {1, 4} with ``--calibration``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "real_collection"))
+import minilm  # noqa: E402
+
+ADAPTERS = os.environ.get("JDLORA_REAL_ADAPTERS") or os.path.join(HERE, "real_collection", "adapters")
+RESULTS = os.path.join(HERE, "results")
+RESULTS = os.environ.get("JDLORA_REAL_RESULTS") or RESULTS
+PARTS = os.path.join(RESULTS, "real_collection_parts")
+
+
+def grid_settings() -> list[dict]:
+    """The grid, the settings that say most first (a run cut short still compares them)."""
+    full = [{"method": "full", "rank": r, "clusters": k} for k in (1, 4, 8) for r in (4, 8, 16, 32)]
+    diag = [{"method": "diag", "rank": r, "clusters": k} for k in (1, 4, 8) for r in (4, 8, 16, 32)]
+    svd = [{"method": "svd", "rank": r, "clusters": 1} for r in (1, 2, 4, 8)]
+    budget = [{"method": "full", "rank": r, "clusters": 1, "max_rel_error": e} for r in (16, 8) for e in (0.1, 0.3)]
+    return svd[:3] + full[:4] + budget[:2] + full[4:] + diag + budget[2:] + svd[3:]
+
+
+def aware_settings(stats: str) -> list[dict]:
+    return [{"method": "full", "rank": r, "clusters": k, "calibration": stats} for r in (8, 16, 32) for k in (1, 4)]
+
+
+def label(s: dict) -> str:
+    if s["method"] in ("base", "lora"):
+        return s["method"]
+    name = f"svd r={s['rank']}" if s["method"] == "svd" else f"JD-{s['method'].capitalize()} r={s['rank']} K={s['clusters']}"
+    if s.get("max_rel_error") is not None:
+        name += f" E={s['max_rel_error']:g}"
+    if s.get("calibration"):
+        name += " aware"
+    return name
+
+
+def stored_values(s: dict, n: int, modules: list[tuple[int, int, int]]) -> int:
+    """Values a JD store holds (bases and cores), to skip settings that compress nothing."""
+    core = s["rank"] ** 2 if s["method"] == "full" else s["rank"]
+    return sum(s["clusters"] * s["rank"] * (d_out + d_in) + n * core for d_out, d_in, _ in modules)
+
+
+class Collection:
+    """The committed adapters, their heads, tasks and eval sentences, and the base model."""
+
+    def __init__(self, per_label: int):
+        from jdlora_ops.peft_io import find_adapter_dirs, read_peft_adapter
+        from safetensors.torch import load_file
+
+        self.paths, _ = find_adapter_dirs([ADAPTERS])
+        self.tasks, self.heads = {}, {}
+        for p in self.paths:
+            name = os.path.basename(p)
+            with open(os.path.join(p, "task.json"), encoding="utf-8") as fh:
+                task = json.load(fh)
+            keep = [i for i, y in enumerate(task["eval_labels"]) if task["eval_labels"][:i].count(y) < per_label]
+            task["eval_texts"] = [task["eval_texts"][i] for i in keep]
+            task["eval_labels"] = torch.tensor([task["eval_labels"][i] for i in keep])
+            self.tasks[name] = task
+            w = load_file(os.path.join(p, minilm.HEAD_FILE))
+            head = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
+            head.weight.data.copy_(w["weight"])
+            head.bias.data.copy_(w["bias"])
+            self.heads[name] = head.requires_grad_(False)
+        first = read_peft_adapter(self.paths[0])
+        self.modules = [(e.d_out, e.d_in, e.rank) for e in first.modules.values()]
+        self.bytes = sum(os.path.getsize(os.path.join(p, "adapter_model.safetensors")) for p in self.paths)
+        self.model, self.tok = minilm.load_base()
+
+    def accuracy(self, name: str, factors: dict | None) -> float:
+        task = self.tasks[name]
+        with minilm.MergedAdapter(self.model, factors or {}):
+            return minilm.accuracy(self.model, self.tok, self.heads[name], task["eval_texts"], task["eval_labels"])
+
+
+def read_factors(path: str) -> dict:
+    from jdlora_ops.peft_io import read_peft_adapter
+
+    ad = read_peft_adapter(path)
+    return {m: ad.load(m) for m in ad.modules}
+
+
+def jdlora(*argv: str) -> str:
+    """Run the ``jdlora`` CLI in this process; returns what it printed."""
+    from jdlora_ops.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main([str(a) for a in argv])
+    if rc:
+        raise RuntimeError(f"jdlora {' '.join(map(str, argv))} failed ({rc}): {buf.getvalue()}")
+    return buf.getvalue()
+
+
+def run_setting(col: Collection, s: dict, work: str) -> dict:
+    from jdlora_ops.store import load_store
+
+    row = {"setting": label(s), **{k: v for k, v in s.items() if k != "max_rel_error"},
+           "budget": s.get("max_rel_error")}  # max_rel_error below is the measured one
+    t0 = time.time()
+    if s["method"] in ("base", "lora"):
+        factors = {n: (read_factors(p) if s["method"] == "lora" else None) for n, p in zip(col.tasks, col.paths)}
+        row.update(bytes=col.bytes if s["method"] == "lora" else 0, mean_rel_error=0.0, max_rel_error=0.0)
+    else:
+        store, exported = os.path.join(work, "store"), os.path.join(work, "exported")
+        shutil.rmtree(work, ignore_errors=True)
+        cmd = ["compress", ADAPTERS, "--rank", s["rank"], "--clusters", s["clusters"], "--method", s["method"],
+               "--out", store, "--threads", 1, "--quiet", "--seed", 0]
+        if s.get("max_rel_error") is not None:
+            cmd += ["--max-rel-error", s["max_rel_error"]]
+        if s.get("calibration"):
+            cmd += ["--calibration", s["calibration"]]
+        row["cli"] = "jdlora " + " ".join(map(str, cmd))
+        row["cli_output"] = jdlora(*cmd).strip()
+        row["compress_seconds"] = round(time.time() - t0, 1)
+        jdlora("export", store, "--all", "--out-dir", exported)
+        summary = load_store(store).summary()
+        row.update(bytes=sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)), **summary)
+        factors = {n: read_factors(os.path.join(exported, n)) for n in col.tasks}
+    row["accuracy"] = {n: col.accuracy(n, f) for n, f in factors.items()}
+    row["bytes_ratio"] = row["bytes"] / col.bytes
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def cmd_run(args) -> None:
+    torch.set_num_threads(1)
+    col = Collection(args.eval_per_label)
+    settings = [{"method": "base"}, {"method": "lora"}] if args.group == "grid" else []
+    if args.group == "grid":
+        n = len(col.paths)
+        original = sum(n * r * (d_out + d_in) for d_out, d_in, r in col.modules)
+        for s in grid_settings():
+            if s["method"] in ("full", "diag") and stored_values(s, n, col.modules) >= original:
+                print(f"skip {label(s)}: the store would hold {stored_values(s, n, col.modules)} values, the adapters "
+                      f"{original} (no compression)")
+                continue
+            settings.append(s)
+    else:
+        if not args.calibration or not os.path.isdir(args.calibration):
+            raise SystemExit("--group aware needs --calibration STATS (a directory written by 'jdlora calibrate')")
+        settings = aware_settings(os.path.abspath(args.calibration))
+    i, n_shard = map(int, args.shard.split("/"))
+    os.makedirs(PARTS, exist_ok=True)
+    done = {r["setting"] for r in load_rows() if r["group"] == args.group}
+    settings = [s for s in settings if label(s) not in done]
+    out = os.path.join(PARTS, f"{args.group}_{i}of{n_shard}.jsonl")
+    with open(out, "a", encoding="utf-8") as fh, tempfile.TemporaryDirectory() as work:  # resumes a cut run
+        for k, s in enumerate(settings):
+            if k % n_shard != i:
+                continue
+            row = run_setting(col, s, os.path.join(work, "setting"))
+            row["group"] = args.group
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            acc = sum(row["accuracy"].values()) / len(row["accuracy"])
+            print(f"{row['setting']:28s} bytes x{row['bytes_ratio']:.3f} error mean {row['mean_rel_error']:.3f} "
+                  f"max {row['max_rel_error']:.3f} mean accuracy {acc:.4f} ({row['seconds']} s)", flush=True)
+    print(f"-> {out}")
+
+
+# ------------------------------------------------------------------ report
+MIN_GAIN = 0.05  # per-adapter ratios only for adapters whose LoRA gains this much accuracy on the eval sentences
+
+
+def retained(row: dict, base: dict, lora: dict, tasks: dict) -> dict:
+    gains = {n: lora[n] - base[n] for n in base}
+    per = {n: (row["accuracy"][n] - base[n]) / g for n, g in gains.items() if g >= MIN_GAIN}
+    fams: dict = {}
+    for n in base:
+        f = fams.setdefault(tasks[n]["family"], [0.0, 0.0])
+        f[0] += row["accuracy"][n] - base[n]
+        f[1] += gains[n]
+    pooled = sum(row["accuracy"][n] - base[n] for n in base) / sum(gains.values())
+    return {"pooled": pooled, "mean": sum(per.values()) / len(per), "min": min(per.values()),
+            "adapters_with_gain": len(per), "per_family": {f: a / b for f, (a, b) in sorted(fams.items()) if b > 0}}
+
+
+def budget_of(row: dict) -> float | None:
+    """The setting's --max-rel-error (from its label: in a row, max_rel_error is the measured maximum)."""
+    return float(row["setting"].split("E=")[1].split()[0]) if "E=" in row["setting"] else None
+
+
+def load_rows() -> list[dict]:
+    rows = []
+    for f in sorted(os.listdir(PARTS)):
+        with open(os.path.join(PARTS, f), encoding="utf-8") as fh:
+            rows += [json.loads(line) for line in fh if line.strip()]
+    return rows
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "cpu")
+    except OSError:
+        return platform.processor() or "cpu"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def md_table(rows: list[dict], families: list[str]) -> str:
+    head = ["setting", "store bytes", "x original", "rel. error mean", "max", "retained pooled", "mean", "min",
+            *families]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        t = r["retained"]
+        lines.append("| " + " | ".join([
+            r["setting"], f"{r['bytes']:,}", f"{r['bytes_ratio']:.3f}", f"{r['mean_rel_error']:.3f}",
+            f"{r['max_rel_error']:.3f}", f"{t['pooled']:.2f}", f"{t['mean']:.2f}", f"{t['min']:.2f}",
+            *[f"{t['per_family'].get(f, float('nan')):.2f}" for f in families]]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str, groups) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, pick, style in groups:
+        sel = sorted((r for r in rows if pick(r)), key=lambda r: r["bytes_ratio"])
+        if sel:
+            ax.plot([r["bytes_ratio"] for r in sel], [r["retained"]["pooled"] for r in sel], style, label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("store bytes / original adapter bytes")
+    ax.set_ylabel("retained task benefit (pooled over adapters)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_report(args) -> None:
+    rows = load_rows()
+    by = {r["setting"]: r for r in rows}
+    if "base" not in by or "lora" not in by:
+        raise SystemExit(f"{PARTS}: no base/lora rows; run '--group grid' first")
+    col_tasks = {}
+    for n in by["base"]["accuracy"]:
+        with open(os.path.join(ADAPTERS, n, "task.json"), encoding="utf-8") as fh:
+            col_tasks[n] = {"family": json.load(fh)["family"]}
+    base, lora = by["base"]["accuracy"], by["lora"]["accuracy"]
+    for r in rows:
+        r["retained"] = retained(r, base, lora, col_tasks)
+    families = sorted({t["family"] for t in col_tasks.values()})
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores",
+        "threads": 1, "torch": torch.__version__, "adapters": len(base), "eval_per_label": args.eval_per_label,
+        "base_accuracy_mean": round(sum(base.values()) / len(base), 4),
+        "lora_accuracy_mean": round(sum(lora.values()) / len(lora), 4),
+        "original_bytes": by["lora"]["bytes"],
+        "per_adapter_stats_over": f"{by['lora']['retained']['adapters_with_gain']} adapters with a LoRA gain >= "
+                                  f"{MIN_GAIN} on the eval sentences",
+        "lora_gain_per_family": {f: round(sum(lora[n] - base[n] for n in base if col_tasks[n]["family"] == f)
+                                 / sum(col_tasks[n]["family"] == f for n in base), 4)
+                                 for f in sorted({t["family"] for t in col_tasks.values()})},
+    }
+    for group, stem in (("grid", "real_collection"), ("aware", "real_collection_aware")):
+        order = ("base", "lora", "svd", "full", "diag")
+        sel = sorted((r for r in rows if r["group"] == group),
+                     key=lambda r: (order.index(r["method"]), budget_of(r) is not None,
+                                    r.get("clusters", 0), r.get("rank", 0), budget_of(r) or 0))
+        if not sel:
+            continue
+        if group == "aware":
+            plain = {r["setting"]: r for r in rows if r["group"] == "grid"}
+            sel = [x for r in sel for x in (plain.get(r["setting"].removesuffix(" aware")), r) if x]
+        meta_g = {**meta, "command": f"python bench/bench_real_collection.py run --group {group}"
+                  + (" --calibration STATS" if group == "aware" else "") + " && python bench/bench_real_collection.py report"}
+        with open(os.path.join(RESULTS, stem + ".json"), "w", encoding="utf-8") as fh:
+            json.dump({"meta": meta_g, "rows": sel}, fh, indent=1)
+        with open(os.path.join(RESULTS, stem + ".md"), "w", encoding="utf-8") as fh:
+            fh.write(f"# {stem}\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta_g.items()) + "\n\n"
+                     + md_table(sel, families) + "\n")
+        if group == "grid":
+            groups = [(f"JD-Full K={k}", lambda r, k=k: r["method"] == "full" and r["clusters"] == k
+                       and budget_of(r) is None, style) for k, style in ((1, "o-"), (4, "s-"), (8, "^-"))]
+            groups += [(f"JD-Diag K={k}", lambda r, k=k: r["method"] == "diag" and r["clusters"] == k, style)
+                       for k, style in ((1, "o--"), (4, "s--"), (8, "^--"))]
+            groups += [("per-adapter SVD r=1,2,4,8", lambda r: r["method"] == "svd", "kD-"),
+                       ("JD-Full K=1 + error budget", lambda r: budget_of(r) is not None, "r*")]
+            title = f"{len(base)} MiniLM LoRA adapters (r=8, q/k/v): retained benefit vs bytes"
+        else:
+            groups = [(f"{kind} K={k}", lambda r, k=k, a=aw: r["clusters"] == k and bool(r.get("calibration")) == a, st)
+                      for k in (1, 4) for kind, aw, st in (("plain", False, "o-" if k == 1 else "s-"),
+                                                           ("activation-aware", True, "o--" if k == 1 else "s--"))]
+            title = "JD-Full r=8,16,32: plain vs activation-aware (equal bytes per pair)"
+        plot(sel, os.path.join(RESULTS, stem + ".png"), title, groups)
+        print(md_table(sel, families))
+        print(f"-> {os.path.join(RESULTS, stem)}.json/.md/.png")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="compress, export and evaluate the settings of a group")
+    r.add_argument("--group", choices=["grid", "aware"], default="grid")
+    r.add_argument("--calibration", default=None, metavar="STATS", help="stats of 'jdlora calibrate' (group aware)")
+    r.add_argument("--shard", default="0/1", help="I/N: run every N-th setting from the I-th (N processes at once)")
+    r.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="merge the runs into JSON, markdown and PNG under bench/results")
+    rep.set_defaults(func=cmd_report)
+    for sp in (r, rep):
+        sp.add_argument("--eval-per-label", type=int, default=20, help="eval sentences per label and task")
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
