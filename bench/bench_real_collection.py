@@ -152,7 +152,10 @@ def run_setting(col: Collection, s: dict, work: str) -> dict:
             cmd += ["--max-rel-error", s["max_rel_error"]]
         if s.get("calibration"):
             cmd += ["--calibration", s["calibration"]]
-        row["cli"] = "jdlora " + " ".join(map(str, cmd))
+        # Recorded as a user would type it: paths relative to the repository, the temporary store as STORE.
+        shown = [os.path.relpath(str(a), os.path.dirname(HERE)) if str(a) == ADAPTERS
+                 else "STORE" if a == store else a for a in cmd]
+        row["cli"] = "jdlora " + " ".join(map(str, shown))
         row["cli_output"] = jdlora(*cmd).strip()
         row["compress_seconds"] = round(time.time() - t0, 1)
         jdlora("export", store, "--all", "--out-dir", exported)
