@@ -134,26 +134,28 @@ size_t simple_expand_shared_bytes(int r) { return sizeof(float) * kMaxTileTokens
 
 size_t simple_fused_shared_bytes(int r) { return sizeof(float) * 2 * kMaxTileTokens * static_cast<size_t>(r); }
 
-size_t build_batch_meta_shared_limit() {
-  return max_dynamic_shared(device_info(), kernel_info(reinterpret_cast<const void*>(build_batch_meta_kernel)));
-}
-
 namespace {
+KernelInfo batch_meta_kernel_info() { return kernel_info(reinterpret_cast<const void*>(build_batch_meta_kernel)); }
+
 // The block-wide placement where its table fits the device, else the
 // one-warp walk: decided by A, C and the device, never by the batch.
-bool batch_meta_parallel(const BatchMetaParams& p) {
-  return batch_meta_smem_bytes(p.num_adapters, p.num_clusters, true) <= build_batch_meta_shared_limit();
+bool batch_meta_parallel(const BatchMetaParams& p, const KernelInfo& k) {
+  return batch_meta_smem_bytes(p.num_adapters, p.num_clusters, true) <= max_dynamic_shared(device_info(), k);
 }
 }  // namespace
 
+size_t build_batch_meta_shared_limit() { return max_dynamic_shared(device_info(), batch_meta_kernel_info()); }
+
 size_t build_batch_meta_shared_bytes(const BatchMetaParams& p) {
-  return batch_meta_smem_bytes(p.num_adapters, p.num_clusters, batch_meta_parallel(p));
+  return batch_meta_smem_bytes(p.num_adapters, p.num_clusters, batch_meta_parallel(p, batch_meta_kernel_info()));
 }
 
 cudaError_t build_batch_meta_cuda(const BatchMetaParams& p, cudaStream_t stream) {
-  const bool parallel = batch_meta_parallel(p);
+  // One attribute query per call serves both the placement choice and the launch.
+  const KernelInfo k = batch_meta_kernel_info();
+  const bool parallel = batch_meta_parallel(p, k);
   const size_t smem = batch_meta_smem_bytes(p.num_adapters, p.num_clusters, parallel);
-  return launch_kernel(build_batch_meta_kernel, shape(1, 1, kMetaThreads, smem), stream, p, parallel);
+  return launch_kernel(build_batch_meta_kernel, k, shape(1, 1, kMetaThreads, smem), stream, p, parallel);
 }
 
 cudaError_t jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
@@ -161,9 +163,11 @@ cudaError_t jd_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stre
   return shrink(p, dtype, stream);
 }
 
+// lora_shrink_params differs from jd_shrink_params only in what indexes the
+// stacks (adapter slots, not clusters) and in the per-slot scales, both
+// carried by ShrinkParams: the same kernels serve both.
 cudaError_t lora_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
-  if (!kSimpleOnly && tc_shrink_cuda(p, dtype, stream)) return cudaSuccess;
-  return shrink(p, dtype, stream);
+  return jd_shrink_cuda(p, dtype, stream);
 }
 
 cudaError_t jd_core_cuda(const CoreParams& p, DType dtype, cudaStream_t stream) {
@@ -192,9 +196,9 @@ cudaError_t jd_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stre
   return expand(p, dtype, stream);
 }
 
+// As for shrink: ExpandParams carries what tells lora_expand from jd_expand.
 cudaError_t lora_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
-  if (!kSimpleOnly && tc_expand_cuda(p, dtype, stream)) return cudaSuccess;
-  return expand(p, dtype, stream);
+  return jd_expand_cuda(p, dtype, stream);
 }
 
 cudaError_t jd_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
