@@ -101,7 +101,9 @@ class BatchPlan:
         # update is added to y in y's dtype; the ops never cast.
         td = self.cache.dtype
         xs = x if x.dtype == td else x.to(td)
-        out = y if y.dtype == td else torch.zeros(y.shape, dtype=td, device=y.device)
+        # Filled with -0.0, not 0.0: y + (-0.0) is y bit for bit (y = -0.0 included),
+        # so rows that no adapter touches come back exactly as the base layer left them.
+        out = y if y.dtype == td else torch.full(y.shape, -0.0, dtype=td, device=y.device)
         if self.has_compressed:
             jd_fused(xs, [t.V for t in tabs], [t.S for t in tabs], [t.U for t in tabs], self.meta, out, slice_offsets)
         if self.has_uncompressed:
