@@ -189,3 +189,57 @@ def test_overlapping_slices_are_refused(case):
     U2 = t["U"][:, :10]
     expect_error(lambda: call("jd_expand", b, t, U=[U2, U2], offsets=[0, 5], h=t["h"].expand(2, -1, -1)), b, t,
                  "slices 0 and 1 write overlapping columns [0, 10) and [5, 15)")
+
+
+# The most tokens one call takes (params.h kMaxTokens): the kernels' int32
+# token loops step by up to a block past the last token.
+MAX_TOKENS = 2**31 - 2**16
+
+
+@pytest.mark.parametrize("op", ["jd_shrink", "lora_shrink", "jd_core", "jd_expand", "lora_expand", "jd_fused",
+                                "build_batch_meta"])
+def test_too_many_tokens_are_refused_first(case, op):
+    """A batch one token over the cap is refused before anything reads or
+    sizes by its token count (the tensors are stride-0 views: no memory)."""
+    b, t = case
+    big = MAX_TOKENS + 1
+    if op == "build_batch_meta":
+        m = b.meta
+        mapping = m.token_lora_mapping[:1].expand(big)
+        fn = lambda: torch.ops.jdlora_ops.build_batch_meta(  # noqa: E731
+            mapping, b.adapter_cluster, m.token_indices_sorted, m.active_cluster_ids, m.num_tokens_per_cluster,
+            m.cluster_token_start, m.active_lora_ids, m.num_tokens_per_lora, m.lora_token_start_loc,
+            m.no_lora_flag)
+    else:
+        over = {
+            "jd_shrink": dict(x=t["x"][:1].expand(big, D)),
+            "lora_shrink": dict(x=t["x"][:1].expand(big, D)),
+            "jd_fused": dict(x=t["x"][:1].expand(big, D)),
+            "jd_core": dict(h=t["h"][:, :1].expand(1, big, R_)),
+            "jd_expand": dict(y=t["y"][:1].expand(big, D)),
+            "lora_expand": dict(y=t["y"][:1].expand(big, D)),
+        }[op]
+        fn = lambda: call(op, b, t, **over)  # noqa: E731
+    expect_error(fn, b, t, op, f"num_tokens = {big}", f"exceeds the most one call takes, {MAX_TOKENS}")
+
+
+def _overlapping(base, shape, strides):
+    return torch.as_strided(base, shape, strides)
+
+
+@pytest.mark.parametrize("op,arg,make", [
+    ("jd_expand", "y", lambda t: t["y"][:1].expand(T, D)),
+    ("lora_expand", "y", lambda t: t["y"][:1].expand(T, D)),
+    ("jd_fused", "y", lambda t: _overlapping(t["y"], (T, D), (D // 2, 1))),
+    ("jd_shrink", "out", lambda t: t["h"][:, :1].expand(1, T, R_)),
+    ("lora_shrink", "out", lambda t: _overlapping(t["h"], (1, T, R_), (T * R_, R_ - 3, 1))),
+    ("jd_core", "out", lambda t: t["h"][:, :1].expand(1, T, R_)),
+], ids=["jd_expand-expanded-y", "lora_expand-expanded-y", "jd_fused-overlapping-rows", "jd_shrink-expanded-h",
+        "lora_shrink-overlapping-h", "jd_core-expanded-g"])
+def test_self_overlapping_outputs_are_refused(case, op, arg, make):
+    """Two indices of an output on one element would race in the kernels'
+    read-modify-writes: such views are refused, naming the output."""
+    b, t = case
+    name = {"out": {"jd_core": "g"}.get(op, "h"), "y": "y"}[arg]
+    expect_error(lambda: call(op, b, t, **{arg: make(t)}), b, t, op,
+                 f"{name} is written in place, so no two of its elements may share memory")

@@ -1002,3 +1002,25 @@ def test_batch_invariant_mode_in_a_cuda_graph():
     graph.replay()  # the mode is off again: the graph keeps its captured kernels
     torch.cuda.synchronize()
     assert_batch_invariant({"eager T=1": want, "graph T=37": probe_bits(out)})
+
+
+# Tenant isolation on the GPU kernels: the CPU suite's property
+# (tests/test_isolation.py) with rows aligned so that fp16/bf16 run the
+# tensor-core kernels, whose 16/64-token windows mix several groups' runs.
+def gpu_isolation_cases():
+    from test_isolation import DECODE_PATTERNS, OP_TARGETS
+    i = 0
+    for op, targets in OP_TARGETS.items():
+        for target in targets:
+            for T in (7, 40, 1061):
+                pattern = DECODE_PATTERNS[i % len(DECODE_PATTERNS)]
+                dtype = DTYPES[i % len(DTYPES)]
+                i += 1
+                yield pytest.param(op, target, pattern, T, dtype, id=f"{op}-{target}-{pattern}-T{T}-{dtype_id(dtype)}")
+
+
+@pytest.mark.parametrize("invariant", [False, True], ids=["default", "batch_invariant"])
+@pytest.mark.parametrize("op,target,pattern,T,dtype", list(gpu_isolation_cases()))
+def test_op_isolation_on_gpu(op, target, pattern, T, dtype, invariant):
+    from test_isolation import op_isolation
+    op_isolation(op, target, pattern, T, 16, dtype, invariant, device=DEV, aligned=True)

@@ -94,8 +94,15 @@ def randn(*shape, gen, dtype=torch.float32, scale=1.0) -> torch.Tensor:
 class Case:
     """One batch and every table any op reads, on the CPU."""
 
-    def __init__(self, pattern: str, T: int, r: int, dtype: torch.dtype, seed: int):
+    def __init__(self, pattern: str, T: int, r: int, dtype: torch.dtype, seed: int, device: str = "cpu",
+                 aligned: bool = False):
         gen = torch.Generator().manual_seed(seed)
+        # Odd sizes and a y one column off by default; aligned rows (d_in and
+        # row strides multiples of 16 bytes) send fp16/bf16 on a GPU to the
+        # tensor-core kernels, whose windows mix the runs of several groups.
+        self.d_in = 128 if aligned else D_IN
+        self.y_lead, self.y_full_cols = (0, 72) if aligned else (1, Y_FULL_COLS)
+        self.device = device
         mapping = token_mapping(pattern, T, A_USED, gen)
         if T > 1:
             # Base-model requests ride along in every pattern, but never all of them.
@@ -109,27 +116,29 @@ class Case:
         self.adapter_cluster = torch.randint(C_USED, (A,), generator=gen, dtype=torch.int32)
         # The previous batch maps every token to the absent adapter, placed in
         # the absent cluster, so the buffers hold its segments until rebuilt.
-        self.meta = jdlora_ops.BatchMeta.allocate(T + STALE_EXTRA, A, C)
+        self.meta = jdlora_ops.BatchMeta.allocate(T + STALE_EXTRA, A, C, device=device)
         stale_cluster = self.adapter_cluster.clone()
         stale_cluster[ABSENT_ADAPTER] = ABSENT_CLUSTER
-        jdlora_ops.build_batch_meta(torch.full((T + STALE_EXTRA,), ABSENT_ADAPTER, dtype=torch.int32),
-                                    stale_cluster, self.meta)
-        jdlora_ops.build_batch_meta(mapping, self.adapter_cluster, self.meta)
+        jdlora_ops.build_batch_meta(torch.full((T + STALE_EXTRA,), ABSENT_ADAPTER, dtype=torch.int32).to(device),
+                                    stale_cluster.to(device), self.meta)
+        jdlora_ops.build_batch_meta(mapping.to(device), self.adapter_cluster.to(device), self.meta)
+        d_in = self.d_in
 
         self.t = {
-            "x": randn(T, D_IN, gen=gen, dtype=dtype),
-            "V": [randn(C, r, D_IN, gen=gen, dtype=dtype, scale=D_IN**-0.5) for _ in WIDTHS],
+            "x": randn(T, d_in, gen=gen, dtype=dtype),
+            "V": [randn(C, r, d_in, gen=gen, dtype=dtype, scale=d_in**-0.5) for _ in WIDTHS],
             "U": [randn(C, w, r, gen=gen, dtype=dtype, scale=r**-0.5) for w in WIDTHS],
             "S": [randn(A, r, r, gen=gen, dtype=dtype, scale=r**-0.5), randn(A, r, gen=gen, dtype=dtype)],
-            "lora_A": [randn(A, r, D_IN, gen=gen, dtype=dtype, scale=D_IN**-0.5) for _ in WIDTHS],
+            "lora_A": [randn(A, r, d_in, gen=gen, dtype=dtype, scale=d_in**-0.5) for _ in WIDTHS],
             "lora_B": [randn(A, w, r, gen=gen, dtype=dtype, scale=r**-0.5) for w in WIDTHS],
             "scales": torch.rand(len(WIDTHS), A, generator=gen) + 0.5,
             "h": randn(len(WIDTHS), T, r, gen=gen),
             "g": randn(len(WIDTHS), T, r, gen=gen),
         }
-        y0 = randn(T, Y_FULL_COLS, gen=gen, dtype=dtype)
+        y0 = randn(T, self.y_full_cols, gen=gen, dtype=dtype)
         y0[:, ::7] = -0.0
-        self.y0 = y0
+        self.y0 = y0.to(device)
+        self.t = {k: [s.to(device) for s in v] if isinstance(v, list) else v.to(device) for k, v in self.t.items()}
 
     @property
     def used(self) -> torch.Tensor:
@@ -148,7 +157,7 @@ class Case:
         meta, T, r = self.meta, self.T, self.r
         if op in IN_PLACE:
             y_full = self.y0.clone()
-            y = y_full[:, 1 : 1 + Y_COLS]
+            y = y_full[:, self.y_lead : self.y_lead + Y_COLS]
             if op == "jd_expand":
                 jdlora_ops.jd_expand(t["g"], t["U"], meta, y, OFFSETS)
             elif op == "jd_fused":
@@ -156,7 +165,7 @@ class Case:
             else:
                 jdlora_ops.lora_expand(t["h"], t["lora_B"], meta, y, OFFSETS)
             return y_full
-        out = torch.full((len(WIDTHS), T, r), math.nan)
+        out = torch.full((len(WIDTHS), T, r), math.nan, device=self.device)
         if op == "jd_shrink":
             jdlora_ops.jd_shrink(t["x"], t["V"], meta, out=out)
         elif op == "jd_core":
@@ -179,13 +188,13 @@ class Case:
         s = pick(len(WIDTHS))
         r = self.r
         if target in ("V", "U"):
-            rows, cols = (r, D_IN) if target == "V" else (WIDTHS[s], r)
+            rows, cols = (r, self.d_in) if target == "V" else (WIDTHS[s], r)
             return [(target, s, (cluster, pick(rows), pick(cols)))], self.token_clusters() == cluster
         if target in ("S_full", "S_diag"):
             idx = (adapter, pick(r), pick(r)) if target == "S_full" else (adapter, pick(r))
             return [("S", 0 if target == "S_full" else 1, idx)], self.mapping == adapter
         if target in ("lora_A", "lora_B"):
-            rows, cols = (r, D_IN) if target == "lora_A" else (WIDTHS[s], r)
+            rows, cols = (r, self.d_in) if target == "lora_A" else (WIDTHS[s], r)
             return [(target, s, (adapter, pick(rows), pick(cols)))], self.mapping == adapter
         if target == "scales":
             return [("scales", None, (s, adapter))], self.mapping == adapter
@@ -194,7 +203,7 @@ class Case:
             # must still come out untouched (or zero).
             none = (~self.used).nonzero().flatten().tolist()
             if target == "x":
-                writes = [("x", None, (t, pick(D_IN))) for t in [t0] + none]
+                writes = [("x", None, (t, pick(self.d_in))) for t in [t0] + none]
             else:
                 writes = [(target, None, (pick(len(WIDTHS)), t, pick(r))) for t in [t0] + none]
             return writes, torch.arange(self.T) == t0
@@ -222,17 +231,17 @@ def differing(a: torch.Tensor, b: torch.Tensor, tokens: torch.Tensor) -> list[in
 
 def check_op(case: Case, op: str, clean: torch.Tensor, dirty: torch.Tensor, affected: torch.Tensor,
              what: str) -> None:
-    cb, db = bits(per_token(clean)), bits(per_token(dirty))
+    cb, db = bits(per_token(clean)).cpu(), bits(per_token(dirty)).cpu()
     bad = differing(cb, db, ~affected)
     assert not bad, f"{what}: tokens {bad[:8]} outside the poisoned group changed"
     none = ~case.used
     if op in IN_PLACE:
-        y0 = bits(case.y0)
+        y0 = bits(case.y0).cpu()
         bad = differing(db, y0, none)
         assert not bad, f"{what}: rows {bad[:8]} of tokens without an adapter were written"
-        outside = torch.ones(Y_FULL_COLS, dtype=torch.bool)
+        outside = torch.ones(case.y_full_cols, dtype=torch.bool)
         for o, w in zip(OFFSETS, WIDTHS):
-            outside[1 + o : 1 + o + w] = False
+            outside[case.y_lead + o : case.y_lead + o + w] = False
         assert torch.equal(db[:, outside], y0[:, outside]), f"{what}: columns outside the slices were written"
     else:
         bad = differing(db, torch.zeros_like(db), none)
@@ -241,8 +250,9 @@ def check_op(case: Case, op: str, clean: torch.Tensor, dirty: torch.Tensor, affe
     assert not missed, f"{what}: poisoned tokens {missed[:8]} did not change (the poison never reached them)"
 
 
-def op_isolation(op: str, target: str, pattern: str, T: int, r: int, dtype: torch.dtype, invariant: bool):
-    case = Case(pattern, T, r, dtype, seed_of(op, target, pattern, T, r, str(dtype)))
+def op_isolation(op: str, target: str, pattern: str, T: int, r: int, dtype: torch.dtype, invariant: bool,
+                 device: str = "cpu", aligned: bool = False):
+    case = Case(pattern, T, r, dtype, seed_of(op, target, pattern, T, r, str(dtype)), device, aligned)
     writes, affected = case.poison_site(target)
     with jdlora_ops.batch_invariant_mode(invariant):
         clean = case.run(op, case.tables())

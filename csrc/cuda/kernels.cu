@@ -151,7 +151,6 @@ size_t build_batch_meta_shared_bytes(const BatchMetaParams& p) {
 }
 
 cudaError_t build_batch_meta_cuda(const BatchMetaParams& p, cudaStream_t stream) {
-  // One attribute query per call serves both the placement choice and the launch.
   const KernelInfo k = batch_meta_kernel_info();
   const bool parallel = batch_meta_parallel(p, k);
   const size_t smem = batch_meta_smem_bytes(p.num_adapters, p.num_clusters, parallel);

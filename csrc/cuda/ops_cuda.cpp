@@ -14,10 +14,11 @@
 namespace jdlora::torch_ext {
 namespace {
 
-// cudaErrorInvalidValue from a launcher: the kernel's shared memory does not
-// fit a block of this device (nothing was launched).
+// kErrorTooMuchSharedMemory from a launcher: the kernel's shared memory does
+// not fit a block of this device (nothing was launched). Any other code is
+// the runtime's and is reported as such.
 void check_launch(const char* op, cudaError_t err, int64_t r) {
-  TORCH_CHECK(err != cudaErrorInvalidValue, op, ": rank ", r,
+  TORCH_CHECK(err != cuda::kErrorTooMuchSharedMemory, op, ": rank ", r,
               " needs more shared memory per block than one block of this device can have;"
               " use a smaller rank");
   C10_CUDA_CHECK(err);
@@ -51,7 +52,7 @@ void build_batch_meta_cuda_impl(const at::Tensor& token_lora_mapping,
   // No early return for an empty batch: the tables and the flag must still be
   // written (all padding, flag true).
   const cudaError_t err = cuda::build_batch_meta_cuda(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err != cudaErrorInvalidValue,
+  TORCH_CHECK(err != cuda::kErrorTooMuchSharedMemory,
               "build_batch_meta: ", p.num_adapters, " adapter slots and ", p.num_clusters,
               " clusters need ", cuda::build_batch_meta_shared_bytes(p),
               " bytes of shared memory, more than the ", cuda::build_batch_meta_shared_limit(),

@@ -2,7 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <sstream>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -89,6 +91,30 @@ void check_num_slices(const char* op, const char* name, size_t n) {
 }
 
 const int32_t* i32(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
+
+// Checked as soon as T is known, before anything else is read or sized by it.
+void check_num_tokens(const char* op, int64_t T, const char* source) {
+  TORCH_CHECK(T <= kMaxTokens, op, ": num_tokens = ", T, " (", source, ") exceeds the most one call takes, ",
+              kMaxTokens, " (2^31 - 2^16, so that int32 token loops cannot overflow); split the batch");
+}
+
+// An output written in place must not have two indices on one element: the
+// kernels' read-modify-writes of the two would race (an expanded or
+// otherwise self-overlapping view). Dimensions sorted by stride, each
+// stride must step past everything the smaller ones span.
+void check_no_self_overlap(const char* op, const char* name, const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of dimensions with size > 1
+  for (int64_t i = 0; i < t.dim(); ++i)
+    if (t.size(i) > 1) dims.emplace_back(t.stride(i), t.size(i));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;  // elements covered by the dimensions so far
+  for (const auto& [stride, size] : dims) {
+    TORCH_CHECK(stride >= span, op, ": ", name, " is written in place, so no two of its elements may share memory;"
+                " its strides ", shape_str(t.strides()), " for shape ", shape_str(t.sizes()),
+                " make some overlap (a stride of ", stride, " where at least ", span, " is needed)");
+    span = stride * (size - 1) + span;
+  }
+}
 
 int32_t to_i32(const char* op, const char* what, int64_t v) {
   TORCH_CHECK(v <= INT32_MAX, op, ": ", what, " = ", v, " exceeds the int32 range of the metadata");
@@ -247,6 +273,7 @@ BatchMetaParams batch_meta_params(const at::Tensor& token_lora_mapping,
   const auto dev = token_lora_mapping.device();
   const char* ref = "token_lora_mapping";
   const int64_t T = token_lora_mapping.size(0);
+  check_num_tokens(op, T, "length of token_lora_mapping");
   m.index_vector(T, "[num_tokens]", dev, ref);
   Arg ac{op, "adapter_cluster", adapter_cluster};
   ac.defined();
@@ -297,6 +324,7 @@ ShrinkParams shrink_params(const char* op, const at::Tensor& x, at::TensorList W
                            const char* ids_name, const char* start_name, const at::Tensor& h) {
   check_activation(op, "x", x, -1, "[num_tokens, d_in]");
   const int64_t T = x.size(0);
+  check_num_tokens(op, T, "rows of x");
   const int64_t d_in = x.size(1);
   ShrinkParams p{};
   p.seg = segments(op, sorted, ids, start, ids_name, start_name, T, x.device(), "x");
@@ -309,6 +337,7 @@ ShrinkParams shrink_params(const char* op, const at::Tensor& x, at::TensorList W
                               ", r from " + w_name + "[0], d_in from x)";
   check_stacks(op, w_name, W, p.seg.capacity, r, d_in, x, "x", meaning.c_str());
   check_intermediate(op, "h", h, static_cast<int64_t>(W.size()), T, r, x.device(), "x");
+  check_no_self_overlap(op, "h", h);
   p.x = activation(x);
   p.weights = stack_list(W);
   p.h = intermediate(h);
@@ -321,6 +350,8 @@ ExpandParams expand_params(const char* op, const at::Tensor& g, const char* g_na
                            const char* ids_name, const char* start_name, const at::Tensor& y) {
   check_activation(op, "y", y, -1, "[num_tokens, d_out_total]");
   const int64_t T = y.size(0);
+  check_num_tokens(op, T, "rows of y");
+  check_no_self_overlap(op, "y", y);
   ExpandParams p{};
   p.seg = segments(op, sorted, ids, start, ids_name, start_name, T, y.device(), "y");
   check_num_slices(op, w_name, W.size());
@@ -376,6 +407,7 @@ CoreParams jd_core_params(const at::Tensor& h, at::TensorList S_stacks,
   TORCH_CHECK(h.dim() == 3, op, ": h must be 3-D [num_slices, num_tokens, r], got shape ",
               shape_str(h.sizes()));
   const int64_t S = h.size(0), T = h.size(1), r = h.size(2);
+  check_num_tokens(op, T, "h.size(1)");
   check_intermediate(op, "h", h, S, T, r, h.device(), "h");
   TORCH_CHECK(static_cast<int64_t>(S_stacks.size()) == S, op,
               ": S_stacks must hold one tensor per slice of h (", S, "), got ", S_stacks.size());
@@ -386,6 +418,7 @@ CoreParams jd_core_params(const at::Tensor& h, at::TensorList S_stacks,
   Arg{op, "S_stacks[0]", S_stacks[0]}.device(h.device(), "h");
   Arg{op, "token_lora_mapping", token_lora_mapping}.index_vector(T, "[num_tokens] (from h)", h.device(), "h");
   check_intermediate(op, "g", g, S, T, r, h.device(), "h");
+  check_no_self_overlap(op, "g", g);
   CoreParams p{};
   p.h = intermediate(h);
   p.g = intermediate(g);
@@ -425,6 +458,7 @@ FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
   constexpr const char* op = "jd_fused";
   check_activation(op, "x", x, -1, "[num_tokens, d_in]");
   const int64_t T = x.size(0);
+  check_num_tokens(op, T, "rows of x");
   const int64_t d_in = x.size(1);
   FusedParams p{};
   p.seg = segments(op, token_indices_sorted, active_cluster_ids, cluster_token_start,
@@ -449,6 +483,7 @@ FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
   Arg{op, "y", y}.device(x.device(), "x");
   TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have the dtype of x (",
               x.scalar_type(), "), got ", y.scalar_type());
+  check_no_self_overlap(op, "y", y);
   p.x = activation(x);
   p.shrink = stack_list(V_stacks);
   p.core = stack_list(S_stacks);

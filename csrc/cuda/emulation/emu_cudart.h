@@ -14,6 +14,13 @@
 //     size they divide (cudaErrorInvalidConfiguration here; the real runtime
 //     reports some of these with other codes);
 //   * an image compiled below sm_90 traps on cl > 1 (tc_hw_emu.h).
+// The runtime is thread-safe as the real one is (one lock around every call
+// and every launch; launches run one after another), so that host threads
+// can race on the library's launch path. A test can run code right after an
+// opt-in has been set (after_set_attribute, called without the lock held) to
+// place another thread's call between a launcher's opt-in and its launch.
+// The current device and the last error are per process here, not per host
+// thread: the multi-threaded checks use one device.
 // A kernel's static bytes are not known to the host compiler: the driver
 // registers them (register_kernel), mirroring the kernels' __shared__
 // declarations; launching an unregistered kernel aborts.
@@ -23,7 +30,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <map>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -54,6 +63,9 @@ struct Runtime {
   std::map<const void*, size_t> static_bytes;
   std::map<std::pair<int, const void*>, size_t> max_dynamic;  // raised limits, per device
   std::vector<LaunchRecord> launches;
+  std::map<std::pair<int, const void*>, int> attribute_queries;  // cudaFuncGetAttributes calls, per device
+  std::function<void()> after_set_attribute;
+  std::mutex mutex;
 };
 
 inline Runtime& rt() {
@@ -92,6 +104,7 @@ inline cudaError_t fail(cudaError_t e) {
 // Validates a launch like the runtime, then runs every block (every cluster
 // of cl blocks) of the grid, one after the other.
 inline cudaError_t launch_grid(const cudaLaunchConfig_t& cfg, const void* kernel, const std::function<void()>& body) {
+  const std::lock_guard<std::mutex> lock(rt().mutex);
   const DeviceModel& d = rt().devices.at(rt().current);
   int cl = 1;
   for (unsigned i = 0; i < cfg.numAttrs; ++i)

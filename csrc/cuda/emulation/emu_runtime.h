@@ -33,6 +33,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <random>
 #include <vector>
@@ -89,10 +90,22 @@ struct WarpExchange {
 struct RunStats {
   long block_barriers = 0;                   // of block 0
   std::vector<long> warp_collectives;        // per warp of block 0: votes, shuffles, matches, __syncwarp
+  std::map<const void*, long> atomics;      // of block 0, per address
   long max_warp_collectives() const {
     long m = 0;
     for (long v : warp_collectives) m = v > m ? v : m;
     return m;
+  }
+  // Atomics on one address serialise: the busiest address bounds their cost.
+  long max_atomics_one_address() const {
+    long m = 0;
+    for (const auto& [addr, n] : atomics) m = n > m ? n : m;
+    return m;
+  }
+  long total_atomics() const {
+    long t = 0;
+    for (const auto& [addr, n] : atomics) t += n;
+    return t;
   }
 };
 
@@ -324,19 +337,62 @@ inline unsigned __match_any_sync(unsigned, int v) {
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __clz(unsigned v) { return v == 0 ? 32 : __builtin_clz(v); }
 
+namespace emu {
+
+struct GlobalBuffer {
+  const unsigned char* begin;
+  size_t bytes;
+};
+
+// Global buffers the kernels may read (emu_harness.h's Buf registers each);
+// an asynchronous copy or an __ldg from anywhere else is an out-of-bounds
+// read and aborts the run.
+inline std::vector<GlobalBuffer>& buffers() {
+  static std::vector<GlobalBuffer> b;
+  return b;
+}
+
+inline void check_global(const void* p, size_t n, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  for (const GlobalBuffer& b : buffers())
+    if (c >= b.begin && c + n <= b.begin + b.bytes) return;
+  std::fprintf(stderr, "emulation: %s of %zu bytes at %p is outside every global buffer\n", what, n, p);
+  std::abort();
+}
+
+}  // namespace emu
+
+// A read-only global load: inside a registered buffer, and aligned to its
+// size (up to 16 bytes) as the device requires of a vector load; a
+// misaligned one would fault on a GPU and aborts here.
 template <typename V>
 inline V __ldg(const V* p) {
+  constexpr size_t align = sizeof(V) < 16 ? sizeof(V) : 16;
+  if (reinterpret_cast<uintptr_t>(p) % align != 0) {
+    std::fprintf(stderr, "emulation: __ldg of %zu bytes at %p is not %zu-byte aligned\n", sizeof(V),
+                 static_cast<const void*>(p), align);
+    std::abort();
+  }
+  emu::check_global(p, sizeof(V), "__ldg");
   return *p;
 }
 
+namespace emu {
+inline void count_atomic(const void* p) {
+  if (cur().block == 0) ++m().stats.atomics[p];
+}
+}  // namespace emu
+
 // Fibers switch only at barriers, so a read-modify-write is atomic.
 inline int atomicAdd(int* p, int v) {
+  emu::count_atomic(p);
   const int old = *p;
   *p = old + v;
   return old;
 }
 
 inline unsigned atomicMax(unsigned* p, unsigned v) {
+  emu::count_atomic(p);
   const unsigned old = *p;
   *p = old > v ? old : v;
   return old;

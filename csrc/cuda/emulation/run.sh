@@ -19,7 +19,7 @@ for a in "$@"; do
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
-CXX=(g++ -std=c++20 -O1 -g -Wall -Wno-unknown-pragmas -Wno-attributes -Wno-class-memaccess
+CXX=(g++ -std=c++20 -O1 -g -pthread -Wall -Wno-unknown-pragmas -Wno-attributes -Wno-class-memaccess
      -Icsrc/cuda/emulation -Icsrc/include -I"$CUDA_INC")
 EMU_DEFS=(-DJDLORA_TC_HW_HEADER='"tc_hw_emu.h"' -DJDLORA_LAUNCH_ENQUEUE_HEADER='"emu_launch.h"')
 pids=()
@@ -35,7 +35,7 @@ if [[ " $WHICH " == *" launch "* ]]; then
 fi
 for p in "${pids[@]}"; do wait "$p"; done
 if [[ " $WHICH " == *" launch "* ]]; then
-  g++ "$OUT/launch_emulation.o" "$OUT/tc_kernels.o" "$OUT/emu_cudart.o" -o "$OUT/launch_emulation"
+  g++ -pthread "$OUT/launch_emulation.o" "$OUT/tc_kernels.o" "$OUT/emu_cudart.o" -o "$OUT/launch_emulation"
 fi
 rc=0
 for w in $WHICH; do

@@ -6,26 +6,6 @@
 
 namespace emu {
 
-struct GlobalBuffer {
-  const unsigned char* begin;
-  size_t bytes;
-};
-
-// Global buffers the asynchronous copies may read; a copy from anywhere else
-// is an out-of-bounds read and aborts the run.
-inline std::vector<GlobalBuffer>& buffers() {
-  static std::vector<GlobalBuffer> b;
-  return b;
-}
-
-inline void check_global(const void* p, size_t n, const char* what) {
-  const auto* c = static_cast<const unsigned char*>(p);
-  for (const GlobalBuffer& b : buffers())
-    if (c >= b.begin && c + n <= b.begin + b.bytes) return;
-  std::fprintf(stderr, "emulation: %s of %zu bytes at %p is outside every global buffer\n", what, n, p);
-  std::abort();
-}
-
 inline unsigned char* block_smem(int block) {
   auto& v = m().smem[block];
   auto addr = reinterpret_cast<uintptr_t>(v.data());

@@ -14,6 +14,11 @@ namespace jdlora {
 // passed by value to a CUDA kernel without a device allocation.
 inline constexpr int kMaxSlices = 8;
 
+// Most tokens one call takes. Kernels step through tokens in int32 by up to
+// 1024 (a block) or a tile at a time; this keeps every such step below
+// INT32_MAX with room to spare.
+inline constexpr int64_t kMaxTokens = (int64_t{1} << 31) - (int64_t{1} << 16);
+
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Tokens grouped into contiguous segments of a sorted order: clusters for the

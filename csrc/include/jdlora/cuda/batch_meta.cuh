@@ -12,12 +12,17 @@
 // Where the 32 KiB table does not fit beside the counters (A + C above about
 // 16700 on an A100, 24900 on an H200) one warp walks each round instead.
 //
+// Tokens are counted per warp (warp_count): a single-adapter prefill would
+// otherwise queue one atomic per token on one shared address.
+//
 // Cost at T = 65536, A + C = 20000 (host emulation's counts and cost model,
-// csrc/cuda/emulation/launch_emulation.cpp; bench/results/batch_meta_model.json):
-// the earlier version walked both placements with one warp, 10914 collective
-// steps and 203 barriers, about 148 us; this one needs 3 barriers and one
-// match per round of 1024 keys: 314 steps and 328 barriers, about 20 us (a
-// model estimate, not a measurement).
+// csrc/cuda/emulation/launch_emulation.cpp; bench/results/batch_meta_model.json;
+// model estimates, not measurements): the earlier one-warp walk took 10914
+// collective steps and 203 barriers, about 148 us (atomics not counted);
+// the block-wide placement needs 3 barriers and one match per round of 1024
+// keys. With one atomic per token it modelled at 61.5 us (zipf) and 285 us
+// (one adapter: 65537 atomics on one address); counted per warp, about 31 us
+// for both (462 steps, 328 barriers, at most 2131 atomics on one address).
 #pragma once
 
 #include "jdlora/cuda/common.cuh"
@@ -55,6 +60,16 @@ __device__ __forceinline__ int byte_prefix(const unsigned* row, int n) {
     s += static_cast<int>((w * 0x01010101u) >> 24);
   }
   return s;
+}
+
+// counters[key] += 1 for every lane of the warp with key >= 0, aggregated:
+// lanes with the same key find each other with a match and the lowest adds
+// their number. A batch of one adapter then costs one atomic per warp, not
+// one per token on a single, fully contended address. All lanes call it.
+__device__ __forceinline__ void warp_count(int* counters, int key) {
+  const int lane = threadIdx.x & 31;
+  const unsigned same = __match_any_sync(kFullMask, key >= 0 ? key : -1 - lane);
+  if (key >= 0 && (same & lanemask_lt()) == 0) atomicAdd(&counters[key], __popc(same));
 }
 
 // One round of a stable block-wide placement: thread i holds the round's
@@ -173,16 +188,18 @@ __global__ void __launch_bounds__(kMetaThreads)
     return a >= 0 && a < A && s_clu[a] >= 0 ? a : -1;
   };
 
-  for (int t = tid; t < T; t += nt) {
-    const int a = slot_of(t);
-    if (a >= 0) {
-      atomicAdd(&s_cnt[a], 1);
-      atomicAdd(&s_ctok[s_clu[a]], 1);
-    }
+  // Loop bounds are warp-uniform for warp_count's match.
+  for (int base = 0; base < T; base += nt) {
+    const int t = base + tid;
+    const int a = t < T ? slot_of(t) : -1;
+    warp_count(s_cnt, a);
+    warp_count(s_ctok, a >= 0 ? s_clu[a] : -1);
   }
   __syncthreads();
-  for (int a = tid; a < A; a += nt)
-    if (s_cnt[a] > 0) atomicAdd(&s_cadp[s_clu[a]], 1);
+  for (int base = 0; base < A; base += nt) {
+    const int a = base + tid;
+    warp_count(s_cadp, a < A && s_cnt[a] > 0 ? s_clu[a] : -1);
+  }
   __syncthreads();
 
   // Clusters in increasing id order: active position, first sorted token and
@@ -251,26 +268,24 @@ __global__ void __launch_bounds__(kMetaThreads)
   if (tid == 0) p.lora_token_start_loc[A] = n_with;
   __syncthreads();
 
-  // The tokens keep only s_cnt: out-of-range slots are marked there, and
-  // s_clu becomes the tags of their placement. Key A (no adapter) places
-  // after every token that has one.
+  // s_clu becomes the tags of the token placement, s_cnt its cursors. Key A
+  // (no adapter) places after every token that has one.
   for (int a = tid; a <= A; a += nt) {
-    if (a == A) {
-      s_cnt[a] = n_with;
-    } else if (s_clu[a] < 0) {
-      s_cnt[a] = -1;
-    }
+    if (a == A) s_cnt[a] = n_with;
     s_tag_slot[a] = 0;
   }
   __syncthreads();
 
-  // Tokens in increasing index order.
+  // Tokens in increasing index order. A slot's validity comes from the
+  // read-only cluster table, not from its cursor: the previous round's
+  // cursor update may still be in flight while this round's keys are made.
   for (int base = 0; base < T; base += nt) {
     const int t = base + tid;
     int key = -1;
     if (t < T) {
       const int a = p.token_lora_mapping[t];
-      key = a >= 0 && a < A && s_cnt[a] >= 0 ? a : A;
+      const int c = a >= 0 && a < A ? p.adapter_cluster[a] : -1;
+      key = c >= 0 && c < C ? a : A;
     }
     const int pos = place_round(parallel, key, static_cast<unsigned>(base / nt), s_cnt, s_tag_slot, s_counts);
     if (pos >= 0) p.token_indices_sorted[pos] = t;

@@ -11,8 +11,15 @@
 //   * whether clusters exist is a property of the *loaded image* (its
 //     __CUDA_ARCH__ decides what cluster_barrier compiles to), not of the
 //     device alone: an sm_80 image runs on an sm_90 device without them.
+//   * the opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize) is one value
+//     per kernel and device shared by every host thread: it is only ever
+//     raised, so that a thread launching with fewer bytes cannot take it from
+//     under another thread between that thread's opt-in and its launch.
+// Kernel attributes and the raised limit are cached per (device, kernel):
+// one cudaFuncGetAttributes per kernel and device per process, not per op.
 // Failures are returned, never left behind in cudaGetLastError, so that a
-// fast path that cannot launch can fall back to the simple kernels.
+// fast path that cannot launch can fall back to the simple kernels; an error
+// some earlier, unrelated work left pending is left pending.
 //
 // JDLORA_LAUNCH_ENQUEUE_HEADER, when defined, names a replacement of
 // enqueue() (the host emulation in csrc/cuda/emulation runs the grid there).
@@ -21,8 +28,12 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <map>
+#include <mutex>
 #include <utility>
 #include <vector>
+
+#include "jdlora/cuda/launchers.h"  // kErrorTooMuchSharedMemory
 
 namespace jdlora::cuda {
 
@@ -41,13 +52,15 @@ inline const DeviceInfo& device_info() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
     std::vector<DeviceInfo> v(static_cast<size_t>(n));
+    bool failed = false;
     for (int d = 0; d < n; ++d) {
-      cudaDeviceGetAttribute(&v[d].sms, cudaDevAttrMultiProcessorCount, d);
-      cudaDeviceGetAttribute(&v[d].major, cudaDevAttrComputeCapabilityMajor, d);
-      cudaDeviceGetAttribute(&v[d].smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d);
+      failed |= cudaDeviceGetAttribute(&v[d].sms, cudaDevAttrMultiProcessorCount, d) != cudaSuccess;
+      failed |= cudaDeviceGetAttribute(&v[d].major, cudaDevAttrComputeCapabilityMajor, d) != cudaSuccess;
+      failed |= cudaDeviceGetAttribute(&v[d].smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d) != cudaSuccess;
     }
-    // The queries above must not leave an error for the next launch check.
-    cudaGetLastError();
+    // A failed query must not leave its error for the next launch check; an
+    // error that was pending before belongs to someone else and stays.
+    if (failed) cudaGetLastError();
     return v;
   }();
   static const DeviceInfo none{};
@@ -63,7 +76,35 @@ struct KernelInfo {
   int arch = 0;             // the architecture its device code was compiled for, e.g. 80 or 90
 };
 
-inline KernelInfo kernel_info(const void* kernel) {
+namespace detail {
+
+// What this process knows of one kernel on one device: its image's
+// attributes, and the dynamic shared memory its limit was raised to.
+struct KernelState {
+  KernelInfo info;
+  size_t raised = 0;
+};
+
+struct KernelStates {
+  std::mutex mutex;
+  std::map<std::pair<int, const void*>, KernelState> by_device_kernel;
+};
+
+inline KernelStates& kernel_states() {
+  static KernelStates s;
+  return s;
+}
+
+inline int current_device() {
+  int dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return dev;
+}
+
+inline KernelInfo query_kernel_info(const void* kernel) {
   cudaFuncAttributes attr{};
   KernelInfo k;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
@@ -77,6 +118,19 @@ inline KernelInfo kernel_info(const void* kernel) {
   // target (binaryVersion): the lower of the two is what the code was built for.
   k.arch = attr.ptxVersion > 0 && attr.ptxVersion < attr.binaryVersion ? attr.ptxVersion : attr.binaryVersion;
   return k;
+}
+
+}  // namespace detail
+
+// kernel's attributes on the current device, queried once per process. A
+// failed query is not kept: the next call asks again.
+inline KernelInfo kernel_info(const void* kernel) {
+  const int dev = detail::current_device();
+  auto& states = detail::kernel_states();
+  const std::lock_guard<std::mutex> lock(states.mutex);
+  auto [it, fresh] = states.by_device_kernel.try_emplace({dev, kernel});
+  if (fresh || !it->second.info.ok) it->second.info = detail::query_kernel_info(kernel);
+  return it->second.info;
 }
 
 // Thread-block clusters need both an sm_90 device and an image compiled for
@@ -125,11 +179,33 @@ struct LaunchShape {
   int cluster = 1;  // blocks per cluster along x; > 1 only where clusters_available()
 };
 
+// Raises kernel's dynamic shared memory limit on the current device to at
+// least `bytes`, never lowering it. The lock makes check-and-raise one step
+// for the threads of this process; since no thread lowers it, a limit seen
+// raised stays raised until the launch that relied on it.
+inline cudaError_t raise_dynamic_shared(const void* kernel, size_t bytes) {
+  const int dev = detail::current_device();
+  auto& states = detail::kernel_states();
+  const std::lock_guard<std::mutex> lock(states.mutex);
+  detail::KernelState& st = states.by_device_kernel[{dev, kernel}];
+  if (st.raised >= bytes) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    // The runtime's way of saying the bytes exceed the device's limit (or a
+    // driver refusing the opt-in altogether).
+    return e == cudaErrorInvalidValue ? kErrorTooMuchSharedMemory : e;
+  }
+  st.raised = bytes;
+  return cudaSuccess;
+}
+
 // Opts in to the shared memory the launch needs and enqueues it. Returns
-// cudaErrorInvalidValue, launching nothing, when static + dynamic shared
-// memory exceeds the device's limit, and cudaErrorInvalidConfiguration for a
-// cluster the image or the device cannot run; other errors are those of the
-// runtime. No error is left pending for cudaGetLastError either way.
+// kErrorTooMuchSharedMemory, launching nothing, when static + dynamic shared
+// memory exceeds what the device (or its driver) allows, and
+// cudaErrorInvalidConfiguration for a cluster the image or the device cannot
+// run; other errors are those of the runtime. No error of this launch is
+// left pending for cudaGetLastError either way.
 // `k` is kernel_info(kernel), for callers that needed it to size the launch.
 template <typename... P, typename... A>
 cudaError_t launch_kernel(void (*kernel)(P...), const KernelInfo& k, const LaunchShape& s, cudaStream_t stream,
@@ -141,15 +217,10 @@ cudaError_t launch_kernel(void (*kernel)(P...), const KernelInfo& k, const Launc
     return cudaErrorInvalidConfiguration;
   switch (shared_fit(k.static_bytes, s.dynamic_smem, static_cast<size_t>(dev.smem_optin))) {
     case SharedFit::kTooLarge:
-      return cudaErrorInvalidValue;
+      return kErrorTooMuchSharedMemory;
     case SharedFit::kOptIn: {
-      const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(s.dynamic_smem));
-      if (e != cudaSuccess) {
-        cudaGetLastError();
-        return e;
-      }
+      const cudaError_t e = raise_dynamic_shared(reinterpret_cast<const void*>(kernel), s.dynamic_smem);
+      if (e != cudaSuccess) return e;
       break;
     }
     case SharedFit::kDefault:

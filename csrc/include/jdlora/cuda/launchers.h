@@ -20,10 +20,16 @@
 
 namespace jdlora::cuda {
 
-// Each returns cudaSuccess once its kernels are enqueued. cudaErrorInvalidValue
-// means the kernel's shared memory (its static arrays plus the dynamic bytes
-// below) does not fit one block of the current device, and nothing was
-// launched; other codes come from the runtime. A tensor-core launch that
+// Returned when static + dynamic shared memory exceed what one block of the
+// device (or its driver) allows; nothing was launched. Not a runtime code
+// (those end at 999 and start again at 10000), so that callers tell it from
+// an invalid value the runtime reports for another reason.
+inline constexpr cudaError_t kErrorTooMuchSharedMemory = static_cast<cudaError_t>(1000);
+
+// Each returns cudaSuccess once its kernels are enqueued.
+// kErrorTooMuchSharedMemory (launch.h) means the kernel's shared memory (its
+// static arrays plus the dynamic bytes below) does not fit one block of the
+// current device, and nothing was launched; other codes come from the runtime. A tensor-core launch that
 // cannot run falls back to the simple kernels before anything is reported.
 
 // The per-adapter and per-cluster counters: 8 bytes per adapter slot and per

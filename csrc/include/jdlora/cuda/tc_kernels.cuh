@@ -8,7 +8,9 @@
 // into runs, one per segment it touches. Runs partition the window's rows, so
 // one accumulator tile serves all of them: step (tile, run) multiplies the
 // rows of that run (the others masked to zero in the A fragments) by the
-// run's weights and adds into the same accumulators. A window with 1 run (a
+// run's weights and adds the product to those rows only (mma_rows: a zero
+// row times an inf weight is NaN, and a run's weights must never reach
+// another run's rows). A window with 1 run (a
 // prefill cluster) and one with 16 runs of one token (16 distinct adapters,
 // the BGMV case) go through the same code, and in the latter the weight tiles
 // of successive runs stream through the copy pipeline back to back.
@@ -199,41 +201,74 @@ struct MmaLane {
 };
 
 // ---------------------------------------------------------------------------
-// Shrink phase: h_tile[row, :r] = sum over d_in in [kbeg, kend) of
-// x[tok(row)] * W[group(run(row))] for every row of the window (0 for rows in
-// no run), added to h_tile when `accumulate`, else to 0. Steps run k-tile
-// major, run minor, so the x tile of a k-tile is loaded once and reused by
-// all runs. A row's sum takes the same MMAs in the same order whatever the
-// tile, k_tile or the other rows (their runs add exact zeros), so only the
-// split of d_in into shares changes its rounding.
+// Shrink phase: h_tile[row, :r] = sum over d_in of x[tok(row)] *
+// W[group(run(row))] for every row of the window (0 for rows in no run),
+// over shares [first, last) of d_in, each `share` elements wide (the last
+// one short or empty). Each share's partial starts from 0 and joins h_tile in
+// share order, as a cluster of one block per share sums them (reduce_rows),
+// so both give the same bits. All shares go through one copy pipeline: a
+// block that sums several shares in turn (batch-invariant mode without
+// clusters) never drains it between them. Steps run k-tile major, run minor,
+// so the x tile of a k-tile is loaded once and reused by all runs. A row's
+// sum takes the same steps in the same order whatever the tile, k_tile or
+// the other rows (mma_rows keeps other runs out of it), so only the split of
+// d_in into shares changes its rounding.
+
+struct Shares {
+  int first, last;  // this block's shares
+  int share;        // d_in elements per share
+  int d_in;
+  __device__ __forceinline__ int begin(int q) const { return min(d_in, q * share); }
+  __device__ __forceinline__ int end(int q) const { return min(d_in, begin(q) + share); }
+};
 
 template <typename T, typename Cfg>
 __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const T* __restrict__ x,
-                                             int64_t ldx, const WeightStack& W, int r, int kbeg,
-                                             int kend, int k_tile, T* x_ring, T* w_ring,
-                                             float* h_tile, int hs, bool accumulate) {
+                                             int64_t ldx, const WeightStack& W, int r, const Shares& sh,
+                                             int k_tile, T* x_ring, T* w_ring, float* h_tile, int hs) {
   constexpr int M = Cfg::M;
   constexpr int S = Cfg::kStages;
   constexpr int NF = Cfg::kShrinkFrags;
   const int xs = k_tile + 8;
   const int chunks = k_tile / 8;
   const int nruns = pl.num_runs;
-  const int ktiles = kend > kbeg ? (kend - kbeg + k_tile - 1) / k_tile : 0;
+  // Every share but the last non-empty one is full, so k-tile kt of the
+  // block is local k-tile kt % kt_share of share first + kt / kt_share.
+  const int kt_share = (sh.share + k_tile - 1) / k_tile;
+  int ktiles = 0;
+  for (int q = sh.first; q < sh.last; ++q) ktiles += (sh.end(q) - sh.begin(q) + k_tile - 1) / k_tile;
   const int nsteps = ktiles * nruns;
   const int tid = threadIdx.x;
   const MmaLane<Cfg> ln(pl);
   const T* w_data = static_cast<const T*>(W.data);
 
-  float acc[NF][4];
+  float acc[NF][4] = {};
+  auto for_each_frag = [&](auto&& f) {
 #pragma unroll
-  for (int f = 0; f < NF; ++f)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[f][e] = 0.f;
+    for (int i = 0; i < NF; ++i) {
+      const int n8 = ln.wn + i * Cfg::kWarpsN;
+      if (n8 * 8 < r) f(i, n8 * 8 + 2 * ln.q4);
+    }
+  };
+  // h_tile starts at 0 in this lane's fragment elements (a block whose shares
+  // are all empty writes zeros); each lane only ever touches its own.
+  for_each_frag([&](int, int col) {
+    *reinterpret_cast<float2*>(h_tile + ln.row_a * hs + col) = make_float2(0.f, 0.f);
+    *reinterpret_cast<float2*>(h_tile + ln.row_b * hs + col) = make_float2(0.f, 0.f);
+  });
+
+  // d_in range [k0, kend) of global k-tile kt.
+  auto k_range = [&](int kt, int& k0, int& kend) {
+    const int q = sh.first + kt / kt_share;
+    k0 = sh.begin(q) + (kt % kt_share) * k_tile;
+    kend = sh.end(q);
+  };
 
   auto load = [&](int q) {
     const int kt = q / nruns;
     const int run = q - kt * nruns;
-    const int k0 = kbeg + kt * k_tile;
+    int k0, kend;
+    k_range(kt, k0, kend);
     if (run == 0) {
       T* dst = x_ring + (kt % S) * M * xs;
       for (int idx = tid; idx < M * chunks; idx += Cfg::kThreads) {
@@ -258,43 +293,38 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
     const int run = q - kt * nruns;
     const bool on_a = ln.run_a == run;
     const bool on_b = ln.run_b == run;
-    if (!__any_sync(kFullMask, on_a || on_b)) return;
-    const T* xb = x_ring + (kt % S) * M * xs;
-    const T* wb = w_ring + (q % S) * r * xs;
-    for (int kk = 0; kk < k_tile; kk += 16) {
-      const int c = kk + 2 * ln.q4;
-      uint32_t a[4];
-      a[0] = on_a ? load_pair(xb + ln.row_a * xs + c) : 0u;
-      a[1] = on_b ? load_pair(xb + ln.row_b * xs + c) : 0u;
-      a[2] = on_a ? load_pair(xb + ln.row_a * xs + c + 8) : 0u;
-      a[3] = on_b ? load_pair(xb + ln.row_b * xs + c + 8) : 0u;
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        const int n8 = ln.wn + f * Cfg::kWarpsN;
-        if (n8 * 8 < r) {
-          const T* wr = wb + (n8 * 8 + ln.g) * xs + c;
-          mma_16816<T>(acc[f], a, load_pair(wr), load_pair(wr + 8));
-        }
+    if (__any_sync(kFullMask, on_a || on_b)) {
+      const T* xb = x_ring + (kt % S) * M * xs;
+      const T* wb = w_ring + (q % S) * r * xs;
+      for (int kk = 0; kk < k_tile; kk += 16) {
+        const int c = kk + 2 * ln.q4;
+        uint32_t a[1][4];
+        a[0][0] = on_a ? load_pair(xb + ln.row_a * xs + c) : 0u;
+        a[0][1] = on_b ? load_pair(xb + ln.row_b * xs + c) : 0u;
+        a[0][2] = on_a ? load_pair(xb + ln.row_a * xs + c + 8) : 0u;
+        a[0][3] = on_b ? load_pair(xb + ln.row_b * xs + c + 8) : 0u;
+        for_each_frag([&](int f, int) {
+          const T* wr = wb + ((ln.wn + f * Cfg::kWarpsN) * 8 + ln.g) * xs + c;
+          mma_rows<T>(acc[f], a, load_pair(wr), load_pair(wr + 8), on_a, on_b);
+        });
       }
+    }
+    // The last step of a share: its partial joins h (0 + acc first, as the
+    // cluster's sum starts in reduce_rows).
+    if (run == nruns - 1 && ((kt + 1) % kt_share == 0 || kt + 1 == ktiles)) {
+      for_each_frag([&](int f, int col) {
+        float2* ha = reinterpret_cast<float2*>(h_tile + ln.row_a * hs + col);
+        float2* hb = reinterpret_cast<float2*>(h_tile + ln.row_b * hs + col);
+        const float2 pa = *ha, pb = *hb;
+        *ha = make_float2(pa.x + acc[f][0], pa.y + acc[f][1]);
+        *hb = make_float2(pb.x + acc[f][2], pb.y + acc[f][3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[f][e] = 0.f;
+      });
     }
   };
 
   run_pipeline<S>(nsteps, load, compute);
-
-#pragma unroll
-  for (int f = 0; f < NF; ++f) {
-    const int n8 = ln.wn + f * Cfg::kWarpsN;
-    if (n8 * 8 < r) {
-      const int col = n8 * 8 + 2 * ln.q4;
-      float2* ha = reinterpret_cast<float2*>(h_tile + ln.row_a * hs + col);
-      float2* hb = reinterpret_cast<float2*>(h_tile + ln.row_b * hs + col);
-      // 0 + acc, as the cluster's sum over its blocks starts (reduce_rows).
-      const float2 pa = accumulate ? *ha : make_float2(0.f, 0.f);
-      const float2 pb = accumulate ? *hb : make_float2(0.f, 0.f);
-      *ha = make_float2(pa.x + acc[f][0], pa.y + acc[f][1]);
-      *hb = make_float2(pb.x + acc[f][2], pb.y + acc[f][3]);
-    }
-  }
 }
 
 // Partial h over this block's share of d_in: share `rank` of a cluster of
@@ -308,18 +338,14 @@ __device__ __forceinline__ void shrink_shares(const WindowPlan<Cfg::M>& pl, cons
                                               T* x_ring, T* w_ring, float* h_tile, int hs) {
   const int d_in = x.cols;
   const int parts = a.cl > 1 ? a.cl : max(a.k_split, 1);
-  // The last share may be short or empty.
   const int ktiles = (d_in + a.k_tile - 1) / a.k_tile;
-  const int share = a.share > 0 ? a.share : (ktiles + parts - 1) / parts * a.k_tile;
-  const int first = a.cl > 1 ? rank : 0;
-  const int last = a.cl > 1 ? rank + 1 : parts;
-  for (int q = first; q < last; ++q) {
-    if (q > first) __syncthreads();  // the copy rings are reused
-    const int kbeg = min(d_in, q * share);
-    const int kend = min(d_in, kbeg + share);
-    shrink_phase<T, Cfg>(pl, static_cast<const T*>(x.data), x.stride_t, W, r, kbeg, kend, a.k_tile, x_ring,
-                         w_ring, h_tile, hs, q > first);
-  }
+  Shares sh;
+  sh.share = a.share > 0 ? a.share : (ktiles + parts - 1) / parts * a.k_tile;
+  sh.first = a.cl > 1 ? rank : 0;
+  sh.last = a.cl > 1 ? rank + 1 : parts;
+  sh.d_in = d_in;
+  shrink_phase<T, Cfg>(pl, static_cast<const T*>(x.data), x.stride_t, W, r, sh, a.k_tile, x_ring, w_ring, h_tile,
+                       hs);
 }
 
 // ---------------------------------------------------------------------------
@@ -329,16 +355,21 @@ __device__ __forceinline__ void shrink_shares(const WindowPlan<Cfg::M>& pl, cons
 // subnormals. So each row is multiplied by the power of two that brings its
 // largest |g| into [2^12, 2^13) before the split, and the row's sums by the
 // inverse afterwards; both are exact. bf16 has fp32's exponent range: no
-// scaling. Rows that are all zero or hold an inf stay unscaled; infs and
-// NaNs propagate as in the simple kernels.
+// scaling. The shift comes from the finite values (rows that are all zero or
+// all non-finite stay unscaled); infs and NaNs propagate as in the simple
+// kernels (split_pair keeps inf - inf out of the low half).
 template <typename T>
 __device__ __forceinline__ int g_row_shift(const float* row, int r) {
   if constexpr (!std::is_same_v<T, __half>) {
     return 0;
   } else {
+    // The largest finite |g|: an inf or NaN stays one after scaling.
     float m = 0.f;
-    for (int k = 0; k < r; ++k) m = fmaxf(m, fabsf(row[k]));
-    if (!(m > 0.f) || m == INFINITY) return 0;
+    for (int k = 0; k < r; ++k) {
+      const float v = fabsf(row[k]);
+      if (v < INFINITY) m = fmaxf(m, v);
+    }
+    if (!(m > 0.f)) return 0;
     int e = 0;
     frexpf(m, &e);  // m = f * 2^e, f in [0.5, 1)
     return min(max(13 - e, -125), 125);
@@ -438,18 +469,15 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
             on_a ? scaled(*reinterpret_cast<const float2*>(g_tile + ln.row_a * gs + c + 8), scale_a) : zero;
         const float2 v3 =
             on_b ? scaled(*reinterpret_cast<const float2*>(g_tile + ln.row_b * gs + c + 8), scale_b) : zero;
-        uint32_t hi[4], lo[4];
-        split_pair<T>(v0, hi[0], lo[0]);
-        split_pair<T>(v1, hi[1], lo[1]);
-        split_pair<T>(v2, hi[2], lo[2]);
-        split_pair<T>(v3, hi[3], lo[3]);
+        uint32_t hl[2][4];  // the hi and lo halves of g
+        split_pair<T>(v0, hl[0][0], hl[1][0]);
+        split_pair<T>(v1, hl[0][1], hl[1][1]);
+        split_pair<T>(v2, hl[0][2], hl[1][2]);
+        split_pair<T>(v3, hl[0][3], hl[1][3]);
 #pragma unroll
         for (int f = 0; f < NF; ++f) {
           const T* ur = ub + ((ln.wn + f * Cfg::kWarpsN) * 8 + ln.g) * us + c;
-          const uint32_t b0 = load_pair(ur);
-          const uint32_t b1 = load_pair(ur + 8);
-          mma_16816<T>(acc[f], hi, b0, b1);
-          mma_16816<T>(acc[f], lo, b0, b1);
+          mma_rows<T>(acc[f], hl, load_pair(ur), load_pair(ur + 8), on_a, on_b);
         }
       }
     }

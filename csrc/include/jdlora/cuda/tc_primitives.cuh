@@ -62,11 +62,38 @@ __device__ __forceinline__ float2 unpack_pair(uint32_t u) {
 // bits and lo the next ones, so two MMAs with hi and lo keep about 16 bits of
 // an fp32 operand (h, g) instead of rounding it to the model dtype. For fp16
 // the caller first scales v into fp16's range (tc_kernels.cuh: g_row_shift).
+// A non-finite hi (an inf or NaN in v, or a value that rounds past T's range)
+// carries the whole value and lo is 0: v - hi would be inf - inf = NaN, and
+// a row of y would turn NaN where the simple kernels give +-inf.
+__device__ __forceinline__ float residual_or_zero(float v, float hi) { return fabsf(hi) < INFINITY ? v - hi : 0.f; }
+
 template <typename T>
 __device__ __forceinline__ void split_pair(float2 v, uint32_t& hi, uint32_t& lo) {
   hi = pack_pair<T>(v.x, v.y);
   const float2 h = unpack_pair<T>(hi);
-  lo = pack_pair<T>(v.x - h.x, v.y - h.y);
+  lo = pack_pair<T>(residual_or_zero(v.x, h.x), residual_or_zero(v.y, h.y));
+}
+
+// D += A B for one m16n8k16 tile, but only in the rows a lane owns for the
+// current run (on_a: its rows g, on_b: g + 8). The product goes through a
+// zeroed tile first: the other rows' A fragments are zero, and zero times an
+// inf or NaN weight of this run is NaN, which must not reach a row of
+// another run, i.e. another tenant's adapter or cluster. Every row takes the
+// same steps whatever the other rows hold, so rounding stays batch-invariant.
+template <typename T, int N>
+__device__ __forceinline__ void mma_rows(float (&d)[4], const uint32_t (&a)[N][4], uint32_t b0, uint32_t b1,
+                                         bool on_a, bool on_b) {
+  float p[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < N; ++i) mma_16816<T>(p, a[i], b0, b1);
+  if (on_a) {
+    d[0] += p[0];
+    d[1] += p[1];
+  }
+  if (on_b) {
+    d[2] += p[2];
+    d[3] += p[3];
+  }
 }
 
 // Multi-stage pipeline over nsteps steps: load(q) issues the asynchronous
