@@ -1,0 +1,155 @@
+"""The non-finite input policy: NaN, +inf and -inf are refused at every entry point, with an error
+naming the adapter, the module and the tensor, and nothing written or changed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from jdlora_ops import NonFiniteError
+from jdlora_ops.cli import main as cli
+from jdlora_ops.compress import CallableCollection, InMemoryCollection, ModuleSpec
+from jdlora_ops.compress.distributed import compress_to_store
+from jdlora_ops.peft_io import PeftCollection, write_peft_adapter
+from jdlora_ops.store_update import add_to_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BAD = pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")],
+                              ids=["nan", "+inf", "-inf"])
+Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+MODULES = [ModuleSpec(Q, 16, 12), ModuleSpec(V, 8, 12)]
+BASE = "tiny/base"
+
+
+def _factors(seed: int, r: int = 2) -> dict:
+    g = torch.Generator().manual_seed(100 + seed)
+    return {m.name: (torch.randn(m.d_out, r, generator=g), torch.randn(r, m.d_in, generator=g))
+            for m in MODULES}
+
+
+def _peft(path, seed: int, *, poison=None, alpha=2.0) -> str:
+    """A PEFT adapter directory of rank 2 on MODULES; ``poison=(module, "lora_A"|"lora_B", value)``."""
+    f = _factors(seed)
+    if poison is not None:
+        mod, side, value = poison
+        B, A = f[mod]
+        (A if side == "lora_A" else B)[1, 1] = value
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"],
+              "base_model_name_or_path": BASE}
+    return write_peft_adapter(path, f, config)
+
+
+def _tree(root) -> dict:
+    """Every file under ``root`` (hidden ones too) with its bytes: what must not change on a refusal."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            out[os.path.relpath(p, root)] = open(p, "rb").read() if os.path.isfile(p) else None
+    return out
+
+
+def _one_line_error(capsys, rc, *needles):
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("jdlora: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nonfinite_adapters")
+    return [_peft(root / f"good{i}", i) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, adapters):
+    out = str(tmp_path_factory.mktemp("nonfinite_store") / "store")
+    assert cli(["compress", *adapters, "--rank", "2", "--clusters", "2", "--out", out, "-q"]) == 0
+    return out
+
+
+def _copy(store, tmp_path) -> str:
+    dst = str(tmp_path / "store")
+    shutil.copytree(store, dst)
+    return dst
+
+
+# --------------------------------------------------------------------- compress
+@BAD
+@pytest.mark.parametrize("side", ["lora_A", "lora_B"])
+def test_compress_refuses_before_any_work(tmp_path, capsys, monkeypatch, adapters, value, side):
+    bad = _peft(tmp_path / "in" / "tuned", 9, poison=(V, side, value))
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def no_work(*a, **k):
+        raise AssertionError("compression started on a refused collection")
+
+    monkeypatch.setattr("jdlora_ops.compress.compress", no_work)
+    rc = cli(["compress", *adapters[:2], bad, "--rank", "2", "--out", str(work / "store"), "-q"])
+    _one_line_error(capsys, rc, "adapter 'tuned'", f"module {V}", f"tensor {side}", "index [1, 1]")
+    assert os.listdir(work) == []  # no store, no staging directory
+    with pytest.raises(NonFiniteError, match=f"adapter 'tuned', module {V}, tensor {side}"):
+        compress_to_store(PeftCollection([*adapters[:2], bad]), 2, work / "store")
+    assert os.listdir(work) == []
+
+
+def test_compress_refuses_a_non_finite_lora_alpha(tmp_path, capsys, adapters):
+    bad = _peft(tmp_path / "alpha", 5, alpha=float("inf"))  # json writes Infinity, which Python reads back
+    rc = cli(["compress", adapters[0], bad, "--rank", "2", "--out", str(tmp_path / "store"), "-q"])
+    _one_line_error(capsys, rc, "adapter 'alpha'", f"module {Q}", "tensor scaling (lora_alpha / r)")
+    assert not os.path.exists(tmp_path / "store")
+
+
+@BAD
+@pytest.mark.parametrize("kind", ["in_memory", "callable"])
+def test_python_compress_refuses_in_memory_collections(tmp_path, value, kind):
+    ads = {f"a{i}": {m: (A, B, 0.5) for m, (B, A) in _factors(i).items()} for i in range(3)}
+    ads["a1"][Q][1][2, 0] = value  # B of a1 on q_proj
+    coll = InMemoryCollection(ads, modules=MODULES)
+    if kind == "callable":  # the generic check, through load_module
+        coll = CallableCollection(list(ads), MODULES, lambda spec, dtype, device: InMemoryCollection(
+            ads, modules=MODULES).load_module(spec, dtype=dtype, device=device))
+    with pytest.raises(NonFiniteError, match=f"adapter 'a1', module {Q}, tensor lora_B.*index \\[2, 0\\]"):
+        compress_to_store(coll, 2, tmp_path / "store")
+    assert os.listdir(tmp_path) == []
+
+
+def test_distributed_compress_refuses_on_every_rank(tmp_path):
+    """The owner of the bad module refuses it; the other process fails naming it; no store appears."""
+    from test_distributed import launch, no_leftovers
+
+    import dist_worker
+
+    col = dist_worker.case_collection()
+    last = col.modules[-1].name
+    who = col.adapter_names[int(col.load_module(last).groups[0].index[0])]
+    proc = launch(2, [{"name": "nan", "nan_on": last, "out": str(tmp_path / "nan")}], tmp_path)
+    assert proc.returncode != 0
+    refusal = f"NonFiniteError: adapter '{who}', module {last}, tensor lora_B (scaled)"
+    assert f"CASE nan FAILED: {refusal}" in proc.stderr, proc.stderr[-3000:]
+    assert f"CASE nan FAILED: RankFailed: rank 1 of 2 failed: {refusal}" in proc.stderr
+    assert not os.path.exists(tmp_path / "nan") and no_leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- add
+@BAD
+def test_add_refuses_and_leaves_the_store_byte_for_byte(tmp_path, capsys, cli_store, value):
+    store = _copy(cli_store, tmp_path)
+    bad = _peft(tmp_path / "in" / "late", 7, poison=(Q, "lora_A", value))
+    before = _tree(tmp_path / "store")
+    rc = cli(["add", store, bad, "-q"])
+    _one_line_error(capsys, rc, "adapter 'late'", f"module {Q}", "tensor lora_A")
+    assert _tree(tmp_path / "store") == before
+    ads = {"late": {m: (A, B, 1.0) for m, (B, A) in _factors(7).items()}}
+    ads["late"][V][0][0, 5] = value
+    with pytest.raises(NonFiniteError, match=f"adapter 'late', module {V}, tensor lora_A"):
+        add_to_store(store, InMemoryCollection(ads, modules=MODULES))
+    assert _tree(tmp_path / "store") == before
