@@ -3,17 +3,23 @@ naming the adapter, the module and the tensor, and nothing written or changed.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import jdlora_ops.store as store_mod
 from jdlora_ops import NonFiniteError
 from jdlora_ops.cli import main as cli
-from jdlora_ops.compress import CallableCollection, InMemoryCollection, ModuleSpec
+from jdlora_ops.compress import CallableCollection, InMemoryCollection, ModuleSpec, compress
 from jdlora_ops.compress.distributed import compress_to_store
+from jdlora_ops.compress.error_budget import apply_error_budget
 from jdlora_ops.peft_io import PeftCollection, write_peft_adapter
+from jdlora_ops.serving import AdapterCache
+from jdlora_ops.store import NonFiniteStoreError, StoreError, StoreReader, file_sha256, load_store, save_store
 from jdlora_ops.store_update import add_to_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,6 +79,21 @@ def cli_store(tmp_path_factory, adapters):
     out = str(tmp_path_factory.mktemp("nonfinite_store") / "store")
     assert cli(["compress", *adapters, "--rank", "2", "--clusters", "2", "--out", out, "-q"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def budget_store(tmp_path_factory):
+    """A store with bases, cores and one adapter kept outside the joint tables (all three tensor files)."""
+    g = torch.Generator().manual_seed(0)
+    ads = {f"a{i}": {m.name: (torch.randn(r, m.d_in, generator=g), torch.randn(m.d_out, r, generator=g), 1.0)
+                     for m in MODULES} for i, r in enumerate([1, 1, 1, 1, 3])}
+    coll = InMemoryCollection(ads, modules=MODULES)
+    res = compress(coll, 2, num_clusters=2)
+    apply_error_budget(res, coll, 0.2)
+    assert list(res.individual) == ["a4"]
+    path = str(tmp_path_factory.mktemp("nonfinite_budget") / "store")
+    save_store(path, res)
+    return path
 
 
 def _copy(store, tmp_path) -> str:
@@ -153,3 +174,119 @@ def test_add_refuses_and_leaves_the_store_byte_for_byte(tmp_path, capsys, cli_st
     with pytest.raises(NonFiniteError, match=f"adapter 'late', module {V}, tensor lora_A"):
         add_to_store(store, InMemoryCollection(ads, modules=MODULES))
     assert _tree(tmp_path / "store") == before
+
+
+# ------------------------------------------------------------------ store reading
+def _poison_store(path: str, kind: str, key: str, index: tuple, value: float) -> str:
+    """Write ``value`` into one tensor of a store file, with a matching checksum (a store written
+    before the policy, or by another tool): only the finiteness check can catch it."""
+    mpath = os.path.join(path, "manifest.json")
+    m = json.load(open(mpath))
+    name = m["files"][kind]
+    f = os.path.join(path, name)
+    tensors = load_file(f)
+    tensors[key] = tensors[key].clone()
+    tensors[key][index] = value
+    save_file(tensors, f, metadata={"format": "jdlora-store"})
+    m["sha256"][name] = file_sha256(f)
+    json.dump(m, open(mpath, "w"))
+    return name
+
+
+@BAD
+@pytest.mark.parametrize("kind", ["bases", "cores", "individual"])
+def test_store_with_non_finite_tables_is_refused_everywhere(tmp_path, capsys, budget_store, value, kind):
+    store = _copy(budget_store, tmp_path)
+    m = json.load(open(os.path.join(store, "manifest.json")))
+    names = [a["name"] for a in m["adapters"]]
+    assignment = load_file(os.path.join(store, m["files"]["cores"]))["assignment"].tolist()
+    if kind == "bases":
+        fname = _poison_store(store, "bases", f"{V}::Vt", (1, 0, 4), value)
+        who, tensor = ", ".join(repr(n) for n, c in zip(names, assignment) if c == 1), "Vt of cluster 1"
+    elif kind == "cores":
+        fname = _poison_store(store, "cores", f"{Q}::sigma", (2, 1, 0), value)
+        who, tensor = repr(names[2]), "sigma"
+    else:
+        fname = _poison_store(store, "individual", f"0::{V}::B", (3, 1), value)
+        who, tensor = "'a4'", "B"
+    mod = V if kind != "cores" else Q
+    needle = f"{fname}: adapter{'s' if ',' in who else ''} {who}, module {mod}, tensor {tensor}"
+    before = _tree(tmp_path)
+
+    with pytest.raises(NonFiniteStoreError, match=needle.replace("(", r"\(").replace(")", r"\)")) as exc:
+        load_store(store)
+    assert isinstance(exc.value, StoreError) and isinstance(exc.value, NonFiniteError)
+    with pytest.raises(NonFiniteStoreError, match="NaN or infinite"):
+        r = StoreReader(store)  # opening reads the assignment, so the cores are checked at open
+        r.read_bases(0) if kind == "bases" else r.individual_adapters()
+    for lazy in (True, False):
+        with pytest.raises(NonFiniteStoreError, match=f"module {mod}, tensor {tensor}"):
+            cache = AdapterCache(store, lazy=lazy, device="cpu")
+            cache.load([names[0]])  # the first use of the bases file
+
+    problems = []
+    status = store_mod.verify_store(store, problems=problems)
+    assert status[fname] == "non-finite" and len(problems) == 1 and needle in problems[0]
+    rc = cli(["verify", store])
+    out = _one_line_error(capsys, rc, "1 table row(s) hold NaN or infinite values", needle)
+    assert f"non-finite   {os.path.join(store, fname)}: " in out
+    assert _tree(tmp_path) == before  # nothing written or repaired by any reader
+
+
+def test_remove_repairs_a_store_only_when_what_remains_is_finite(tmp_path, capsys, budget_store):
+    store = _copy(budget_store, tmp_path)
+    m = json.load(open(os.path.join(store, "manifest.json")))
+    assignment = load_file(os.path.join(store, m["files"]["cores"]))["assignment"].tolist()
+    _poison_store(store, "cores", f"{V}::sigma", (0, 0, 0), float("nan"))
+    _poison_store(store, "bases", f"{Q}::U", (1, 0, 0), float("inf"))
+    members = [a["name"] for a, c in zip(m["adapters"], assignment) if c == 1]
+    assert len(members) > 1 and "a0" not in members
+    before = _tree(tmp_path)
+    rc = cli(["remove", store, "a0", members[0]])  # cluster 1 keeps an adapter, so its bad bases stay
+    _one_line_error(capsys, rc, "not written", "tensor U of cluster 1")
+    assert _tree(tmp_path) == before
+    assert cli(["remove", store, "a0", *members]) == 0  # the bad core and the bad cluster go
+    capsys.readouterr()
+    back = load_store(store)
+    assert "a0" not in back.adapter_names and back.num_clusters == 1
+    assert cli(["verify", store]) == 0
+
+
+def test_reader_scans_each_file_once(tmp_path, monkeypatch, budget_store):
+    calls = []
+    real = store_mod._require_finite_tables
+
+    def spy(where, m, kind, *a):
+        calls.append(kind)
+        return real(where, m, kind, *a)
+
+    monkeypatch.setattr(store_mod, "_require_finite_tables", spy)
+    r = StoreReader(budget_store)
+    for i in range(3):
+        r.read_cores(i)
+        r.read_bases(i % 2)
+        r.read_module_bases(0)
+    r.individual_adapters()
+    r.individual_adapters()
+    assert calls == ["cores", "bases", "individual"]
+
+
+@BAD
+@pytest.mark.parametrize("update", [False, True])
+def test_save_store_refuses_non_finite_tables(tmp_path, budget_store, value, update):
+    c = load_store(budget_store)
+    c.modules[V].sigma[3, 0] = value
+    path = _copy(budget_store, tmp_path) if update else str(tmp_path / "store")
+    before = _tree(tmp_path)
+    match = f"{path}: not written: adapter 'a3', module {V}, tensor sigma"
+    with pytest.raises(NonFiniteStoreError, match=match):
+        save_store(path, c, update=update, reuse_bases=update)
+    assert _tree(tmp_path) == before
+
+
+def test_a_narrower_store_dtype_that_overflows_is_refused(tmp_path, budget_store):
+    c = load_store(budget_store)
+    c.modules[Q].U[0, 0, 0] = 1e6  # finite in float32, +inf in float16
+    with pytest.raises(NonFiniteStoreError, match=f"module {Q}, tensor U of cluster 0.*1 \\+inf"):
+        save_store(tmp_path / "store", c, dtype=torch.float16)
+    assert os.listdir(tmp_path) == []
