@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from jdlora_ops.compress import CallableCollection, InMemoryCollection, ModuleSp
 from jdlora_ops.compress.distributed import compress_to_store
 from jdlora_ops.compress.error_budget import apply_error_budget
 from jdlora_ops.peft_io import PeftCollection, write_peft_adapter
-from jdlora_ops.serving import AdapterCache
+from jdlora_ops.serving import AdapterCache, AdapterMismatchError
 from jdlora_ops.store import NonFiniteStoreError, StoreError, StoreReader, file_sha256, load_store, save_store
 from jdlora_ops.store_update import add_to_store
 
@@ -173,6 +174,10 @@ def test_add_refuses_and_leaves_the_store_byte_for_byte(tmp_path, capsys, cli_st
     ads["late"][V][0][0, 5] = value
     with pytest.raises(NonFiniteError, match=f"adapter 'late', module {V}, tensor lora_A"):
         add_to_store(store, InMemoryCollection(ads, modules=MODULES))
+    cache = AdapterCache(store, device="cpu", max_uncompressed=1, uncompressed_rank=2)
+    with pytest.raises(NonFiniteError, match=f"adapter 'late', module {V}, tensor lora_A"):
+        cache.add("late", ads["late"], max_rel_error=1.0, persist=True)
+    assert "late" not in cache
     assert _tree(tmp_path / "store") == before
 
 
@@ -290,3 +295,137 @@ def test_a_narrower_store_dtype_that_overflows_is_refused(tmp_path, budget_store
     with pytest.raises(NonFiniteStoreError, match=f"module {Q}, tensor U of cluster 0.*1 \\+inf"):
         save_store(tmp_path / "store", c, dtype=torch.float16)
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------ AdapterCache registration
+@BAD
+@pytest.mark.parametrize("side", ["lora_A", "lora_B", "scale"])
+def test_cache_refuses_non_finite_uncompressed_adapters(tmp_path, budget_store, value, side):
+    cache = AdapterCache(budget_store, device="cpu", max_uncompressed=2, uncompressed_rank=3)
+    names = list(cache.adapter_names)
+    f = {m: (A.clone(), B.clone(), 1.0) for m, (B, A) in _factors(3).items()}
+    A, B, s = f[Q]
+    if side == "scale":
+        s = value
+    else:
+        (A if side == "lora_A" else B)[0, 1] = value
+    f[Q] = (A, B, s)
+    match = f"adapter 'new', module {Q}, tensor {side}: expected finite values"
+    for call in (lambda: cache.register_uncompressed("new", f),
+                 lambda: cache.add("new", f, max_rel_error=1.0)):
+        with pytest.raises(NonFiniteError, match=match) as exc:
+            call()
+        assert isinstance(exc.value, AdapterMismatchError)
+    assert cache.adapter_names == names
+    if side != "scale":
+        bad = _peft(tmp_path / "peft_bad", 3, poison=(Q, side, value))
+        with pytest.raises(NonFiniteError, match=f"adapter 'peft_bad', module {Q}, tensor {side}"):
+            cache.register_peft(bad)
+        assert cache.adapter_names == names
+
+
+# ------------------------------------------------------------------- vLLM plugin
+@BAD
+def test_vllm_plugin_refuses_non_finite_peft_adapters(monkeypatch, budget_store, value):
+    from jdlora_ops.integrations.vllm import state as st
+
+    a, b = torch.randn(2, 12), torch.randn(16, 2)
+    b[4, 1] = value
+    model = SimpleNamespace(loras={Q: SimpleNamespace(lora_a=[torch.randn(2, 12), None], lora_b=[None, b])})
+    req = SimpleNamespace(lora_name="user1", lora_path="/adapters/user1")
+    monkeypatch.delenv(st.ENV_STORE, raising=False)
+    st.check_peft_adapter(req, model)  # idle without a store, as the rest of the plugin
+    monkeypatch.setenv(st.ENV_STORE, budget_store)
+    with pytest.raises(NonFiniteError, match=f"/adapters/user1: adapter 'user1', module {Q}, tensor lora_b.*"
+                                             r"index \[4, 1\]"):
+        st.check_peft_adapter(req, model)
+    good = SimpleNamespace(loras={Q: SimpleNamespace(lora_a=a, lora_b=torch.randn(16, 2))})
+    st.check_peft_adapter(req, good)
+
+
+def _fake_vllm(monkeypatch, loaded):
+    """The few vLLM 0.32 names the plugin's hooks patch, as stand-ins (vLLM is not installed here);
+    ``WorkerLoRAManager._load_adapter`` returns ``loaded``."""
+    import sys
+    import types
+
+    from jdlora_ops.integrations import vllm as plugin
+    from jdlora_ops.integrations.vllm import _vllm_private as vp
+
+    class Platform:
+        @classmethod
+        def get_punica_wrapper(cls):
+            return "platform wrapper"
+
+    found = {
+        "vllm": {"__version__": "0.32.0"}, "vllm.lora": {}, "vllm.v1": {}, "vllm.v1.engine": {},
+        "vllm.lora.model_manager": {"from_layer": lambda *a, **k: None,
+                                    "LoRAModelManager": type("LoRAModelManager", (), {
+                                        "_create_lora_modules": lambda self: None})},
+        "vllm.lora.worker_manager": {"WorkerLoRAManager": type("WorkerLoRAManager", (), {
+            "_load_adapter": lambda self, req: loaded})},
+        "vllm.platforms": {"current_platform": Platform()},
+        "vllm.v1.engine.input_processor": {"InputProcessor": type("InputProcessor", (), {
+            "_validate_lora": lambda self, req: None})},
+    }
+    mods = {name: types.ModuleType(name) for name in found}
+    for name, attrs in found.items():
+        for k, v in attrs.items():
+            setattr(mods[name], k, v)
+        parent, _, leaf = name.rpartition(".")
+        if parent:
+            setattr(mods[parent], leaf, mods[name])
+        monkeypatch.setitem(sys.modules, name, mods[name])
+    monkeypatch.setattr(vp, "_INSTALLED", False)
+    monkeypatch.setattr(plugin, "_REGISTERED", False)
+    return plugin, mods
+
+
+def test_vllm_worker_hook_refuses_what_vllm_loaded(monkeypatch):
+    """register() wires the check into vLLM's adapter loading: a PEFT adapter vLLM read itself is
+    refused before it can get a slot (a store adapter never reaches vLLM's loader)."""
+    from jdlora_ops.integrations.vllm import state as st
+
+    b = torch.randn(8, 2)
+    b[0, 1] = float("nan")
+    model = SimpleNamespace(loras={V: SimpleNamespace(lora_a=torch.randn(2, 12), lora_b=b)})
+    monkeypatch.delenv(st.ENV_STORE, raising=False)
+    plugin, mods = _fake_vllm(monkeypatch, model)
+    plugin.register()
+    worker = mods["vllm.lora.worker_manager"].WorkerLoRAManager()
+    req = SimpleNamespace(lora_name="user3", lora_path="/adapters/user3", lora_int_id=7)
+    assert worker._load_adapter(req) is model  # idle without a store
+    monkeypatch.setenv(st.ENV_STORE, "/nowhere/store")
+    with pytest.raises(NonFiniteError, match=f"adapter 'user3', module {V}, tensor lora_b"):
+        worker._load_adapter(req)
+
+
+@BAD
+def test_vllm_front_end_refuses_a_non_finite_peft_request(tmp_path, monkeypatch, budget_store, adapters, value):
+    """In the front end, so that the request fails alone (a refusal in a worker stops the engine)."""
+    from jdlora_ops.integrations.vllm import state as st
+
+    bad = _peft(tmp_path / "user2", 4, poison=(V, "lora_A", value))
+    req = SimpleNamespace(lora_name="user2", lora_path=bad)
+    monkeypatch.delenv(st.ENV_STORE, raising=False)
+    monkeypatch.delenv(st.ENV_STORE_ONLY, raising=False)
+    monkeypatch.setattr(st, "_FINITE_CACHE", {})
+    st.validate_request(req, {})  # idle without a store
+    monkeypatch.setenv(st.ENV_STORE, budget_store)
+    for _ in range(2):  # the second answer comes from the cache
+        with pytest.raises(ValueError, match=f"'user2'.*adapter 'user2', module {V}, tensor lora_A"):
+            st.validate_request(req, {})
+    assert list(st._FINITE_CACHE.values()).count(None) == 0 and len(st._FINITE_CACHE) == 1
+    st.validate_request(SimpleNamespace(lora_name="good0", lora_path=adapters[0]), {})
+
+
+def test_vllm_tables_refuse_a_store_with_non_finite_bases(tmp_path, budget_store):
+    from jdlora_ops.integrations.vllm.tables import LayerTables
+
+    store = _copy(budget_store, tmp_path)
+    _poison_store(store, "bases", f"{Q}::U", (0, 3, 1), float("nan"))
+    r = StoreReader(store)
+    geometry = {"output_slices": (16,), "input_size": 12, "tp_rank": 0, "tp_size": 1, "dtype": torch.float32,
+                "device": torch.device("cpu")}
+    with pytest.raises(NonFiniteStoreError, match=f"module {Q}, tensor U of cluster 0"):
+        LayerTables("model.layers.0.self_attn.q_proj", "column", [Q], r, {Q: 0, V: 1}, geometry, 2)
