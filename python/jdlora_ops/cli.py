@@ -483,16 +483,19 @@ def cmd_demo(args) -> int:
 
 
 def cmd_remove(args) -> int:
+    from ._finite import all_finite
     from .compress.projection import remove_adapters
     from .store import load_store, save_store
 
     # A store holding NaN or infinities can be repaired by removing the adapters concerned: the
-    # store written back is checked again, so what remains must be finite.
+    # tables written back are checked again, so what remains must be finite. Bases that are not
+    # finite are rewritten rather than kept, to go through that check.
     compressed = load_store(args.store, check_finite=False)
     dt = next((cm.U.dtype for cm in compressed.modules.values()), None)
+    finite_bases = all(all_finite(cm.U) and all_finite(cm.Vt) for cm in compressed.modules.values())
     emptied = remove_adapters(compressed, args.names)
-    save_store(args.store, compressed, update=True, reuse_bases=emptied == 0 and compressed.method in ("full", "diag"),
-               dtype=dt)
+    reuse = emptied == 0 and compressed.method in ("full", "diag") and finite_bases
+    save_store(args.store, compressed, update=True, reuse_bases=reuse, dtype=dt)
     print(f"removed {len(args.names)} adapter(s) from {args.store}" + (f"; {emptied} cluster(s) emptied" if emptied else "")
           + f"; {len(compressed.all_names)} left")
     return 0

@@ -356,10 +356,13 @@ def save_store(
         files["individual"] = f"individual-{secrets.token_hex(8)}.safetensors"
     manifest = _manifest(compressed, files, dt)
     # A table that is not finite would be refused by every reader (and casting to a narrower
-    # dtype can overflow); refuse it here, before the first byte is written. Kept bases are
-    # checked too: a store repaired by removing adapters must not keep a poisoned bases file.
+    # dtype can overflow); refuse it here, before the first byte is written. Kept bases were
+    # checked when the store was read.
+    written = {"bases": bases, "cores": cores, "individual": individual}
+    if not write_bases:
+        del written["bases"]
     try:
-        for kind, tensors in (("bases", bases), ("cores", cores), ("individual", individual)):
+        for kind, tensors in written.items():
             _require_finite_tables(f"{path}: not written", manifest, kind, tensors.__getitem__,
                                    compressed.assignment.tolist())
     except NonFiniteStoreError:
