@@ -184,7 +184,7 @@ def test_add_refuses_and_leaves_the_store_byte_for_byte(tmp_path, capsys, cli_st
 # ------------------------------------------------------------------ store reading
 def _poison_store(path: str, kind: str, key: str, index: tuple, value: float) -> str:
     """Write ``value`` into one tensor of a store file, with a matching checksum (a store written
-    before the policy, or by another tool): only the finiteness check can catch it."""
+    before the policy, or by another program): only the finiteness check can catch it."""
     mpath = os.path.join(path, "manifest.json")
     m = json.load(open(mpath))
     name = m["files"][kind]

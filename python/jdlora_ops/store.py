@@ -742,7 +742,7 @@ class StoreReader(CollectionReader):
         # at open); a damaged file is then an error, never wrong output. The
         # scan for NaN and infinities rides on the same single pass per file:
         # a checksum only proves the bytes are those written, not that they
-        # are finite (a store written before the policy, or by another tool).
+        # are finite (a store written before the policy, or by another program).
         if kind in self._verified:
             return
         name = str(self.manifest["files"][kind])
