@@ -29,17 +29,22 @@ from jdlora_ops.synthetic import SyntheticCollection, SyntheticSpec, llama_like_
 F64 = torch.float64
 
 
-def case_collection(fail_on: str | None = None, modules: int | None = None):
-    """12 adapters in 3 families on 2 layers x (q, k, v, o) of a small Llama-like model (the first ``modules``)."""
+def case_collection(fail_on: str | None = None, modules: int | None = None, nan_on: str | None = None):
+    """12 adapters in 3 families on 2 layers x (q, k, v, o) of a small Llama-like model (the first ``modules``).
+
+    ``nan_on``: a module where one factor of the first adapter of rank 3 holds a NaN."""
     mods = llama_like_modules(2, 24, 12, targets=("q_proj", "k_proj", "v_proj", "o_proj"))[:modules]
     col = SyntheticCollection(SyntheticSpec(12, mods, ranks=(3, 5), num_families=3, family_dim=6, seed=5))
-    if fail_on is None:
+    if fail_on is None and nan_on is None:
         return col
 
     def load(spec, dtype, device):
         if spec.name == fail_on:
             raise ValueError(f"cannot read module {spec.name} (planted failure)")
-        return col.load_module(spec, dtype=dtype, device=device)
+        f = col.load_module(spec, dtype=dtype, device=device)
+        if spec.name == nan_on:
+            f.groups[0].Bt[0, 1, 2] = float("nan")
+        return f
 
     return CallableCollection(col.adapter_names, mods, load)
 
@@ -63,7 +68,7 @@ def case_args(case: dict, rank: int) -> dict:
 
 
 def run_case(case: dict, rank: int) -> None:
-    collection = case_collection(case.get("fail_on"), case.get("modules"))
+    collection = case_collection(case.get("fail_on"), case.get("modules"), case.get("nan_on"))
     stats = case_stats(collection) if case.get("calibration") else None
     compress_to_store(collection, case.get("rank", 4), case["out"], calibration=stats, **case_args(case, rank))
 

@@ -198,9 +198,11 @@ def test_damaged_store_does_not_open(tmp_path, coll, damage):
     assert _files(path) == before
 
 
-def test_corrupt_data_found_on_lazy_read_changes_nothing(tmp_path, coll):
-    """A cluster whose stored bases are NaN (bit rot) in a store written before checksums: the batch
-    that needs it fails, no slot is filled, the cache keeps serving, and the file is not touched."""
+def test_corrupt_data_found_on_first_use_changes_nothing(tmp_path, coll):
+    """A cluster whose stored bases are NaN (bit rot) in a store written before checksums: the whole
+    bases file is scanned once, on its first use (as its checksum would be), so the first batch fails
+    even if it needs another cluster, with an error naming the damaged cluster's adapters, module and
+    tensor; no slot is filled, the cache keeps its state, and the file is not touched."""
     path = tmp_path / "s"
     m = save_store(path, coll)
     bases = os.path.join(path, m["files"]["bases"])
@@ -221,18 +223,17 @@ def test_corrupt_data_found_on_lazy_read_changes_nothing(tmp_path, coll):
     cache = AdapterCache(path, lazy=True, max_clusters=2, max_adapters=3, device="cpu")
     planner = BatchPlanner(cache, 16)
     good = by_cluster(coll, 0)[0]
-    with planner.prepare([good], [2]):
-        pass
-    snap = snapshot(cache)
     bad = by_cluster(coll, k_bad)[0]
-    with pytest.raises(StoreError, match="NaN or infinite"):
-        planner.prepare([good, bad], [1, 1])
+    snap = snapshot(cache)
+    where = f"'{bad}'.*module {MODULES[2].name}, tensor U of cluster {k_bad}: .*NaN or infinite"
+    with pytest.raises(StoreError, match=where):
+        planner.prepare([good], [2])
     assert_unchanged(cache, snap, host_counters=False)  # the failed read counts as a host miss
-    assert cache.where(bad) == "disk"
-    with pytest.raises(StoreError, match="NaN or infinite"):  # eager open reads everything and refuses
+    assert cache.where(good) == "disk" and cache.where(bad) == "disk"
+    with pytest.raises(StoreError, match=where):  # refused again, never half trusted
+        planner.prepare([good, bad], [1, 1])
+    with pytest.raises(StoreError, match=where):  # eager open reads everything and refuses
         AdapterCache(path, lazy=False, device="cpu")
-    with planner.prepare([good, by_cluster(coll, 1)[0]], [1, 1]):
-        pass
     assert _files(path) == before
     # With its checksums (as written), the damaged file is refused before any of its data is used.
     with open(mpath, "w") as fh:

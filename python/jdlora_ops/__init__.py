@@ -12,6 +12,7 @@ _C = load_extension()
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from . import reference  # noqa: E402,F401
+from ._finite import NonFiniteError  # noqa: E402
 from ._mode import batch_invariant, batch_invariant_mode, set_batch_invariant  # noqa: E402
 from .meta import BatchMeta  # noqa: E402
 from .ops import (  # noqa: E402
@@ -35,6 +36,7 @@ def build_info() -> dict:
 
 __all__ = [
     "BatchMeta",
+    "NonFiniteError",
     "batch_invariant",
     "batch_invariant_mode",
     "build_batch_meta",

@@ -12,9 +12,11 @@
 
 Bad input (missing or damaged files, adapters of another base model or with
 other shapes, a rank the modules cannot hold, K outside [1, number of adapters],
-an error budget outside (0, 1], duplicate names, a zero update, ...) ends with a one-line
-``jdlora: error: ...`` on stderr and exit status 2. Stores and exported
-adapters are written atomically.
+an error budget outside (0, 1], duplicate names, a zero update, factors or
+tables holding NaN or an infinity, ...) ends with a one-line
+``jdlora: error: ...`` on stderr and exit status 2, and nothing written.
+Stores and exported adapters are written atomically. ``verify`` lists every
+table row holding NaN or an infinity before it fails.
 """
 
 from __future__ import annotations
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("store", metavar="STORE")
     rm.add_argument("names", nargs="+", metavar="NAME")
 
-    v = sub.add_parser("verify", help="check every file of a store against its manifest checksums")
+    v = sub.add_parser("verify", help="check every file of a store against its manifest checksums, and its "
+                                      "tables for NaN or infinite values")
     v.add_argument("store", metavar="STORE")
 
     cal = sub.add_parser("calibrate", help="input second moments of the adapted modules of a base model")
@@ -480,28 +483,39 @@ def cmd_demo(args) -> int:
 
 
 def cmd_remove(args) -> int:
+    from ._finite import all_finite
     from .compress.projection import remove_adapters
     from .store import load_store, save_store
 
-    compressed = load_store(args.store)
+    # A store holding NaN or infinities can be repaired by removing the adapters concerned: the
+    # tables written back are checked again, so what remains must be finite. Bases that are not
+    # finite are rewritten rather than kept, to go through that check.
+    compressed = load_store(args.store, check_finite=False)
     dt = next((cm.U.dtype for cm in compressed.modules.values()), None)
+    finite_bases = all(all_finite(cm.U) and all_finite(cm.Vt) for cm in compressed.modules.values())
     emptied = remove_adapters(compressed, args.names)
-    save_store(args.store, compressed, update=True, reuse_bases=emptied == 0 and compressed.method in ("full", "diag"),
-               dtype=dt)
+    reuse = emptied == 0 and compressed.method in ("full", "diag") and finite_bases
+    save_store(args.store, compressed, update=True, reuse_bases=reuse, dtype=dt)
     print(f"removed {len(args.names)} adapter(s) from {args.store}" + (f"; {emptied} cluster(s) emptied" if emptied else "")
           + f"; {len(compressed.all_names)} left")
     return 0
 
 
 def cmd_verify(args) -> int:
-    from .store import verify_store
+    from .store import NonFiniteStoreError, verify_store
 
-    result = verify_store(args.store)
+    problems: list[str] = []
+    result = verify_store(args.store, problems=problems)
     for name, state in result.items():
         print(f"{state:12s} {name}")
-    unchecked = [n for n, st in result.items() if st != "ok"]
+    for p in problems:
+        print(f"{'non-finite':12s} {p}")
+    unchecked = [n for n, st in result.items() if st.startswith("no checksum")]
     print(f"{args.store}: {len(result) - len(unchecked)} of {len(result)} files match their checksums"
           + (f"; {len(unchecked)} have none (written before checksums)" if unchecked else ""))
+    if problems:
+        raise NonFiniteStoreError(f"{args.store}: {len(problems)} table row(s) hold NaN or infinite values, "
+                                  f"the first: {problems[0]}")
     return 0
 
 

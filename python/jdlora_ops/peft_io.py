@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from ._files import atomic_directory, read_json_object, write_json
+from ._finite import require_finite
 from .compress.collection import AdapterCollection, ModuleFactors, ModuleSpec, module_sort_key
 from .compress.result import CompressedCollection
 
@@ -118,6 +119,18 @@ class PeftAdapter:
                 return fh.get_tensor(e.a_key), fh.get_tensor(e.b_key), e.scale
         except Exception as exc:  # safetensors raises several types for damaged files
             raise AdapterFormatError(f"{path}: cannot read {module}: {exc}") from exc
+
+    def require_finite(self, modules: Sequence[str] | None = None) -> None:
+        """Raise :class:`~jdlora_ops.NonFiniteError` when ``lora_A`` or ``lora_B`` of one of
+        ``modules`` (default: all) holds NaN or an infinity; each tensor is read once."""
+        wanted = list(self.modules) if modules is None else [m for m in modules if m in self.modules]
+        for mod in wanted:
+            A, B, scale = self.load(mod)
+            require_finite(A, adapter=self.name, module=mod, tensor_name="lora_A", source=self.path)
+            require_finite(B, adapter=self.name, module=mod, tensor_name="lora_B", source=self.path)
+            # JSON as Python reads it allows NaN and Infinity for lora_alpha
+            require_finite(torch.tensor(scale, dtype=torch.float64), adapter=self.name, module=mod,
+                           tensor_name="scaling (lora_alpha / r)", source=self.path)
 
 
 def read_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftAdapter:
@@ -318,6 +331,13 @@ class PeftCollection(AdapterCollection):
     @property
     def modules(self) -> list[ModuleSpec]:
         return list(self._modules)
+
+    def require_finite(self, modules: Sequence[ModuleSpec | str] | None = None) -> None:
+        """Every adapter's factors on ``modules`` (default: all), read from disk once and refused when
+        they hold NaN or an infinity (:class:`~jdlora_ops.NonFiniteError`)."""
+        names = None if modules is None else [m.name if isinstance(m, ModuleSpec) else m for m in modules]
+        for a in self.adapters:
+            a.require_finite(names)
 
     def load_module(self, module, *, dtype=torch.float32, device="cpu") -> ModuleFactors:
         spec = module if isinstance(module, ModuleSpec) else self.module(module)

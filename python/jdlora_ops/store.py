@@ -48,10 +48,12 @@ from typing import Sequence
 import torch
 
 from ._files import read_json_object, write_json
+from ._finite import NonFiniteError, all_finite, nonfinite_problem
 from .compress.collection import ModuleSpec
 from .compress.result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, sigma_is_diagonal
 
-__all__ = ["StoreError", "save_store", "load_store", "read_manifest", "is_store", "verify_store", "verify_file",
+__all__ = ["StoreError", "NonFiniteStoreError", "save_store", "load_store", "read_manifest", "is_store",
+           "verify_store", "verify_file",
            "file_sha256", "check_target", "new_staging_dir", "CollectionReader", "StoreReader", "tensor_bytes", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "jdlora-store"
@@ -69,6 +71,10 @@ SCALING_NOTE = (
 
 class StoreError(ValueError):
     """A store that cannot be read or written (message names the path and the problem)."""
+
+
+class NonFiniteStoreError(StoreError, NonFiniteError):
+    """A store table (bases, cores, individually stored factors) holding NaN or an infinity."""
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -119,11 +125,89 @@ def verify_file(store: str, manifest: dict, name: str) -> bool:
     return True
 
 
-def verify_store(path: str | os.PathLike) -> dict:
-    """Check every tensor file of a store against the manifest; returns ``{file: "ok" | "no checksum"}``."""
+def verify_store(path: str | os.PathLike, *, problems: list | None = None) -> dict:
+    """Check every tensor file of a store against the manifest and its tables for NaN or infinite values.
+
+    Returns ``{file: "ok" | "no checksum" | "non-finite" | "no checksum, non-finite"}``; a checksum
+    mismatch raises :class:`StoreError`. With ``problems`` (a list), one
+    message per table row holding NaN or an infinity (file, adapter, module,
+    tensor, counts) is appended to it.
+    """
+    from safetensors import safe_open
+
     path = os.path.abspath(os.fspath(path))
     m = read_manifest(path)
-    return {name: ("ok" if verify_file(path, m, name) else "no checksum") for name in (m.get("files") or {}).values()}
+    files = dict(m.get("files") or {})
+    out = {name: ("ok" if verify_file(path, m, name) else "no checksum") for name in files.values()}
+    assignment = None
+    # Cores first: their assignment names the adapters of each cluster whose bases are reported.
+    for kind in ("cores", "bases", "individual"):
+        if kind not in files:
+            continue
+        f = os.path.join(path, files[kind])
+        try:
+            with safe_open(f, framework="pt") as fh:
+                if kind == "cores":
+                    assignment = fh.get_tensor("assignment").tolist()
+                found = [f"{f}: {p}" for p in _nonfinite_tables(m, kind, fh.get_tensor, assignment)]
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{f}: cannot read its tables ({exc})") from exc
+        if found:
+            out[files[kind]] = "non-finite" if out[files[kind]] == "ok" else "no checksum, non-finite"
+            if problems is not None:
+                problems.extend(found)
+    return out
+
+
+def _bad_rows(t: torch.Tensor) -> list[int]:
+    return (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()
+
+
+def _nonfinite_tables(m: dict, kind: str, get, assignment=None):
+    """Yield one message per row holding NaN or an infinity in the served tables of tensor file ``kind``.
+
+    ``get(key)`` reads a tensor; ``assignment`` (cluster per adapter) names
+    the adapters sharing a cluster's bases. Rows are a cluster's bases, an
+    adapter's cores, or an individually stored adapter's factors, so each
+    message names the adapter(s), the module and the tensor.
+    """
+    names = [str(a["name"]) for a in m["adapters"]]
+    if kind == "bases":
+        for md in m["modules"]:
+            for t in ("U", "Vt"):
+                x = get(f"{md['name']}::{t}")
+                if all_finite(x):
+                    continue
+                for k in _bad_rows(x):
+                    members = [n for n, c in zip(names, assignment or []) if int(c) == k]
+                    yield nonfinite_problem(x[k], adapter=members, module=md["name"],
+                                            tensor_name=f"{t} of cluster {k}")
+    elif kind == "cores":
+        for md in m["modules"]:
+            x = get(f"{md['name']}::sigma")
+            if all_finite(x):
+                continue
+            for i in _bad_rows(x):
+                who = names[i] if i < len(names) else f"#{i}"
+                yield nonfinite_problem(x[i], adapter=who, module=md["name"], tensor_name="sigma")
+    elif kind == "individual":
+        for j, e in enumerate(m.get("individual") or []):
+            for mod in e["modules"]:
+                for t in ("A", "B"):
+                    p = nonfinite_problem(get(f"{j}::{mod}::{t}"), adapter=str(e["name"]), module=mod,
+                                          tensor_name=t)
+                    if p is not None:
+                        yield p
+
+
+def _require_finite_tables(where: str, m: dict, kind: str, get, assignment=None) -> None:
+    """Raise :class:`NonFiniteStoreError` (``where: <first problem>``) unless the tables of tensor
+    file ``kind`` are finite."""
+    problem = next(_nonfinite_tables(m, kind, get, assignment), None)
+    if problem is not None:
+        raise NonFiniteStoreError(f"{where}: {problem}")
 
 
 def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -235,6 +319,9 @@ def save_store(
     * ``staging``: an empty directory from :func:`new_staging_dir` to
       assemble a new store in (default: a fresh one); it is renamed into
       place on success and removed on failure.
+
+    Tables holding NaN or an infinity (after the cast to ``dtype``) raise
+    :class:`NonFiniteStoreError` before anything is written.
     """
     path = os.path.abspath(os.fspath(path))
     if compressed.method not in METHODS:
@@ -268,6 +355,20 @@ def save_store(
     if compressed.individual:
         files["individual"] = f"individual-{secrets.token_hex(8)}.safetensors"
     manifest = _manifest(compressed, files, dt)
+    # A table that is not finite would be refused by every reader (and casting to a narrower
+    # dtype can overflow); refuse it here, before the first byte is written. Kept bases were
+    # checked when the store was read.
+    written = {"bases": bases, "cores": cores, "individual": individual}
+    if not write_bases:
+        del written["bases"]
+    try:
+        for kind, tensors in written.items():
+            _require_finite_tables(f"{path}: not written", manifest, kind, tensors.__getitem__,
+                                   compressed.assignment.tolist())
+    except NonFiniteStoreError:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
     if staging is not None and existing:
         shutil.rmtree(staging, ignore_errors=True)  # an existing store is updated in place
@@ -379,11 +480,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return m
 
 
-def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> CompressedCollection:
+def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+               check_finite: bool = True) -> CompressedCollection:
     """Read a store back into a :class:`CompressedCollection`.
 
     Raises :class:`StoreError` when the manifest or a tensor file is missing
-    or damaged or disagrees with the manifest.
+    or damaged or disagrees with the manifest, and :class:`NonFiniteStoreError`
+    when a table holds NaN or an infinity. ``check_finite=False`` is for
+    repairs only (``jdlora remove`` of the adapters concerned): whatever is
+    written back is checked again by :func:`save_store`.
     """
     from safetensors.torch import load_file
 
@@ -431,6 +536,9 @@ def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu") -
         raise StoreError(f"{path}: tensor {exc} named by the manifest is missing") from exc
     if assignment.shape != (n,) or (n and (int(assignment.min()) < 0 or int(assignment.max()) >= K)):
         raise StoreError(f"{path}: cluster assignment does not match the manifest")
+    for kind in ("bases", "cores") if check_finite else ():
+        _require_finite_tables(os.path.join(path, m["files"][kind]), m, kind, tensors.__getitem__,
+                               assignment.tolist())
     names = [a["name"] for a in m["adapters"]]
     metadata = dict(m.get("metadata") or {})
     metadata["base_model"] = m.get("base_model")
@@ -442,7 +550,7 @@ def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu") -
             md["name"]: [int(a.get("ranks", [0] * len(m["modules"]))[j]) for a in m["adapters"]]
             for j, md in enumerate(m["modules"])
         }
-    individual = _load_individual(path, m, modules, device)
+    individual = _load_individual(path, m, modules, device, check_finite)
     for entry in m.get("individual") or []:
         if "peft_config" in entry:
             metadata.setdefault("configs", {})[entry["name"]] = entry["peft_config"]
@@ -453,7 +561,8 @@ def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu") -
     )
 
 
-def _load_individual(path: str, m: dict, modules: dict, device) -> dict[str, IndividualAdapter]:
+def _load_individual(path: str, m: dict, modules: dict, device,
+                     check_finite: bool) -> dict[str, IndividualAdapter]:
     entries = m.get("individual") or []
     if not entries:
         return {}
@@ -469,6 +578,11 @@ def _load_individual(path: str, m: dict, modules: dict, device) -> dict[str, Ind
         raise StoreError(f"{f}: damaged tensor file ({exc})") from exc
     names = [md["name"] for md in m["modules"]]
     out = {}
+    try:
+        if check_finite:
+            _require_finite_tables(f, m, "individual", tensors.__getitem__)
+    except KeyError as exc:
+        raise StoreError(f"{path}: tensor {exc} of the individually stored adapters is missing") from exc
     try:
         for j, e in enumerate(entries):
             factors = {}
@@ -625,21 +739,37 @@ class StoreReader(CollectionReader):
     def _verify(self, kind: str) -> None:
         # Hashing a file reads all of it, so a memory-mapped store checks each
         # file once, just before its data is first used (headers were checked
-        # at open); a damaged file is then an error, never wrong output.
-        if kind not in self._verified:
-            verify_file(self.path, self.manifest, str(self.manifest["files"][kind]))
-            self._verified.add(kind)
+        # at open); a damaged file is then an error, never wrong output. The
+        # scan for NaN and infinities rides on the same single pass per file:
+        # a checksum only proves the bytes are those written, not that they
+        # are finite (a store written before the policy, or by another program).
+        if kind in self._verified:
+            return
+        name = str(self.manifest["files"][kind])
+        verify_file(self.path, self.manifest, name)
+        f = os.path.join(self.path, name)
+        fh = self._files.get(kind)
+        try:
+            if fh is None:
+                from safetensors import safe_open
+
+                fh = safe_open(f, framework="pt")
+            # The bases are first read after open, when the assignment that names their adapters is known.
+            assignment = self.assignment.tolist() if kind == "bases" else None
+            _require_finite_tables(f, self.manifest, kind, fh.get_tensor, assignment)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{f}: cannot read its tables ({exc})") from exc
+        self._verified.add(kind)
 
     def _read(self, kind: str, key: str, index: int | None = None) -> torch.Tensor:
         self._verify(kind)
         try:
             sl = self._files[kind].get_slice(key)
-            t = sl[:] if index is None else sl[index : index + 1][0]
+            return sl[:] if index is None else sl[index : index + 1][0]
         except Exception as exc:
             raise StoreError(f"{self.path}: cannot read {key} from {self.manifest['files'][kind]} ({exc})") from exc
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise StoreError(f"{self.path}: {key} holds NaN or infinite values (the file is corrupt)")
-        return t
 
     def read_bases(self, k):
         return [(self._read("bases", f"{s.name}::U", k), self._read("bases", f"{s.name}::Vt", k)) for s in self.modules]

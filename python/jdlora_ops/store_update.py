@@ -37,11 +37,14 @@ def add_to_store(
 
     ``compressed``: the store already loaded (``load_store``), to spare a read.
     Raises ``ValueError`` (a clear message) for a cluster out of range, stats
-    missing for an activation-aware store or given for a plain one.
+    missing for an activation-aware store or given for a plain one, and
+    :class:`~jdlora_ops.NonFiniteError` for factors holding NaN or
+    an infinity.
     """
     from .compress.error_budget import budget_new_adapters, check_budget
     from .compress.projection import project_adapters
 
+    new.require_finite()  # before any work: a refused adapter leaves the store byte-for-byte as it was
     compressed = load_store(store) if compressed is None else compressed
     if cluster is not None and compressed.method in ("full", "diag") and not 0 <= cluster < compressed.num_clusters:
         raise ValueError(f"--cluster {cluster} out of range: the store has {compressed.num_clusters} clusters")

@@ -17,6 +17,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from .._finite import all_finite, require_finite
+
 __all__ = [
     "ModuleSpec",
     "RankGroup",
@@ -355,6 +357,27 @@ class AdapterCollection(abc.ABC):
         for m in self.modules:
             yield self.load_module(m, dtype=dtype, device=device)
 
+    def require_finite(self, modules: Sequence[ModuleSpec | str] | None = None) -> None:
+        """Raise :class:`~jdlora_ops.NonFiniteError` naming the adapter, module and factor when
+        some factor on ``modules`` (default: all) holds NaN or an infinity.
+
+        This default reads each module once through :meth:`load_module`, in
+        float32 as the compressor does (so it needs no more memory than one of
+        its passes); collections that hold the factors themselves check them
+        in place.
+        """
+        names = self.adapter_names
+        for m in self.modules if modules is None else modules:
+            f = self.load_module(m, dtype=torch.float32)
+            for g in f.groups:
+                if all_finite(g.A) and all_finite(g.Bt):
+                    continue
+                for t, i in enumerate(g.index.tolist()):
+                    who = dict(adapter=names[i], module=f.spec.name)
+                    require_finite(g.A[t], **who, tensor_name="lora_A")
+                    # Bt holds (s B)^T: report indices of B itself
+                    require_finite(g.Bt[t].t(), **who, tensor_name="lora_B (scaled)")
+
 
 class InMemoryCollection(AdapterCollection):
     """Adapters held as tensors: ``adapters[name][module] = (A, B, scale)``.
@@ -393,6 +416,17 @@ class InMemoryCollection(AdapterCollection):
     @property
     def modules(self) -> list[ModuleSpec]:
         return list(self._modules)
+
+    def require_finite(self, modules: Sequence[ModuleSpec | str] | None = None) -> None:
+        wanted = None if modules is None else {m.name if isinstance(m, ModuleSpec) else m for m in modules}
+        for name, mods in self._adapters.items():
+            for mod, (a, b, s) in mods.items():
+                if wanted is not None and mod not in wanted:
+                    continue
+                require_finite(torch.as_tensor(a), adapter=name, module=mod, tensor_name="lora_A")
+                require_finite(torch.as_tensor(b), adapter=name, module=mod, tensor_name="lora_B")
+                require_finite(torch.as_tensor(float(s), dtype=torch.float64), adapter=name, module=mod,
+                               tensor_name="scale")
 
     def load_module(self, module, *, dtype=torch.float32, device="cpu") -> ModuleFactors:
         spec = module if isinstance(module, ModuleSpec) else self.module(module)

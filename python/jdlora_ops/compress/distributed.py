@@ -141,7 +141,10 @@ def compress_to_store(
 
     Returns, on process 0, the whole compressed collection; on the others
     their modules only. Every process raises when any fails (the others with
-    :class:`RankFailed` naming it); the store is then not written.
+    :class:`RankFailed` naming it); the store is then not written. Factors
+    holding NaN or an infinity are refused before any compression work
+    (:class:`~jdlora_ops.NonFiniteError` naming the adapter, module
+    and factor).
     """
     from . import compress  # the package's name, which callers (and tests) may replace
     from .activation_aware import DEFAULT_DAMPING, compress_activation_aware
@@ -162,6 +165,9 @@ def compress_to_store(
     if max_rel_error is not None:
         check_budget(max_rel_error)
     team.run(_check_target, out, overwrite, team.is_root)
+    # Each process reads only its own modules' factors; a refusal on one fails all of them.
+    specs = collection.modules
+    team.run(collection.require_finite, [specs[i] for i in team.local(specs, len(collection.adapter_names))])
     args = dict(compress_args, team=team)
     if calibration is not None:
         result = compress_activation_aware(collection, calibration, rank, damping=damping or DEFAULT_DAMPING,

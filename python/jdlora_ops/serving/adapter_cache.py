@@ -55,6 +55,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .._finite import NonFiniteError, require_finite
 from ..compress.collection import ModuleFactors, ModuleSpec
 from ..compress.result import CompressedCollection
 from .host_tier import CollectionReader, HostTier, MemoryReader, StoreReader, UncompressedAdapter
@@ -87,6 +88,10 @@ class CapacityError(ValueError):
 
 class AdapterMismatchError(ValueError):
     """An adapter made for another base model, other module shapes, or a rank the tables cannot hold."""
+
+
+class _NonFiniteFactorsError(AdapterMismatchError, NonFiniteError):
+    """Factors holding NaN or an infinity (an :class:`AdapterMismatchError`, as such factors always were)."""
 
 
 @dataclass
@@ -714,8 +719,9 @@ class AdapterCache:
                     f"adapter {name!r}, module {mod}: update is {B.shape[0]} x {A.shape[1]}, the base model's "
                     f"module is {spec.d_out} x {spec.d_in} (an adapter for another base model?)"
                 )
-            if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all()) and math.isfinite(float(s))):
-                raise AdapterMismatchError(f"adapter {name!r}, module {mod}: factors hold NaN or infinite values")
+            scale = torch.tensor(float(s), dtype=torch.float64)
+            for t, what in ((A, "lora_A"), (B, "lora_B"), (scale, "scale")):
+                require_finite(t, adapter=name, module=mod, tensor_name=what, error=_NonFiniteFactorsError)
             out[self._module_index[mod]] = (A, B, float(s))
         return out
 

@@ -38,7 +38,8 @@ def register() -> None:
     if _REGISTERED:
         return
     from . import _vllm_private as vp
-    from .state import ENV_STORE, load_store_adapter, on_layer_created, on_modules_created, store_path, validate_request
+    from .state import (ENV_STORE, check_peft_adapter, load_store_adapter, on_layer_created,
+                        on_modules_created, store_path, validate_request)
 
     path = store_path()
     try:
@@ -50,7 +51,8 @@ def register() -> None:
                     vp.vllm_version())
         return
     vp.install_hooks(on_layer_created, on_modules_created, load_store_adapter, validate_request,
-                     "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper")
+                     "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper",
+                     check_loaded_adapter=check_peft_adapter)
     if path is not None:
         from vllm.lora.resolver import LoRAResolverRegistry
 

@@ -25,7 +25,8 @@ on five private names, patched here and nowhere else:
 
 The layer attributes read (``lora_a_stacked``, ``lora_b_stacked``,
 ``output_slices``, ``n_slices``, ``tp_rank``, ``tp_size``, ``input_size``,
-``base_layer``) and the layer classes' names are read here too.
+``base_layer``), the layer classes' names and the dense factors of a loaded
+``LoRAModel`` (``loras``, ``lora_a``, ``lora_b``) are read here too.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def install_hooks(
     load_store_adapter: Callable[[object, object], object | None],
     validate_request: Callable[[object, dict], None],
     wrapper_qualname: str,
+    check_loaded_adapter: Callable[[object, object], None] | None = None,
 ) -> None:
     """Patch the five private names (idempotent).
 
@@ -148,7 +150,10 @@ def install_hooks(
       for store adapters and ``None`` for anything else (vLLM then loads it);
     * ``validate_request(lora_request, additional_config)`` raises ``ValueError``
       for a store request that cannot be served;
-    * ``wrapper_qualname`` is returned by the platform's ``get_punica_wrapper``.
+    * ``wrapper_qualname`` is returned by the platform's ``get_punica_wrapper``;
+    * ``check_loaded_adapter(lora_request, lora_model)`` runs on every adapter
+      vLLM itself loaded (PEFT), before it can be put in a slot; it raises to
+      refuse it.
     """
     global _INSTALLED
     if _INSTALLED:
@@ -181,7 +186,11 @@ def install_hooks(
     @functools.wraps(load)
     def _load_adapter(self, lora_request):
         model = load_store_adapter(self, lora_request)
-        return load(self, lora_request) if model is None else model
+        if model is None:
+            model = load(self, lora_request)
+            if check_loaded_adapter is not None:
+                check_loaded_adapter(lora_request, model)
+        return model
 
     worker_manager.WorkerLoRAManager._load_adapter = _load_adapter
 
@@ -219,6 +228,21 @@ def platform_punica_wrapper_class():
     original = getattr(platform_cls, "_jdlora_original_punica_wrapper", None)
     qualname = original(platform_cls) if original is not None else current_platform.get_punica_wrapper()
     return resolve_obj_by_qualname(qualname)
+
+
+def lora_model_factors(model):
+    """``(module, "lora_a" | "lora_b", tensor)`` for every dense factor of a vLLM ``LoRAModel``.
+
+    ``LoRAModel.loras`` maps module names to ``LoRALayerWeights`` whose
+    ``lora_a``/``lora_b`` are tensors, or lists of them (``None`` for an
+    absent slice) once packed.
+    """
+    for module, weights in getattr(model, "loras", {}).items():
+        for side in ("lora_a", "lora_b"):
+            t = getattr(weights, side, None)
+            for part in (t if isinstance(t, (list, tuple)) else [t]):
+                if part is not None:
+                    yield module, side, part
 
 
 #: Name of the one placeholder entry of a store adapter's ``LoRAModel``; no layer has it.

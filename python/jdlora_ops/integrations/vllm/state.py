@@ -19,7 +19,8 @@ from .tables import LayerTables, StoreMismatchError
 log = logging.getLogger("jdlora_ops.vllm")
 
 __all__ = ["STATE", "store_path", "store_only", "on_layer_created", "on_modules_created", "load_store_adapter",
-           "validate_request", "ENV_STORE", "CONFIG_KEY", "ENV_STORE_ONLY", "CONFIG_STORE_ONLY"]
+           "check_peft_adapter", "peft_finite_problem", "validate_request", "ENV_STORE", "CONFIG_KEY",
+           "ENV_STORE_ONLY", "CONFIG_STORE_ONLY"]
 
 #: Environment variable naming the store directory (``vllm serve ... `` with it set).
 ENV_STORE = "JDLORA_STORE"
@@ -52,10 +53,12 @@ def store_only(extra: dict | None = None) -> bool:
 
 
 _NAMES_CACHE: dict[str, set[str]] = {}
+_FINITE_CACHE: dict[tuple, str | None] = {}  # (weights file, size, mtime) -> why refused, or None
 
 
 def validate_request(lora_request, extra: dict) -> None:
-    """Front-end check of a request naming a store adapter (``ValueError`` when it cannot be served)."""
+    """Front-end check of a request naming a store adapter, or (with a store configured) a local PEFT
+    adapter whose factors must be finite (``ValueError`` when it cannot be served)."""
     from ...store import read_manifest
 
     path = store_path(extra)
@@ -63,8 +66,39 @@ def validate_request(lora_request, extra: dict) -> None:
     if problem is None and path is not None and store_only(extra) and not _is_store(lora_request):
         problem = (f"this server serves the jdlora store {path} only ({ENV_STORE_ONLY} / {CONFIG_STORE_ONLY!r}); "
                    "PEFT adapters are not accepted")
+    if problem is None and path is not None and not _is_store(lora_request):
+        problem = peft_finite_problem(lora_request, _FINITE_CACHE)
     if problem:
         raise ValueError(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}")
+
+
+def peft_finite_problem(lora_request, cache: dict) -> str | None:
+    """Why a local PEFT adapter cannot be served because a factor holds NaN or an infinity, or ``None``.
+
+    In the front end, so that such an adapter fails its request only: refused
+    in a worker (:func:`check_peft_adapter`), it would stop the engine. Read
+    once per version of the weights file (path, size, modification time).
+    Adapters this reader cannot open (not local, pickle files, layouts it does
+    not support) are left to vLLM and to the worker's check.
+    """
+    from ..._finite import NonFiniteError
+    from ...peft_io import ADAPTER_WEIGHTS, AdapterFormatError, read_peft_adapter
+
+    folder = getattr(lora_request, "lora_path", None)
+    weights = os.path.join(folder, ADAPTER_WEIGHTS) if folder else None
+    if not weights or not os.path.isfile(weights):
+        return None
+    st = os.stat(weights)
+    key = (os.path.abspath(weights), st.st_size, st.st_mtime_ns)
+    if key not in cache:
+        try:
+            read_peft_adapter(folder, getattr(lora_request, "lora_name", None)).require_finite()
+            cache[key] = None
+        except NonFiniteError as exc:
+            cache[key] = str(exc)
+        except AdapterFormatError:
+            cache[key] = None
+    return cache[key]
 
 
 def _is_store(lora_request) -> bool:
@@ -231,3 +265,22 @@ def load_store_adapter(worker_manager, lora_request):
     model.jdlora_name = name
     STATE.store_models[lora_request.lora_int_id] = model
     return model
+
+
+def check_peft_adapter(lora_request, model) -> None:
+    """Refuse a PEFT adapter vLLM loaded whose factors hold NaN or an infinity (before it gets a slot).
+
+    A store's tables are checked by the store reader when the plugin opens it
+    (bases at start-up, cores when the store is opened), and local PEFT
+    adapters in the front end (:func:`peft_finite_problem`); this is the last
+    line for whatever else vLLM loads itself. Idle, like the rest of the
+    plugin, until a store is configured.
+    """
+    from ..._finite import require_finite
+
+    if store_path() is None:
+        return
+    name = str(getattr(lora_request, "lora_name", "?"))
+    where = getattr(lora_request, "lora_path", None)
+    for module, side, t in vp.lora_model_factors(model):
+        require_finite(t, adapter=name, module=module, tensor_name=side, source=where)
