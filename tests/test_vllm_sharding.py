@@ -82,7 +82,10 @@ def _worker(rank: int, world: int, port: int, q):
         dist.all_reduce(y_out)
         y_h = torch.zeros(T, D_OUTS[0])
         row_parallel_update(x[:, lo:hi].contiguous(), Vt_loc, S[0], U[0], meta, y_h, reduce="h")
-        q.put((rank, y_col, y_out, y_h))
+        # As numpy arrays, pickled by value: a tensor would be sent as a handle
+        # into this process's shared memory, which is gone if the process exits
+        # before the parent has read it (a reset connection on a busy machine).
+        q.put((rank, y_col.numpy(), y_out.numpy(), y_h.numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -106,8 +109,8 @@ def test_two_rank_sharding_matches_unsharded_result():
     results = {}
     try:
         for _ in range(world):
-            rank, y_col, y_out, y_h = q.get(timeout=120)
-            results[rank] = (y_col, y_out, y_h)
+            rank, *ys = q.get(timeout=120)
+            results[rank] = tuple(torch.from_numpy(y) for y in ys)
     finally:
         for p in procs:
             p.join(timeout=30)
