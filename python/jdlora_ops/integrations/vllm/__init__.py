@@ -18,7 +18,7 @@ Then:
   is created, so a slot costs one core per module and ``max_loras`` can be
   in the thousands, and PEFT requests are refused.
 
-Checked against vLLM 0.32.0 (see :mod:`._vllm_private`). Nothing here imports
+Checked against vLLM 0.32.x and 0.33.x (see :mod:`._vllm_private`). Nothing here imports
 vLLM until :func:`register` runs inside vLLM.
 """
 

