@@ -33,7 +33,14 @@ _REGISTERED = False
 
 
 def register() -> None:
-    """The plugin entry point (idempotent): install the hooks and, with a store, its resolver."""
+    """The plugin entry point (idempotent): install the hooks and, with a store, its resolver.
+
+    When the hooks cannot be installed (unsupported vLLM, or a patched name
+    moved) and a store is configured, this raises: vLLM lets an entry point's
+    exception stop start-up. Without a visible store it only logs, and plants a
+    guard that stops the engine at LoRA set-up if a store turns up in the
+    engine's ``additional_config`` (not visible here in the front end).
+    """
     global _REGISTERED
     if _REGISTERED:
         return
@@ -42,15 +49,15 @@ def register() -> None:
 
     path = store_path()
     try:
-        vp.check_version()
-    except RuntimeError:
+        vp.install_hooks(on_layer_created, on_modules_created, load_store_adapter, validate_request,
+                         "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper")
+    except vp.PluginUnavailable as exc:
         if path is not None:
-            raise
-        log.warning("jdlora_ops: vLLM %s is not a version the plugin was checked against; plugin not loaded",
-                    vp.vllm_version())
+            raise vp.PluginUnavailable(vp.refusal(str(exc), path)) from exc
+        guarded = vp.install_guard(str(exc), store_path)
+        log.warning("%s; plugin not loaded%s", exc,
+                    " (an engine configured with a jdlora store will refuse to start)" if guarded else "")
         return
-    vp.install_hooks(on_layer_created, on_modules_created, load_store_adapter, validate_request,
-                     "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper")
     if path is not None:
         from vllm.lora.resolver import LoRAResolverRegistry
 

@@ -29,15 +29,26 @@ on five private names, patched here and nowhere else:
 
 The layer attributes read (``lora_a_stacked``, ``lora_b_stacked``,
 ``output_slices``, ``n_slices``, ``tp_rank``, ``tp_size``, ``input_size``,
-``base_layer``) and the layer classes' names are read here too.
+``base_layer``, ``punica_wrapper``) and the layer classes' names are read here
+too.
+
+When the installed vLLM is not one of these, or a patched name is missing or
+has another signature, the hooks are not installed (:class:`PluginUnavailable`).
+vLLM swallows errors raised while importing a plugin, and a store may be
+configured where the plugin cannot see it yet (``additional_config`` is only
+known once the engine is built), so the refusal is also planted where vLLM
+builds its LoRA layers (:func:`install_guard`): an engine with a store
+configured then fails to start instead of serving base-model outputs.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 from typing import Callable
 
-from ._source_check import Expect, check_source_tree, source_version
+from ._source_check import Expect, check_source_tree, render_signature, source_version
 
 #: vLLM releases these hooks were checked against: [lowest, first unsupported).
 VLLM_CHECKED = ((0, 32, 0), (0, 34, 0))
@@ -210,6 +221,80 @@ def check_sources(root: str | None = None) -> tuple[str | None, list[str]]:
     return source_version(root, "vllm"), check_source_tree(root, SURFACE)
 
 
+def _surface(name: str) -> Expect:
+    return next(e for e in SURFACE if e.where == name and e.params is not None)
+
+
+def _resolve(module: str, qualname: str):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _patch_targets() -> dict:
+    """The five patched names, resolved and their signatures checked; :class:`PluginUnavailable` lists every miss."""
+    problems: list[str] = []
+    targets: dict = {}
+
+    def take(key, module, qualname, expect: Expect, decorator=None):
+        try:
+            obj = _resolve(module, qualname)
+        except Exception as exc:
+            problems.append(f"{module}.{qualname} is missing ({type(exc).__name__}: {exc})")
+            return
+        func = obj
+        if decorator is not None:
+            func = getattr(obj, "__func__", None)
+            if func is None:
+                problems.append(f"{module}.{qualname}: expected a {decorator}, found {type(obj).__name__}")
+                return
+        try:
+            found = render_signature(func, decorator)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{module}.{qualname}: no signature ({exc})")
+            return
+        if found != expect.params:
+            problems.append(f"{module}.{qualname}: signature changed: expected ({expect.params}), found ({found})")
+            return
+        targets[key] = obj
+
+    take("from_layer", _MM, "from_layer", _surface("vllm.lora.utils.from_layer"))
+    take("create", _MM, "LoRAModelManager._create_lora_modules",
+         _surface(f"{_MM}.LoRAModelManager._create_lora_modules"))
+    take("load", _WM, "WorkerLoRAManager._load_adapter", _surface(f"{_WM}.WorkerLoRAManager._load_adapter"))
+    take("validate", _IP, "InputProcessor._validate_lora", _surface(f"{_IP}.InputProcessor._validate_lora"))
+    try:
+        platform_cls = type(_resolve("vllm.platforms", "current_platform"))
+        raw = inspect.getattr_static(platform_cls, "get_punica_wrapper")
+        if not isinstance(raw, classmethod):
+            raise TypeError(f"expected a classmethod, found {type(raw).__name__}")
+        found = render_signature(raw.__func__, "classmethod")
+        expected = _surface("vllm.platforms.interface.Platform.get_punica_wrapper").params
+        if found != expected:
+            raise TypeError(f"signature changed: expected ({expected}), found ({found})")
+        targets["platform"] = platform_cls
+    except Exception as exc:
+        problems.append(f"the current platform's get_punica_wrapper: {type(exc).__name__}: {exc}")
+    if problems:
+        raise PluginUnavailable(
+            f"jdlora_ops vLLM plugin: vLLM {vllm_version()} is in the supported range {supported_versions()} but "
+            "cannot be patched: "
+            + "; ".join(problems)
+        )
+    return targets
+
+
+def patch_problems() -> list[str]:
+    """What would stop :func:`install_hooks` on the installed vLLM (``[]``: nothing); patches nothing."""
+    try:
+        check_version()
+        _patch_targets()
+    except PluginUnavailable as exc:
+        return [str(exc)]
+    return []
+
+
 # --- layer kinds ------------------------------------------------------------
 
 def layer_kind(layer) -> str | None:
@@ -286,7 +371,7 @@ def install_hooks(
     validate_request: Callable[[object, dict], None],
     wrapper_qualname: str,
 ) -> None:
-    """Patch the five private names (idempotent).
+    """Patch the five private names (idempotent); all of them or none.
 
     * ``on_layer_created(layer)`` runs after vLLM wrapped one layer;
     * ``on_modules_created(manager, modules, packed_modules_mapping)`` runs after
@@ -296,14 +381,20 @@ def install_hooks(
     * ``validate_request(lora_request, additional_config)`` raises ``ValueError``
       for a store request that cannot be served;
     * ``wrapper_qualname`` is returned by the platform's ``get_punica_wrapper``.
+
+    Raises :class:`PluginUnavailable` (nothing patched) when the version is not
+    supported or a name is missing or has another signature.
     """
     global _INSTALLED
     if _INSTALLED:
         return
+    check_version()
+    # Every target is resolved and checked before the first patch, so a miss leaves vLLM as it was.
+    t = _patch_targets()
     from vllm.lora import model_manager, worker_manager
-    from vllm.platforms import current_platform
+    from vllm.v1.engine import input_processor
 
-    make_layer = model_manager.from_layer
+    make_layer = t["from_layer"]
 
     @functools.wraps(make_layer)
     def from_layer(*args, **kwargs):
@@ -311,9 +402,7 @@ def install_hooks(
         on_layer_created(layer)
         return layer
 
-    model_manager.from_layer = from_layer
-
-    create = model_manager.LoRAModelManager._create_lora_modules
+    create = t["create"]
 
     @functools.wraps(create)
     def _create_lora_modules(self, *args, **kwargs):
@@ -321,20 +410,14 @@ def install_hooks(
         on_modules_created(self, dict(self.modules), dict(self.packed_modules_mapping))
         return out
 
-    model_manager.LoRAModelManager._create_lora_modules = _create_lora_modules
-
-    load = worker_manager.WorkerLoRAManager._load_adapter
+    load = t["load"]
 
     @functools.wraps(load)
     def _load_adapter(self, lora_request):
         model = load_store_adapter(self, lora_request)
         return load(self, lora_request) if model is None else model
 
-    worker_manager.WorkerLoRAManager._load_adapter = _load_adapter
-
-    from vllm.v1.engine import input_processor
-
-    validate = input_processor.InputProcessor._validate_lora
+    validate = t["validate"]
 
     @functools.wraps(validate)
     def _validate_lora(self, lora_request):
@@ -343,18 +426,62 @@ def install_hooks(
             extra = getattr(self.vllm_config, "additional_config", None) or {}
             validate_request(lora_request, dict(extra) if isinstance(extra, dict) else {})
 
-    input_processor.InputProcessor._validate_lora = _validate_lora
-
-    platform_cls = type(current_platform)
-    original = platform_cls.get_punica_wrapper.__func__ if hasattr(
-        platform_cls.get_punica_wrapper, "__func__") else platform_cls.get_punica_wrapper
-    platform_cls._jdlora_original_punica_wrapper = original
+    platform_cls = t["platform"]
+    platform_cls._jdlora_original_punica_wrapper = platform_cls.get_punica_wrapper.__func__
 
     def get_punica_wrapper(cls) -> str:
         return wrapper_qualname
 
+    model_manager.from_layer = from_layer
+    model_manager.LoRAModelManager._create_lora_modules = _create_lora_modules
+    worker_manager.WorkerLoRAManager._load_adapter = _load_adapter
+    input_processor.InputProcessor._validate_lora = _validate_lora
     platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
     _INSTALLED = True
+
+
+def refusal(reason: str, store: str) -> str:
+    """The start-up error of an engine configured with ``store`` where the plugin could not load for ``reason``."""
+    return (f"{reason}. A jdlora store is configured ({store}), so the engine does not start: without the plugin "
+            "its adapters would not be served")
+
+
+def install_guard(reason: str, configured_store: Callable[[], str | None]) -> bool:
+    """Make engine start-up fail with ``reason`` when a store turns out to be configured; ``False`` if impossible.
+
+    For a process where the hooks could not be installed: the platform's
+    ``get_punica_wrapper`` (called while vLLM builds its LoRA layers, with the
+    engine's config current, so ``additional_config`` is visible) raises
+    :class:`PluginUnavailable` when ``configured_store()`` names a store and
+    otherwise answers as before. Only the public platform interface is touched,
+    so the guard holds on versions where the private names moved.
+    """
+    if _INSTALLED:
+        return True
+    try:
+        from vllm.platforms import current_platform
+
+        platform_cls = type(current_platform)
+        original = platform_cls.get_punica_wrapper
+    except Exception:
+        return False
+    if getattr(platform_cls, "_jdlora_guard", False):
+        return True
+
+    def get_punica_wrapper(cls) -> str:
+        store = configured_store()
+        if store is not None:
+            raise PluginUnavailable(refusal(reason, store))
+        return original()
+
+    platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
+    platform_cls._jdlora_guard = True
+    return True
+
+
+def layer_punica_wrapper(layer):
+    """The punica wrapper a LoRA layer calls (set by vLLM when it creates its LoRA layers), or ``None``."""
+    return getattr(layer, "punica_wrapper", None)
 
 
 def platform_punica_wrapper_class():
