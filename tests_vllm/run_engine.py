@@ -7,6 +7,7 @@ SPEC: {"model": DIR, "store": STORE or null, "store_only": bool (default false),
        "fake_vllm_version": str (optional: vllm.__version__ as the plugin will see it),
        "remove_vllm_name": "module:Class.attr" (optional: deleted before the engine starts, as if it had moved),
        "bypass_platform_wrapper": bool (optional: vLLM builds its CPU punica wrapper without asking the platform),
+       "block_jdlora_extension": bool (optional: jdlora_ops._C fails to import, as after a torch upgrade),
        "max_cpu_loras": int (optional), "max_tokens": int, "enable_lora": bool (default true),
        "max_num_seqs": int (default 64), "warmup": int (base-model requests run before timing, default 0),
        "requests": [{"prompt": str, "lora": null | {"name": str, "id": int, "path": str}}, ...]}
@@ -23,9 +24,18 @@ import sys
 import time
 
 
+class _BlockExtension:
+    def find_spec(self, name, path=None, target=None):
+        if name == "jdlora_ops._C":
+            raise ImportError("jdlora_ops._C blocked by run_engine.py (block_jdlora_extension)")
+        return None
+
+
 def main(spec_path: str, out_path: str) -> None:
     with open(spec_path) as fh:
         spec = json.load(fh)
+    if spec.get("block_jdlora_extension"):
+        sys.meta_path.insert(0, _BlockExtension())
     in_config = bool(spec.get("store_in_config"))
     if spec.get("store") and not in_config:
         os.environ["JDLORA_STORE"] = spec["store"]

@@ -289,6 +289,8 @@ UNUSABLE = {
     # a supported version where a patched name has moved
     "moved_config": dict(remove_vllm_name="vllm.lora.worker_manager:WorkerLoRAManager._load_adapter",
                          store_in_config=True),
+    # jdlora_ops itself fails to import (its extension built for another torch)
+    "import_env": dict(block_jdlora_extension=True),
 }
 
 
@@ -302,6 +304,9 @@ def test_store_on_a_vllm_the_plugin_cannot_patch_fails_at_start_up(world, case):
     if case.startswith("version"):
         assert ("vLLM 0.40.1 is not supported; the plugin was checked against >=0.32.0,<0.34.0 (0.32.x, 0.33.x)"
                 in log)
+    elif case.startswith("import"):
+        assert "jdlora_ops vLLM plugin: jdlora_ops cannot be imported (ImportError: jdlora_ops: the native " \
+               "extension jdlora_ops._C failed to load" in log
     else:
         assert "vLLM 0.32.0 is in the supported range >=0.32.0,<0.34.0 (0.32.x, 0.33.x) but cannot be patched" in log
         assert "WorkerLoRAManager._load_adapter is missing" in log
@@ -315,10 +320,12 @@ def test_store_fails_at_start_up_when_a_hook_does_not_take_effect(world):
            "effect), so store adapters would get base-model outputs" in log
 
 
-def test_unsupported_vllm_without_a_store_serves_as_usual(world, reference):
-    """Installed but not configured, the plugin stays out of the way of a vLLM it cannot patch."""
+@pytest.mark.parametrize("case", ["version", "import"])
+def test_plugin_that_cannot_load_without_a_store_stays_out_of_the_way(world, reference, case):
+    """Installed but not configured, the plugin lets vLLM serve as usual when it cannot load."""
     _, base = reference
-    out = run_engine(world, "jd_unusable_no_store", requests=_requests(world, [None, None]), max_loras=2,
-                     fake_vllm_version="0.40.1")
+    extra = dict(fake_vllm_version="0.40.1") if case == "version" else dict(block_jdlora_extension=True)
+    out = run_engine(world, f"jd_unusable_no_store_{case}", requests=_requests(world, [None, None]), max_loras=2,
+                     **extra)
     assert out["errors"] == [None, None]
     assert out["tokens"] == base[:2]

@@ -1,9 +1,10 @@
 """jdlora_ops inside vLLM: serve a compressed store next to ordinary PEFT adapters.
 
 Installed with jdlora_ops as the ``vllm.general_plugins`` entry point
-``jdlora_ops`` (:func:`register`), which vLLM loads in every process. The
-plugin is idle until a store is configured, by ``--additional-config
-'{"jdlora_store": "STORE"}'`` or the ``JDLORA_STORE`` environment variable.
+``jdlora_ops`` (``jdlora_ops_vllm.register``, which calls :func:`register`),
+which vLLM loads in every process. The plugin is idle until a store is
+configured, by ``--additional-config '{"jdlora_store": "STORE"}'`` or the
+``JDLORA_STORE`` environment variable.
 Then:
 
 * every LoRA linear layer of the model that the store covers (q/k/v as vLLM's
