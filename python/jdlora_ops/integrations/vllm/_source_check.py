@@ -125,8 +125,11 @@ def render_ast_signature(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
 
 
 def render_signature(func, decorator: str | None = None) -> str:
-    """The canonical signature of a live function (``decorator``: ``"classmethod"`` etc., as it was defined)."""
-    params = inspect.signature(func, follow_wrapped=False).parameters.values()
+    """The canonical signature of a live function, as its callers see it (through ``functools.wraps``).
+
+    ``decorator``: ``"classmethod"`` etc. when the function was defined under one.
+    """
+    params = inspect.signature(func).parameters.values()
     parts: list[str] = []
     kinds = [p.kind for p in params]
     star_done = False

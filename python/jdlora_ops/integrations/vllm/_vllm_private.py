@@ -188,6 +188,7 @@ SURFACE: tuple[Expect, ...] = (
            why="raised for an unknown store adapter"),
     Expect("vllm.exceptions", "LoRAAdapterNotFoundError", attrs=("message",), why="its message is extended"),
     Expect("vllm.config", "get_current_vllm_config", why="additional_config in the worker"),
+    Expect("vllm.config.vllm", "VllmConfig", attrs=("additional_config",), why="where a store may be configured"),
     Expect("vllm.config.vllm", "get_current_vllm_config", "", why="additional_config in the worker"),
     # resolver (documented, checked all the same)
     Expect("vllm.lora.resolver", "LoRAResolver.resolve_lora", "self, base_model_name, lora_name",
@@ -237,20 +238,14 @@ def _patch_targets() -> dict:
     problems: list[str] = []
     targets: dict = {}
 
-    def take(key, module, qualname, expect: Expect, decorator=None):
+    def take(key, module, qualname, expect: Expect):
         try:
             obj = _resolve(module, qualname)
         except Exception as exc:
             problems.append(f"{module}.{qualname} is missing ({type(exc).__name__}: {exc})")
             return
-        func = obj
-        if decorator is not None:
-            func = getattr(obj, "__func__", None)
-            if func is None:
-                problems.append(f"{module}.{qualname}: expected a {decorator}, found {type(obj).__name__}")
-                return
         try:
-            found = render_signature(func, decorator)
+            found = render_signature(obj)
         except (TypeError, ValueError) as exc:
             problems.append(f"{module}.{qualname}: no signature ({exc})")
             return
@@ -277,11 +272,8 @@ def _patch_targets() -> dict:
     except Exception as exc:
         problems.append(f"the current platform's get_punica_wrapper: {type(exc).__name__}: {exc}")
     if problems:
-        raise PluginUnavailable(
-            f"jdlora_ops vLLM plugin: vLLM {vllm_version()} is in the supported range {supported_versions()} but "
-            "cannot be patched: "
-            + "; ".join(problems)
-        )
+        raise PluginUnavailable(f"jdlora_ops vLLM plugin: vLLM {vllm_version()} is in the supported range "
+                                f"{supported_versions()} but cannot be patched: " + "; ".join(problems))
     return targets
 
 
