@@ -12,7 +12,10 @@ thread. Greedy tokens are compared between
   exported from that store;
 
 and ``vllm serve`` answers OpenAI completions for store adapters named in the
-request's ``model`` field.
+request's ``model`` field. Where the plugin cannot load (a vLLM version outside
+its range, a patched name gone, a hook that does not fire, jdlora_ops failing
+to import), an engine configured with a store does not start, and one without
+a store serves as usual.
 """
 
 from __future__ import annotations
