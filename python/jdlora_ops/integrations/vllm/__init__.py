@@ -1,9 +1,10 @@
 """jdlora_ops inside vLLM: serve a compressed store next to ordinary PEFT adapters.
 
 Installed with jdlora_ops as the ``vllm.general_plugins`` entry point
-``jdlora_ops`` (:func:`register`), which vLLM loads in every process. The
-plugin is idle until a store is configured, by ``--additional-config
-'{"jdlora_store": "STORE"}'`` or the ``JDLORA_STORE`` environment variable.
+``jdlora_ops`` (``jdlora_ops_vllm.register``, which calls :func:`register`),
+which vLLM loads in every process. The plugin is idle until a store is
+configured, by ``--additional-config '{"jdlora_store": "STORE"}'`` or the
+``JDLORA_STORE`` environment variable.
 Then:
 
 * every LoRA linear layer of the model that the store covers (q/k/v as vLLM's
@@ -18,7 +19,7 @@ Then:
   is created, so a slot costs one core per module and ``max_loras`` can be
   in the thousands, and PEFT requests are refused.
 
-Checked against vLLM 0.32.0 (see :mod:`._vllm_private`). Nothing here imports
+Checked against vLLM 0.32.x and 0.33.x (see :mod:`._vllm_private`). Nothing here imports
 vLLM until :func:`register` runs inside vLLM.
 """
 
@@ -33,7 +34,14 @@ _REGISTERED = False
 
 
 def register() -> None:
-    """The plugin entry point (idempotent): install the hooks and, with a store, its resolver."""
+    """The plugin entry point (idempotent): install the hooks and, with a store, its resolver.
+
+    When the hooks cannot be installed (unsupported vLLM, or a patched name
+    moved) and a store is configured, this raises: vLLM lets an entry point's
+    exception stop start-up. Without a visible store it only logs, and plants a
+    guard that stops the engine at LoRA set-up if a store turns up in the
+    engine's ``additional_config`` (not visible here in the front end).
+    """
     global _REGISTERED
     if _REGISTERED:
         return
@@ -43,16 +51,16 @@ def register() -> None:
 
     path = store_path()
     try:
-        vp.check_version()
-    except RuntimeError:
+        vp.install_hooks(on_layer_created, on_modules_created, load_store_adapter, validate_request,
+                         "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper",
+                         check_loaded_adapter=check_peft_adapter)
+    except vp.PluginUnavailable as exc:
         if path is not None:
-            raise
-        log.warning("jdlora_ops: vLLM %s is not a version the plugin was checked against; plugin not loaded",
-                    vp.vllm_version())
+            raise vp.PluginUnavailable(vp.refusal(str(exc), path)) from exc
+        guarded = vp.install_guard(str(exc), store_path)
+        log.warning("%s; plugin not loaded%s", exc,
+                    " (an engine configured with a jdlora store will refuse to start)" if guarded else "")
         return
-    vp.install_hooks(on_layer_created, on_modules_created, load_store_adapter, validate_request,
-                     "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper",
-                     check_loaded_adapter=check_peft_adapter)
     if path is not None:
         from vllm.lora.resolver import LoRAResolverRegistry
 

@@ -141,6 +141,7 @@ class PluginState:
         self.slot_owner: list[int | None] = []
         self.store_models: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
         self.store_only = False
+        self.layers_seen: set[int] = set()  # id() of the LoRA linear layers the from_layer hook saw
         self.dense_bytes_dropped = 0
         self.table_bytes = 0
 
@@ -192,7 +193,24 @@ def on_layer_created(layer) -> None:
     if store_path() is None or not store_only() or vp.layer_kind(layer) is None:
         return
     STATE.store_only = True
+    STATE.layers_seen.add(id(layer))
     STATE.dense_bytes_dropped += vp.drop_dense_stacks(layer)
+
+
+def _check_hooks_fired(name: str, layer) -> None:
+    """Raise when a hook the store depends on did not reach this layer (vLLM changed how it builds layers)."""
+    from .punica import JDLoRAPunicaWrapper
+
+    wrapper = vp.layer_punica_wrapper(layer)
+    if not isinstance(wrapper, JDLoRAPunicaWrapper):
+        raise vp.PluginUnavailable(
+            f"jdlora: vLLM {vp.vllm_version()} layer {name} calls {type(wrapper).__name__}, not the jdlora punica "
+            "wrapper (the get_punica_wrapper hook did not take effect), so store adapters would get base-model "
+            f"outputs; supported vLLM: {vp.supported_versions()}")
+    if store_only() and id(layer) not in STATE.layers_seen:
+        raise vp.PluginUnavailable(
+            f"jdlora: vLLM {vp.vllm_version()} created layer {name} without the from_layer hook, so store-only mode "
+            f"could not drop its dense LoRA stacks; supported vLLM: {vp.supported_versions()}")
 
 
 def on_modules_created(manager, modules: dict, packed: dict) -> None:
@@ -217,6 +235,7 @@ def on_modules_created(manager, modules: dict, packed: dict) -> None:
         present = [m if m in STATE.module_index else None for m in wanted]
         if not any(present):
             continue
+        _check_hooks_fired(name, layer)
         STATE.layers[id(geo["lora_a_stacked"])] = LayerTables(name, kind, present, reader, STATE.module_index,
                                                               geo, slots)
         covered.update(m for m in present if m)
