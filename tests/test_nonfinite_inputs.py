@@ -357,16 +357,29 @@ def _fake_vllm(monkeypatch, loaded):
         def get_punica_wrapper(cls):
             return "platform wrapper"
 
+    # With the signatures the plugin checks before it patches anything.
+    def from_layer(layer, max_loras, lora_config, packed_modules_list, model_config=None):
+        return None
+
+    def _create_lora_modules(self):
+        return None
+
+    def _load_adapter(self, lora_request):
+        return loaded
+
+    def _validate_lora(self, lora_request):
+        return None
+
     found = {
         "vllm": {"__version__": "0.32.0"}, "vllm.lora": {}, "vllm.v1": {}, "vllm.v1.engine": {},
-        "vllm.lora.model_manager": {"from_layer": lambda *a, **k: None,
+        "vllm.lora.model_manager": {"from_layer": from_layer,
                                     "LoRAModelManager": type("LoRAModelManager", (), {
-                                        "_create_lora_modules": lambda self: None})},
+                                        "_create_lora_modules": _create_lora_modules})},
         "vllm.lora.worker_manager": {"WorkerLoRAManager": type("WorkerLoRAManager", (), {
-            "_load_adapter": lambda self, req: loaded})},
+            "_load_adapter": _load_adapter})},
         "vllm.platforms": {"current_platform": Platform()},
         "vllm.v1.engine.input_processor": {"InputProcessor": type("InputProcessor", (), {
-            "_validate_lora": lambda self, req: None})},
+            "_validate_lora": _validate_lora})},
     }
     mods = {name: types.ModuleType(name) for name in found}
     for name, attrs in found.items():
