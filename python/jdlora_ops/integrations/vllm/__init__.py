@@ -19,6 +19,10 @@ Then:
   is created, so a slot costs one core per module and ``max_loras`` can be
   in the thousands, and PEFT requests are refused.
 
+Without a store, ``JDLORA_PEFT_OPS=1`` (or ``"jdlora_peft_ops": true``)
+serves vLLM's ordinary PEFT adapters through jdlora's ``lora_shrink`` /
+``lora_expand`` instead of vLLM's own LoRA ops (same tokens).
+
 Checked against vLLM 0.32.x and 0.33.x (see :mod:`._vllm_private`). Nothing here imports
 vLLM until :func:`register` runs inside vLLM.
 """
@@ -46,7 +50,7 @@ def register() -> None:
     if _REGISTERED:
         return
     from . import _vllm_private as vp
-    from .state import (ENV_STORE, check_peft_adapter, load_store_adapter, on_layer_created,
+    from .state import (ENV_PEFT_OPS, ENV_STORE, check_peft_adapter, load_store_adapter, on_layer_created,
                         on_modules_created, store_path, validate_request)
 
     path = store_path()
@@ -68,7 +72,8 @@ def register() -> None:
 
         LoRAResolverRegistry.register_resolver("jdlora", StoreResolver(path))
     _REGISTERED = True
-    log.info("jdlora_ops vLLM plugin loaded (store: %s)", path or f"none; set {ENV_STORE} to serve one")
+    log.info("jdlora_ops vLLM plugin loaded (store: %s)",
+             path or f"none; set {ENV_STORE} to serve one, or {ENV_PEFT_OPS}=1 for PEFT adapters through its ops")
 
 
 def store_lora_request(store: str, name: str):

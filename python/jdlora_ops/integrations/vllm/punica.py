@@ -14,7 +14,9 @@ each with a :class:`~jdlora_ops.BatchMeta` built once per step in
 slot table changes) from the same token-to-slot mapping, masked to the slots
 of its kind. Tokens without an adapter (slot -1) get nothing added.
 
-Without a configured store the wrapper is the platform's own wrapper.
+With no store, PEFT adapters alone go through the baseline ops when the
+PEFT-ops mode is on (``JDLORA_PEFT_OPS=1``); otherwise the wrapper is the
+platform's own wrapper.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class JDLoRAPunicaWrapper(_Base):
         slots = STATE.num_slots
         if self._jd_meta is None:
             dev = STATE.adapter_cluster.device
-            clusters = max(int(STATE.reader.num_clusters), 1)
+            clusters = max(int(STATE.reader.num_clusters), 1) if STATE.reader is not None else 1
             self._jd_meta = BatchMeta.allocate(self._jd_max_tokens, slots, clusters, dev)
             self._peft_meta = BatchMeta.allocate(self._jd_max_tokens, slots, 1, dev)
             self._lora_scales = torch.ones(slots, dtype=torch.float32, device=dev)

@@ -20,7 +20,8 @@ log = logging.getLogger("jdlora_ops.vllm")
 
 __all__ = ["STATE", "store_path", "store_only", "on_layer_created", "on_modules_created", "load_store_adapter",
            "check_peft_adapter", "peft_finite_problem", "validate_request", "ENV_STORE", "CONFIG_KEY",
-           "ENV_STORE_ONLY", "CONFIG_STORE_ONLY"]
+           "ENV_STORE_ONLY", "CONFIG_STORE_ONLY", "ENV_PEFT_OPS", "CONFIG_PEFT_OPS", "peft_ops",
+           "plugin_configured"]
 
 #: Environment variable naming the store directory (``vllm serve ... `` with it set).
 ENV_STORE = "JDLORA_STORE"
@@ -30,6 +31,11 @@ CONFIG_KEY = "jdlora_store"
 #: ``--additional-config '{"jdlora_store_only": true}'``.
 ENV_STORE_ONLY = "JDLORA_STORE_ONLY"
 CONFIG_STORE_ONLY = "jdlora_store_only"
+#: Without a store, serve vLLM's ordinary PEFT adapters through jdlora's baseline ops
+#: (``lora_shrink`` / ``lora_expand``) instead of vLLM's own LoRA ops: ``JDLORA_PEFT_OPS=1`` or
+#: ``--additional-config '{"jdlora_peft_ops": true}'``.
+ENV_PEFT_OPS = "JDLORA_PEFT_OPS"
+CONFIG_PEFT_OPS = "jdlora_peft_ops"
 
 #: Default packing of the model's projections into vLLM's merged layers.
 DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -44,12 +50,26 @@ def store_path(extra: dict | None = None) -> str | None:
     return os.path.abspath(os.fspath(p)) if p else None
 
 
+def _flag(extra: dict | None, key: str, env: str) -> bool:
+    extra = vp.additional_config() if extra is None else extra
+    if key in extra:
+        return bool(extra[key])
+    return os.environ.get(env, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def store_only(extra: dict | None = None) -> bool:
     """Whether the configured store is served alone (PEFT requests refused, dense stacks dropped)."""
-    extra = vp.additional_config() if extra is None else extra
-    if CONFIG_STORE_ONLY in extra:
-        return bool(extra[CONFIG_STORE_ONLY])
-    return os.environ.get(ENV_STORE_ONLY, "0").strip().lower() in ("1", "true", "yes", "on")
+    return _flag(extra, CONFIG_STORE_ONLY, ENV_STORE_ONLY)
+
+
+def peft_ops(extra: dict | None = None) -> bool:
+    """Whether PEFT adapters go through jdlora's baseline ops with no store configured."""
+    return _flag(extra, CONFIG_PEFT_OPS, ENV_PEFT_OPS)
+
+
+def plugin_configured(extra: dict | None = None) -> bool:
+    """Whether the plugin serves anything: a store, or PEFT adapters through its ops."""
+    return store_path(extra) is not None or peft_ops(extra)
 
 
 _NAMES_CACHE: dict[str, set[str]] = {}
@@ -57,8 +77,9 @@ _FINITE_CACHE: dict[tuple, str | None] = {}  # (weights file, size, mtime) -> wh
 
 
 def validate_request(lora_request, extra: dict) -> None:
-    """Front-end check of a request naming a store adapter, or (with a store configured) a local PEFT
-    adapter whose factors must be finite (``ValueError`` when it cannot be served)."""
+    """Front-end check of a request naming a store adapter, or (with a store configured, or PEFT adapters
+    served through the plugin's ops) a local PEFT adapter whose factors must be finite (``ValueError`` when
+    it cannot be served)."""
     from ...store import read_manifest
 
     path = store_path(extra)
@@ -66,7 +87,7 @@ def validate_request(lora_request, extra: dict) -> None:
     if problem is None and path is not None and store_only(extra) and not _is_store(lora_request):
         problem = (f"this server serves the jdlora store {path} only ({ENV_STORE_ONLY} / {CONFIG_STORE_ONLY!r}); "
                    "PEFT adapters are not accepted")
-    if problem is None and path is not None and not _is_store(lora_request):
+    if problem is None and plugin_configured(extra) and not _is_store(lora_request):
         problem = peft_finite_problem(lora_request, _FINITE_CACHE)
     if problem:
         raise ValueError(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}")
@@ -144,10 +165,17 @@ class PluginState:
         self.layers_seen: set[int] = set()  # id() of the LoRA linear layers the from_layer hook saw
         self.dense_bytes_dropped = 0
         self.table_bytes = 0
+        self.peft_ops = False  # no store; PEFT adapters through the baseline ops
 
     @property
     def active(self) -> bool:
-        return self.reader is not None
+        return self.reader is not None or self.peft_ops
+
+    def set_up_slots(self, slots: int, device) -> None:
+        self.num_slots = slots
+        self.adapter_cluster = torch.zeros(slots, dtype=torch.int32, device=device)
+        self.slot_kind = torch.zeros(slots + 1, dtype=torch.int32, device=device)
+        self.slot_owner = [None] * slots
 
     def open(self, path: str):
         from ...store import StoreReader
@@ -213,10 +241,32 @@ def _check_hooks_fired(name: str, layer) -> None:
             f"could not drop its dense LoRA stacks; supported vLLM: {vp.supported_versions()}")
 
 
+def _serve_peft_through_ops(manager, modules: dict) -> None:
+    """No store: every LoRA linear layer's PEFT slots go through lora_shrink / lora_expand."""
+    vp.check_version()
+    device = torch.device("cpu")
+    layers = 0
+    for name, layer in modules.items():
+        if vp.layer_kind(layer) is None:
+            continue
+        geo = vp.layer_geometry(layer)
+        if geo["fully_sharded"]:
+            raise ValueError(f"jdlora: {ENV_PEFT_OPS} does not support fully_sharded_loras")
+        _check_hooks_fired(name, layer)
+        device = geo["lora_a_stacked"][0].device
+        layers += 1
+    STATE.peft_ops = True
+    STATE.set_up_slots(int(manager.lora_slots), device)
+    log.info("jdlora: serving PEFT adapters through lora_shrink / lora_expand on %d layers, %d slots (%s)", layers,
+             STATE.num_slots, ENV_PEFT_OPS)
+
+
 def on_modules_created(manager, modules: dict, packed: dict) -> None:
     """Build the JD tables of every LoRA linear layer the store covers (start-up)."""
     path = store_path()
     if path is None:
+        if peft_ops():
+            _serve_peft_through_ops(manager, modules)
         return
     vp.check_version()
     reader = STATE.open(path)
@@ -250,11 +300,8 @@ def on_modules_created(manager, modules: dict, packed: dict) -> None:
             f"jdlora store {path}: its rank {reader.rank} is above vLLM's max_lora_rank {max_rank}; "
             f"start vLLM with max_lora_rank >= {reader.rank}"
         )
-    STATE.num_slots = slots
     device = next(iter(STATE.layers.values())).Vt[0].device if STATE.layers else torch.device("cpu")
-    STATE.adapter_cluster = torch.zeros(slots, dtype=torch.int32, device=device)
-    STATE.slot_kind = torch.zeros(slots + 1, dtype=torch.int32, device=device)
-    STATE.slot_owner = [None] * slots
+    STATE.set_up_slots(slots, device)
     STATE.table_bytes = sum(t.nbytes() for t in STATE.layers.values())
     log.info("jdlora: serving store %s (%d adapters, %d clusters, rank %d) on %d layers, %d slots, %.1f MiB of "
              "tables%s", path, len(reader.adapter_names), reader.num_clusters, reader.rank, len(STATE.layers), slots,
@@ -293,11 +340,11 @@ def check_peft_adapter(lora_request, model) -> None:
     (bases at start-up, cores when the store is opened), and local PEFT
     adapters in the front end (:func:`peft_finite_problem`); this is the last
     line for whatever else vLLM loads itself. Idle, like the rest of the
-    plugin, until a store is configured.
+    plugin, until a store or the PEFT-ops mode is configured.
     """
     from ..._finite import require_finite
 
-    if store_path() is None:
+    if not plugin_configured():
         return
     name = str(getattr(lora_request, "lora_name", "?"))
     where = getattr(lora_request, "lora_path", None)
