@@ -14,7 +14,11 @@ call over all requests (all submitted at once; 16 greedy tokens each):
   adapter able to hold a slot (max_loras 1000);
 * ``vllm_multi_lora``: the same spread over the 1000 PEFT adapters with
   vLLM's own path, max_loras 8 and max_cpu_loras 64, adapters loaded from
-  disk as requests arrive.
+  disk as requests arrive;
+* ``one_adapter_jdlora_ops`` and ``peft_jdlora_ops``: ``one_adapter`` and
+  ``vllm_multi_lora`` with the plugin's PEFT-ops mode (``JDLORA_PEFT_OPS=1``,
+  no store): the same PEFT adapters in vLLM's slots, computed by
+  ``lora_shrink`` / ``lora_expand`` instead of vLLM's own LoRA ops.
 
 Spreads: ``uniform`` and ``zipf`` (exponent 1.1) over the adapters. Reported:
 generated tokens per second over the whole call and the time to first token
@@ -133,6 +137,9 @@ def main(argv=None) -> None:
     results.append(_run(args.vllm_python, args.work, "one_adapter", dict(
         common, store=None, max_loras=8, max_cpu_loras=64,
         requests=reqs([0] * args.requests, lambda a: data["adapters"][a]))))
+    results.append(_run(args.vllm_python, args.work, "one_adapter_jdlora_ops", dict(
+        common, store=None, max_loras=8, max_cpu_loras=64, peft_ops=True,
+        requests=reqs([0] * args.requests, lambda a: data["adapters"][a]))))
     for spread in ("uniform", "zipf"):
         ads = _spread(spread, args.requests, rng)
         r = _run(args.vllm_python, args.work, f"jdlora_store_{spread}", dict(
@@ -140,10 +147,12 @@ def main(argv=None) -> None:
             requests=reqs(ads, lambda a: data["store"])))
         r["spread"] = spread
         results.append(r)
-        r = _run(args.vllm_python, args.work, f"vllm_multi_lora_{spread}", dict(
-            common, store=None, max_loras=8, max_cpu_loras=64, requests=reqs(ads, lambda a: data["adapters"][a])))
-        r["spread"] = spread
-        results.append(r)
+        for name, peft_ops in ((f"vllm_multi_lora_{spread}", False), (f"peft_jdlora_ops_{spread}", True)):
+            r = _run(args.vllm_python, args.work, name, dict(
+                common, store=None, max_loras=8, max_cpu_loras=64, peft_ops=peft_ops,
+                requests=reqs(ads, lambda a: data["adapters"][a])))
+            r["spread"] = spread
+            results.append(r)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     vllm_version = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
