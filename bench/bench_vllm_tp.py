@@ -77,7 +77,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--vllm-python", default=os.path.join(ROOT, ".venv-vllm", "bin", "python"))
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite vllm_tp_cpu.md from vllm_tp_cpu.json")
     args = ap.parse_args(argv)
+    if args.markdown_only:
+        with open(os.path.join(args.out, "vllm_tp_cpu.json")) as fh:
+            _write_markdown(json.load(fh), args.out)
+        return
     os.makedirs(args.work, exist_ok=True)
     cases = []
     print("vLLM CPU tensor parallelism, 1 thread per process", flush=True)
@@ -120,11 +125,18 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "vllm_tp_cpu.json"), "w") as fh:
         json.dump(doc, fh, indent=2)
-    lines = [f"# vLLM on the CPU: tensor_parallel_size 2 against 1 ({doc['date']}, commit {commit})", "",
-             f"{doc['machine']}; vLLM {vllm_version} (CPU build), {doc['threads']}; random Llama, hidden 128, 2 "
-             f"layers, MLP 256, float32; {doc['requests']} requests, one per `generate` call, {args.max_tokens} "
+    _write_markdown(doc, args.out)
+
+
+def _write_markdown(doc: dict, out: str) -> None:
+    cases = doc["cases"]
+    lines = [f"# vLLM on the CPU: tensor_parallel_size 2 against 1 ({doc['date']}, commit {doc['commit']})", "",
+             f"{doc['machine']}; vLLM {doc['vllm']} (CPU build); threads: {doc['threads']}; random Llama, hidden "
+             f"128, 2 layers, MLP 256, float32; {doc['requests']} requests, one per `generate` call, "
+             f"{doc['max_tokens']} "
              "greedy tokens each, 2 LoRA slots; six rank-4 adapters and their lossless store (rank 4, a cluster "
-             "per adapter). Logprobs: every prompt token's and every generated token's.", "",
+             "per adapter). Logprobs: every prompt token's and every generated token's."
+             + (f" Note: {doc['machine_note']}." if doc.get("machine_note") else ""), "",
              "| model | compared | requests | same greedy tokens | max abs logprob diff |", "|---|---|---|---|---|"]
     labels = {"store_tp2_vs_tp1": "store, TP 2 vs 1", "vllm_tp2_vs_tp1": "vLLM's own LoRA, TP 2 vs 1",
               "store_vs_vllm_tp2": "store vs vLLM's own, both TP 2 (adapter requests)"}
@@ -146,7 +158,7 @@ def main(argv=None) -> None:
         for k, v in c["seconds"].items():
             lines.append(f"| {c['model']} | {k} | {v['process_seconds']:.1f} | {v['seconds']:.1f} | "
                          f"{v['generate_seconds']:.2f} |")
-    with open(os.path.join(args.out, "vllm_tp_cpu.md"), "w") as fh:
+    with open(os.path.join(out, "vllm_tp_cpu.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
