@@ -438,7 +438,7 @@ def test_vllm_tables_refuse_a_store_with_non_finite_bases(tmp_path, budget_store
     store = _copy(budget_store, tmp_path)
     _poison_store(store, "bases", f"{Q}::U", (0, 3, 1), float("nan"))
     r = StoreReader(store)
-    geometry = {"output_slices": (16,), "input_size": 12, "tp_rank": 0, "tp_size": 1, "dtype": torch.float32,
-                "device": torch.device("cpu")}
+    geometry = {"output_slices": (16,), "input_size": 12, "tp_rank": 0, "tp_size": 1, "output_shards": ((0, 1),),
+                "dtype": torch.float32, "device": torch.device("cpu")}
     with pytest.raises(NonFiniteStoreError, match=f"module {Q}, tensor U of cluster 0"):
         LayerTables("model.layers.0.self_attn.q_proj", "column", [Q], r, {Q: 0, V: 1}, geometry, 2)

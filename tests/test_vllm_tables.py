@@ -32,8 +32,10 @@ def store(tmp_path_factory):
     return StoreReader(out)
 
 
-def _geometry(widths, d_in, tp_rank=0, tp=1):
+def _geometry(widths, d_in, tp_rank=0, tp=1, shards=None):
+    """``shards``: per slice ``(block, blocks)`` as vLLM cuts it; default block ``tp_rank`` of ``tp``."""
     return {"output_slices": tuple(widths), "input_size": d_in, "tp_rank": tp_rank, "tp_size": tp,
+            "output_shards": tuple(shards) if shards is not None else ((tp_rank, tp),) * len(widths),
             "dtype": torch.float32, "device": torch.device("cpu")}
 
 
@@ -89,6 +91,33 @@ def test_tensor_parallel_shards(store):
     row = LayerTables("x.o_proj", "row", [o], store, _index(store), _geometry([32], 16, 1, 2), SLOTS)
     torch.testing.assert_close(row.Vt[0], Vt_o[:, :, 16:].float())
     torch.testing.assert_close(row.U[0], U_o.float())
+
+
+def test_replicated_kv_heads_share_their_block(store):
+    """Two ranks, one KV head (the fixture's 2 heads / 1 KV head): q is split, k and v are whole on both ranks,
+    as vLLM replicates the KV head; with 2 KV heads over 4 ranks, ranks 2 and 3 share the second block."""
+    U = {m: store.read_module_bases(_index(store)[m])[0].float() for m in QKV}
+    for rank in (0, 1):
+        t = LayerTables("x.qkv_proj", "column", QKV, store, _index(store),
+                        _geometry([16, 16, 16], 32, rank, 2, [(rank, 2), (0, 1), (0, 1)]), SLOTS)
+        torch.testing.assert_close(t.U[0], U[QKV[0]][:, 16 * rank:16 * (rank + 1)])
+        torch.testing.assert_close(t.U[1], U[QKV[1]])
+        torch.testing.assert_close(t.U[2], U[QKV[2]])
+    for rank in (2, 3):
+        t = LayerTables("x.qkv_proj", "column", QKV, store, _index(store),
+                        _geometry([8, 8, 8], 32, rank, 4, [(rank, 4), (1, 2), (1, 2)]), SLOTS)
+        torch.testing.assert_close(t.U[0], U[QKV[0]][:, 8 * rank:8 * (rank + 1)])
+        torch.testing.assert_close(t.U[1], U[QKV[1]][:, 8:])
+    # the k block must still cover the store's projection: 16 rows as 2 blocks of 16 is another model
+    with pytest.raises(StoreMismatchError, match=r"k_proj is 16 x 32 in the store but 32 x 32 in the model"):
+        LayerTables("x.qkv_proj", "column", QKV, store, _index(store), _geometry([16, 16, 16], 32, 1, 2), SLOTS)
+
+
+def test_fused_single_slice_is_refused_under_tensor_parallelism(store):
+    why = "QKVParallelLinearWithLoRA serves the fused projection QKVParallelLinear as one LoRA slice"
+    with pytest.raises(StoreMismatchError, match=f"layer x.qkv_proj at tensor-parallel size 2: {why}"):
+        LayerTables("x.qkv_proj", "column", [QKV[0]], store, _index(store),
+                    dict(_geometry([16], 32, 1, 2), output_shards=why), SLOTS)
 
 
 def test_uncovered_slice_is_zero_and_shape_mismatch_is_an_error(store):

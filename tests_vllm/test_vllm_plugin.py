@@ -10,6 +10,8 @@ thread. Greedy tokens are compared between
   requests included;
 * a lossy store (one cluster) and vLLM's own path on the PEFT adapters
   exported from that store;
+* the plugin at tensor_parallel_size 2 (one worker process per rank) and 1,
+  which must also agree on every prompt and generated token's logprob;
 
 and ``vllm serve`` answers OpenAI completions for store adapters named in the
 request's ``model`` field. Where the plugin cannot load (a vLLM version outside
@@ -34,6 +36,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import fixtures  # noqa: E402
+import tp_check  # noqa: E402
 
 N_ADAPTERS = 6
 PROMPTS = ["the man said to his mother that", "water is a good thing for", "when the world came up",
@@ -344,3 +347,71 @@ def test_plugin_that_cannot_load_without_a_store_stays_out_of_the_way(world, ref
                      **extra)
     assert out["errors"] == [None, None]
     assert out["tokens"] == base[:2]
+
+
+
+# --- tensor parallelism -------------------------------------------------------
+
+def test_tensor_parallel_store_matches_one_rank(world):
+    """tensor_parallel_size=2 (vLLM's multiprocessing executor, two workers on gloo) against 1, on the fixture
+    model, whose one KV head vLLM gives to both ranks: store adapters, a PEFT adapter and the base model give the
+    same greedy tokens, and every prompt and generated token the same float32 logprob within TP_LOGPROB_BOUND.
+    Two slots for six adapters, one request per call: slots are reassigned on both ranks between requests.
+    (bench/bench_vllm_tp.py runs this for a model with one KV head per rank too, and against vLLM's own path.)"""
+    reqs = tp_check.tp_requests(PROMPTS, world["lossless"], world["adapters"])
+    runs = {tp: run_engine(world, f"jd_tp{tp}", requests=reqs, store=world["lossless"], max_loras=2,
+                           tensor_parallel_size=tp, logprobs=True) for tp in (1, 2)}
+    one, two = runs[1], runs[2]
+    assert one["errors"] == [None] * len(reqs) and two["errors"] == [None] * len(reqs), (one["errors"], two["errors"])
+    assert two["tokens"] == one["tokens"]
+    gap = tp_check.logprob_gap(one, two)
+    assert gap < tp_check.TP_LOGPROB_BOUND, f"max |logprob(TP=2) - logprob(TP=1)| = {gap:.3g}"
+    for j in tp_check.BASE_REPEATS:  # the adapters matter here, far above that bound
+        assert one["tokens"][j] != one["tokens"][8 + j], f"adapter_{j} does not change the greedy tokens"
+        assert tp_check.adapter_shift(one, j) > 1000 * tp_check.TP_LOGPROB_BOUND
+    # each rank holds its shard of the tables, with one thread per process
+    ranks1, ranks2 = one["plugin"]["ranks"], two["plugin"]["ranks"]
+    assert [r["tp_rank"] for r in ranks2] == [0, 1] and all(r["threads"] == 1 for r in ranks1 + ranks2)
+    qkv, o, gate_up, down = (f"model.layers.0.{m}" for m in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                              "mlp.gate_up_proj", "mlp.down_proj"))
+    full = ranks1[0]
+    assert full["u_rows"][qkv] == [128, 64, 64] and full["vt_cols"][o] == [128]
+    for r in ranks2:
+        assert r["u_rows"][qkv] == [64, 64, 64]  # q split; k and v (one head of 64) whole on both ranks
+        assert r["u_rows"][gate_up] == [128, 128] and r["vt_cols"][o] == [64] and r["vt_cols"][down] == [128]
+        assert r["u_rows"][o] == full["u_rows"][o] and r["vt_cols"][qkv] == full["vt_cols"][qkv]
+    q_parts, k_parts, v_parts = zip(*(r["u_sums"][qkv] for r in ranks2))
+    assert sum(q_parts) == pytest.approx(full["u_sums"][qkv][0], rel=1e-6, abs=1e-6)
+    for parts, whole in ((k_parts, full["u_sums"][qkv][1]), (v_parts, full["u_sums"][qkv][2])):
+        assert parts[0] == parts[1] == pytest.approx(whole, rel=1e-6, abs=1e-6)
+
+
+def test_output_shards_follow_vllm_slicing_of_lora_b():
+    """Which block of each slice's rows a rank holds, read from vLLM's layer classes (built without an engine):
+    q split by rank, k/v shared by the ranks of a replicated KV head, fused single-slice layers refused."""
+    import torch
+    from vllm.lora.layers import MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA, RowParallelLinearWithLoRA
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
+    from jdlora_ops.integrations.vllm import _vllm_private as vp
+
+    def layer(cls, base_cls, tp, rank, **base_attrs):
+        base = object.__new__(base_cls)
+        torch.nn.Module.__init__(base)
+        base.__dict__.update(base_attrs)
+        lay = object.__new__(cls)
+        torch.nn.Module.__init__(lay)
+        lay.base_layer, lay.tp_size, lay.tp_rank = base, tp, rank
+        lay.n_slices = 3 if cls is MergedQKVParallelLinearWithLoRA else 1
+        if cls is MergedQKVParallelLinearWithLoRA:
+            lay.output_ids = (rank, rank // base.num_kv_head_replicas, rank // base.num_kv_head_replicas)
+        return lay
+
+    # 4 ranks, 2 KV heads: each KV head on 2 ranks
+    assert [vp.output_shards(layer(MergedQKVParallelLinearWithLoRA, QKVParallelLinear, 4, r, num_kv_head_replicas=2))
+            for r in range(4)] == [((r, 4), (r // 2, 2), (r // 2, 2)) for r in range(4)]
+    assert vp.output_shards(layer(MergedQKVParallelLinearWithLoRA, QKVParallelLinear, 1, 0,
+                                  num_kv_head_replicas=1)) == ((0, 1),) * 3
+    assert vp.output_shards(layer(RowParallelLinearWithLoRA, RowParallelLinear, 2, 1)) == ((0, 1),)
+    assert "serves the fused projection QKVParallelLinear as one LoRA slice" in vp.output_shards(
+        layer(QKVParallelLinearWithLoRA, QKVParallelLinear, 2, 1, num_kv_head_replicas=1))

@@ -29,7 +29,8 @@ on five private names, patched here and nowhere else:
 
 The layer attributes read (``lora_a_stacked``, ``lora_b_stacked``,
 ``output_slices``, ``n_slices``, ``tp_rank``, ``tp_size``, ``input_size``,
-``base_layer``, ``punica_wrapper``), the layer classes' names and the dense
+``base_layer``, ``punica_wrapper``, and for tensor parallelism
+``output_ids`` and the QKV base layer's ``num_kv_head_replicas``), the layer classes' names and the dense
 factors of a loaded ``LoRAModel`` (``loras``, ``lora_a``, ``lora_b``) are read
 here too.
 
@@ -174,6 +175,14 @@ SURFACE: tuple[Expect, ...] = (
            why="sets punica_wrapper, checked at start-up"),
     Expect("vllm.lora.layers.base", "BaseLayerWithLoRA", attrs=("punica_wrapper",),
            why="checked at start-up"),
+    Expect("vllm.lora.layers.column_parallel_linear", "MergedColumnParallelLinearWithLoRA",
+           attrs=("output_ids",), why="which block of each slice's rows a rank holds (tensor parallelism)"),
+    Expect("vllm.lora.layers.column_parallel_linear", "MergedQKVParallelLinearWithLoRA",
+           attrs=("output_ids",), why="k/v blocks of replicated KV heads (tensor parallelism)"),
+    Expect("vllm.model_executor.layers.linear", "QKVParallelLinear", attrs=("num_kv_head_replicas",),
+           why="ranks sharing one KV head (tensor parallelism)"),
+    Expect("vllm.model_executor.layers.linear", "MergedColumnParallelLinear",
+           why="a single LoRA slice over a fused projection is refused under tensor parallelism"),
     Expect("vllm.model_executor.layers.linear", "ColumnParallelLinear", why="layer kind"),
     Expect("vllm.model_executor.layers.linear", "RowParallelLinear", why="layer kind"),
     Expect("vllm.model_executor.layers.linear", "ReplicatedLinear", why="layer kind"),
@@ -311,11 +320,45 @@ def layer_kind(layer) -> str | None:
     return None
 
 
+def output_shards(layer) -> tuple[tuple[int, int], ...] | str:
+    """Per output slice, ``(shard, shards)``: this rank holds block ``shard`` of ``shards`` equal contiguous
+    blocks of the slice's projection rows, as vLLM's ``slice_lora_b`` cuts a PEFT adapter's ``B``; or, where
+    no such block exists, why (a string, raised only if a store covers the layer).
+
+    Row-parallel and replicated layers, and any layer at tensor-parallel size
+    1, hold whole slices: ``(0, 1)``. A column-parallel slice is usually block
+    ``tp_rank`` of ``tp_size``, but not always: with fewer KV heads than ranks
+    vLLM replicates each KV head on ``num_kv_head_replicas`` ranks, so the k
+    and v slices are block ``tp_rank // replicas`` of ``tp_size // replicas``
+    (vLLM's ``output_ids``). Where one slice spans a fused projection (q, k and
+    v, or gate and up, in one LoRA slice) a rank's rows are several blocks.
+    """
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+
+    n, tp, rank = int(layer.n_slices), int(layer.tp_size), int(layer.tp_rank)
+    if tp == 1 or layer_kind(layer) != "column":
+        return ((0, 1),) * n
+    base = layer.base_layer
+    ids = getattr(layer, "output_ids", None)
+    if ids is None:
+        if isinstance(base, (QKVParallelLinear, MergedColumnParallelLinear)):
+            return (f"{type(layer).__name__} serves the fused projection {type(base).__name__} as one LoRA slice, "
+                    "so a rank's rows of it are several blocks, not one")
+        ids = (rank,) * n
+    if len(ids) != n:
+        return f"{type(layer).__name__} has {n} LoRA slices but {len(ids)} output_ids {tuple(ids)}; expected one each"
+    replicas = [1] * n
+    if isinstance(base, QKVParallelLinear) and n == 3:
+        replicas[1] = replicas[2] = int(base.num_kv_head_replicas)
+    return tuple((int(i), tp // r) for i, r in zip(ids, replicas))
+
+
 def layer_geometry(layer) -> dict:
     """What the JD tables of one vLLM LoRA linear layer need to know about it."""
     return {
         "n_slices": int(layer.n_slices),
         "output_slices": tuple(int(s) for s in layer.output_slices),
+        "output_shards": output_shards(layer),
         "input_size": int(layer.input_size),
         "tp_rank": int(layer.tp_rank),
         "tp_size": int(layer.tp_size),

@@ -20,7 +20,11 @@ for both:
   their output).
 
 The split is the even contiguous one vLLM's column/row-parallel layers use
-(``d / world`` per rank). :func:`row_parallel_update` and
+(``d / world`` per rank), except for k and v when a model has fewer KV heads
+than ranks: vLLM then gives each KV head to ``world / kv_heads`` ranks, so
+``U`` of k and v is cut into ``kv_heads`` blocks and neighbouring ranks hold
+the same block (``rank`` and ``world`` below are then the block and the
+number of blocks). :func:`row_parallel_update` and
 :func:`column_parallel_update` are the reference of that maths and are
 checked against the unsharded result on gloo by the tests.
 """

@@ -9,8 +9,12 @@ slices (``qkv_proj`` = q, k, v; ``gate_up_proj`` = gate, up; ``o_proj`` and
 * ``S[s]``: ``[slots, r, r]`` (or ``[slots, r]``), the core of the adapter in
   each of vLLM's LoRA slots, zero for empty slots and PEFT adapters;
 
-sharded for tensor parallelism as :mod:`.sharding` describes. A slice whose
-projection the store does not cover has zero bases (it adds nothing).
+sharded for tensor parallelism as :mod:`.sharding` describes: a
+column-parallel slice keeps the block of ``U``'s rows that vLLM gives the
+rank for a PEFT ``B`` (``geometry["output_shards"]``: with KV heads replicated
+over ranks, ranks share a k/v block), a row-parallel one its columns of
+``V^T``. A slice whose projection the store does not cover has zero bases
+(it adds nothing).
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ class LayerTables:
         tp_rank, tp = geometry["tp_rank"], geometry["tp_size"]
         widths = geometry["output_slices"]
         d_in_local = geometry["input_size"]
+        shards = geometry["output_shards"]
+        if isinstance(shards, str):
+            raise StoreMismatchError(
+                f"jdlora: vLLM layer {name} at tensor-parallel size {tp}: {shards}; the store's tables can only be "
+                "sharded into one contiguous block of rows per rank and slice (run it at tensor_parallel_size 1)")
+        if len(shards) != len(widths):
+            raise ValueError(f"LayerTables({name}): output_shards has {len(shards)} entries, expected one per "
+                             f"output slice ({len(widths)})")
         self.offsets = [sum(widths[:s]) for s in range(len(widths))]
         self.Vt: list[torch.Tensor] = []
         self.U: list[torch.Tensor] = []
@@ -46,12 +58,13 @@ class LayerTables:
         self.covered = [m is not None for m in slice_modules]
         for s, module in enumerate(slice_modules):
             d_out_local = widths[s]
+            shard, n_shards = shards[s] if kind == "column" else (0, 1)
             if module is None:
                 Vt = torch.zeros(K, r, d_in_local, dtype=dtype, device=device)
                 U = torch.zeros(K, d_out_local, r, dtype=dtype, device=device)
             else:
                 spec = reader.modules[module_index[module]]
-                d_out_full = d_out_local * tp if kind == "column" else d_out_local
+                d_out_full = d_out_local * n_shards
                 d_in_full = d_in_local * tp if kind == "row" else d_in_local
                 if (spec.d_out, spec.d_in) != (d_out_full, d_in_full):
                     raise StoreMismatchError(
@@ -59,8 +72,8 @@ class LayerTables:
                         f"{d_out_full} x {d_in_full} in the model vLLM loaded (a store for another base model?)"
                     )
                 U, Vt = reader.read_module_bases(module_index[module])
-                if kind == "column" and tp > 1:
-                    U = shard_expand_side(U, tp_rank, tp)
+                if n_shards > 1:
+                    U = shard_expand_side(U, shard, n_shards)
                 elif kind == "row" and tp > 1:
                     Vt = shard_shrink_side(Vt, tp_rank, tp)
                 Vt = Vt.to(device=device, dtype=dtype).contiguous()
