@@ -50,14 +50,14 @@ def register() -> None:
     if _REGISTERED:
         return
     from . import _vllm_private as vp
-    from .state import (ENV_PEFT_OPS, ENV_STORE, check_peft_adapter, load_store_adapter, on_layer_created,
-                        on_modules_created, store_path, validate_request)
+    from .state import (ENV_PEFT_OPS, ENV_STORE, check_peft_adapter, engine_step, load_store_adapter,
+                        on_layer_created, on_modules_created, store_path, validate_request)
 
     path = store_path()
     try:
         vp.install_hooks(on_layer_created, on_modules_created, load_store_adapter, validate_request,
                          "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper",
-                         check_loaded_adapter=check_peft_adapter)
+                         check_loaded_adapter=check_peft_adapter, engine_step=engine_step)
     except vp.PluginUnavailable as exc:
         if path is not None:
             raise vp.PluginUnavailable(vp.refusal(str(exc), path)) from exc
@@ -77,11 +77,15 @@ def register() -> None:
 
 
 def store_lora_request(store: str, name: str):
-    """The ``LoRARequest`` naming adapter ``name`` of ``store`` (its id is stable for a store)."""
+    """The ``LoRARequest`` naming adapter ``name`` of ``store``; its id depends on the name alone, so it stays
+    the same as the store is updated."""
+    import os
+
     from ...store import read_manifest
     from .resolver import store_lora_request as make
 
-    names = [str(a["name"]) for a in read_manifest(store)["adapters"]]
+    store = os.path.abspath(os.fspath(store))
+    names = {str(a["name"]) for a in read_manifest(store)["adapters"]}
     if name not in names:
         raise ValueError(f"store_lora_request: the store {store} holds no adapter named {name!r}")
-    return make(store, name, names.index(name))
+    return make(store, name)

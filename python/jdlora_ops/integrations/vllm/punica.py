@@ -53,13 +53,15 @@ class JDLoRAPunicaWrapper(_Base):
             if STATE.slot_owner[slot] != lora_id:
                 STATE.assign_slot(slot, lora_id)
         slots = STATE.num_slots
+        dev = STATE.adapter_cluster.device
         if self._jd_meta is None:
-            dev = STATE.adapter_cluster.device
-            clusters = max(int(STATE.reader.num_clusters), 1) if STATE.reader is not None else 1
-            self._jd_meta = BatchMeta.allocate(self._jd_max_tokens, slots, clusters, dev)
             self._peft_meta = BatchMeta.allocate(self._jd_max_tokens, slots, 1, dev)
             self._lora_scales = torch.ones(slots, dtype=torch.float32, device=dev)
             self._zero_cluster = torch.zeros(slots, dtype=torch.int32, device=dev)
+        # The tables gain cluster slots when a store update brings clusters with new bases.
+        clusters = max(STATE.table_clusters, 1)
+        if self._jd_meta is None or self._jd_meta.max_clusters < clusters:
+            self._jd_meta = BatchMeta.allocate(self._jd_max_tokens, slots, clusters, dev)
         # The flags come from the host-side mapping, so no device value is read.
         kinds = {lid: (SLOT_JD if lid in STATE.store_models else SLOT_PEFT) for lid in set(mapping.index_mapping)
                  if lid is not None and lid > 0}
