@@ -202,6 +202,9 @@ SURFACE: tuple[Expect, ...] = (
     Expect("vllm.exceptions", "LoRAAdapterNotFoundError.__init__", "self, lora_name, lora_path",
            why="raised for an unknown store adapter"),
     Expect("vllm.exceptions", "LoRAAdapterNotFoundError", attrs=("message",), why="its message is extended"),
+    Expect("vllm.exceptions", "VLLMValidationError.__init__", "self, message, *, parameter=, value=",
+           why="a refused request is also this client error (400 with its message)"),
+    Expect("vllm.exceptions", "VLLMNotFoundError", why="a request for an adapter the store lacks (404)"),
     Expect("vllm.config", "get_current_vllm_config", why="additional_config in the worker"),
     Expect("vllm.config.vllm", "VllmConfig", attrs=("additional_config",), why="where a store may be configured"),
     Expect("vllm.config.vllm", "get_current_vllm_config", "", why="additional_config in the worker"),
@@ -453,7 +456,10 @@ def install_hooks(
         validate(self, lora_request)
         if lora_request is not None:
             extra = getattr(self.vllm_config, "additional_config", None) or {}
-            validate_request(lora_request, dict(extra) if isinstance(extra, dict) else {})
+            try:
+                validate_request(lora_request, dict(extra) if isinstance(extra, dict) else {})
+            except ValueError as exc:
+                raise request_refused(str(exc), bool(getattr(exc, "not_found", False))) from exc
 
     platform_cls = t["platform"]
     platform_cls._jdlora_original_punica_wrapper = platform_cls.get_punica_wrapper.__func__
@@ -556,6 +562,22 @@ def empty_lora_model(lora_int_id: int, rank: int):
 
     marker = LoRALayerWeights(MARKER_MODULE, rank, rank, torch.zeros(1, 1), torch.zeros(1, 1), scaling=1.0)
     return LoRAModel(lora_int_id, rank, {MARKER_MODULE: marker})
+
+
+_REFUSED: dict = {}
+
+
+def request_refused(message: str, not_found: bool) -> Exception:
+    """The error a refused request raises in the front end: a ``ValueError`` (as the plugin documents) that is
+    also vLLM's client error, which the API server answers with its message and 404 (``not_found``) or 400
+    (a plain ``ValueError`` there becomes an internal error with an empty message)."""
+    from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
+
+    base = VLLMNotFoundError if not_found else VLLMValidationError
+    cls = _REFUSED.get(base)
+    if cls is None:
+        cls = _REFUSED[base] = type(f"JDLoRA{base.__name__}", (base, ValueError), {})
+    return cls(message)
 
 
 def adapter_not_found_error(name: str, path: str, why: str) -> Exception:

@@ -16,7 +16,7 @@ import torch
 from . import _vllm_private as vp
 from .tables import LayerTables, StoreMismatchError
 
-log = logging.getLogger("jdlora_ops.vllm")
+log = logging.getLogger("vllm.jdlora_ops")
 
 __all__ = ["STATE", "store_path", "store_only", "on_layer_created", "on_modules_created", "load_store_adapter",
            "engine_step",
@@ -83,14 +83,32 @@ def validate_request(lora_request, extra: dict) -> None:
     from .live import store_view
 
     path = store_path(extra)
-    problem = store_request_problem(lora_request, path, lambda name: store_view(path).problem(name))
+    absent = False
+
+    def adapter_problem(name):
+        nonlocal absent
+        view = store_view(path)
+        problem = view.problem(name)
+        absent = problem is not None and (view.current is None or name not in view.current.index)
+        return problem
+
+    problem = store_request_problem(lora_request, path, adapter_problem)
     if problem is None and path is not None and store_only(extra) and not _is_store(lora_request):
         problem = (f"this server serves the jdlora store {path} only ({ENV_STORE_ONLY} / {CONFIG_STORE_ONLY!r}); "
                    "PEFT adapters are not accepted")
     if problem is None and plugin_configured(extra) and not _is_store(lora_request):
         problem = peft_finite_problem(lora_request, _FINITE_CACHE)
     if problem:
-        raise ValueError(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}")
+        raise RequestRefused(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}",
+                             not_found=absent)
+
+
+class RequestRefused(ValueError):
+    """A request the plugin refuses; ``not_found``: it names a store adapter the store does not hold (now)."""
+
+    def __init__(self, message: str, *, not_found: bool = False):
+        super().__init__(message)
+        self.not_found = not_found
 
 
 def peft_finite_problem(lora_request, cache: dict) -> str | None:
