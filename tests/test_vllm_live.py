@@ -132,7 +132,7 @@ def test_generation_failing_its_checks_leaves_the_previous_one_served(world, tmp
     blob[-1] ^= 0xFF
     with open(cores, "wb") as fh:
         fh.write(blob)
-    with caplog.at_level(logging.WARNING, logger="jdlora_ops.vllm"):
+    with caplog.at_level(logging.WARNING, logger="vllm.jdlora_ops"):
         w.gens.poll()
         w.gens.poll()  # logged once per generation
         problem = view.problem("adapter_4")
@@ -156,7 +156,7 @@ def test_store_rewritten_for_other_tables_is_refused(world, tmp_path, caplog):
     path = _store(world, tmp_path, "--clusters", "2")
     w = Worker(path)
     assert cli(["compress", *world["adapters"][:4], "--rank", "2", "--out", path, "--overwrite", "-q"]) == 0
-    with caplog.at_level(logging.WARNING, logger="jdlora_ops.vllm"):
+    with caplog.at_level(logging.WARNING, logger="vllm.jdlora_ops"):
         w.gens.poll()
     assert w.gens.current is w.first
     assert "its rank is 2, the served tables have rank 3; restart the server to serve it" in caplog.text
@@ -164,7 +164,7 @@ def test_store_rewritten_for_other_tables_is_refused(world, tmp_path, caplog):
     ads = fixtures.make_adapters(str(tmp_path / "wide"), str(tmp_path / "wide_adapters"), n=2, clusters=1, rank=3)
     assert cli(["compress", *ads, "--rank", "3", "--out", path, "--overwrite", "-q"]) == 0
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="jdlora_ops.vllm"):
+    with caplog.at_level(logging.WARNING, logger="vllm.jdlora_ops"):
         w.gens.poll()
     assert w.gens.current is w.first
     assert re.search(r"generation 3: module model\.layers\.0\.\S+ is 48 x \d+, served as 32 x \d+; restart", caplog.text)

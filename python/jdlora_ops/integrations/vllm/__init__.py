@@ -33,7 +33,9 @@ import logging
 
 __all__ = ["register", "store_lora_request"]
 
-log = logging.getLogger("jdlora_ops.vllm")
+# Under vLLM's logger tree: vLLM configures handlers for "vllm" alone (in each of its processes, at times after
+# the plugin loads), so a child logger prints with vLLM's format and level.
+log = logging.getLogger("vllm.jdlora_ops")
 _REGISTERED = False
 
 

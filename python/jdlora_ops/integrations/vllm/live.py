@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 
 from ...store import MANIFEST, StoreError
 
-log = logging.getLogger("jdlora_ops.vllm")
+log = logging.getLogger("vllm.jdlora_ops")
 
 __all__ = ["lora_id", "ID_BASE", "manifest_stamp", "Generation", "GenerationRefused", "open_generation",
            "StoreView", "store_view", "WorkerGenerations", "engine_step", "in_engine_step"]
