@@ -97,6 +97,33 @@ def test_add_keeps_bases_and_remove_renumbers_without_moving_them(world, tmp_pat
     assert "holds no adapter named 'nope'" in w.gens.absent("nope")
 
 
+def test_loading_an_adapter_between_steps_and_within_one(world, tmp_path, caplog):
+    """Between steps (/v1/load_lora_adapter, the resolver) the newest generation decides; within a step the
+    request was admitted earlier, so a generation replaced since serves it, and one found nowhere gets zero cores
+    rather than an exception that would stop the engine."""
+    path = _store(world, tmp_path, "--clusters", "2")
+    w = Worker(path)
+    assert cli(["add", path, world["adapters"][4], "-q"]) == 0
+    cores, slot = w.gens.load("adapter_4")  # polls first: added a moment ago
+    g2 = w.gens.current
+    i = g2.index["adapter_4"]
+    assert slot == g2.table_slot[int(g2.reader.assignment[i])]
+    assert all(torch.equal(cores[s.name], c) for s, c in zip(g2.reader.modules, g2.reader.read_cores(i)))
+    assert cli(["add", path, world["adapters"][5], "-q"]) == 0
+    assert cli(["remove", path, "adapter_5", "adapter_0"]) == 0
+    with pytest.raises(LookupError, match="adapter 'adapter_0' was removed from the store"):
+        w.gens.load("adapter_0")
+    with live.engine_step():
+        cores, _ = w.gens.load("adapter_0")
+        first = w.first.reader
+        want = dict(zip([m.name for m in first.modules], first.read_cores(w.first.index["adapter_0"])))
+        assert all(torch.equal(cores[m], want[m]) for m in want)
+        with caplog.at_level(logging.ERROR, logger="vllm.jdlora_ops"):
+            cores, _ = w.gens.load("adapter_5")  # in generation 3 only, which this worker never opened
+    assert "store adapter 'adapter_5' of an admitted request cannot be loaded" in caplog.text
+    assert all(float(c.abs().max()) == 0 for c in cores.values())
+
+
 def test_new_clusters_load_into_free_slots_or_added_ones(world, tmp_path, monkeypatch):
     """svd stores give every adapter its own cluster, so adds bring new bases; slots of removed clusters are
     reused once nothing pins them."""

@@ -40,6 +40,8 @@ import os
 import threading
 from typing import Callable, Iterable
 
+import torch
+
 from ...store import MANIFEST, StoreError
 
 log = logging.getLogger("vllm.jdlora_ops")
@@ -188,6 +190,10 @@ class StoreView:
             self.current, self._refused = gen, None
             self._named.update(gen.index)
             return gen
+
+    def lacks(self, name: str) -> bool:
+        """Whether the served generation holds no adapter ``name``."""
+        return self.current is None or name not in self.current.index
 
     def problem(self, name: str) -> str | None:
         """Why a request naming adapter ``name`` cannot be served now, or ``None``."""
@@ -338,3 +344,30 @@ class WorkerGenerations:
         if any(name in g.index for g in self.kept):
             return f"adapter {name!r} was removed from the store (generation {gen.number})"
         return f"the store holds no adapter named {name!r} (generation {gen.number})"
+
+    def load(self, name: str) -> tuple[dict, int]:
+        """Adapter ``name``'s cores (store module name -> core) and its cluster's table slot.
+
+        Raises ``LookupError`` (the reason) outside an engine step when no
+        generation searched holds it. Within a step the front end admitted the
+        request, and raising would stop the engine for every request; an adapter
+        found nowhere then (added and removed again before this worker saw a
+        generation holding it) gets zero cores, and the error is logged.
+        """
+        if not in_engine_step():
+            self.poll()  # /v1/load_lora_adapter or the resolver, between steps: a name added a moment ago
+        found = self.find(name)
+        if found is None:
+            if not in_engine_step():
+                raise LookupError(self.absent(name))
+            log.error("jdlora: store adapter %r of an admitted request cannot be loaded (%s); that request is served "
+                      "without it", name, self.absent(name))
+            slot = self.current.table_slot[0] if self.current.table_slot else 0
+            return {s.name: torch.zeros(()) for s in self.current.reader.modules}, slot
+        gen, i = found
+        if gen is not self.current:
+            log.info("jdlora: adapter %r of a request admitted before its removal is served from generation %d",
+                     name, gen.number)
+        reader = gen.reader
+        cores = {s.name: core for s, core in zip(reader.modules, reader.read_cores(i))}
+        return cores, gen.table_slot[int(reader.assignment[i])]

@@ -83,22 +83,14 @@ def validate_request(lora_request, extra: dict) -> None:
     from .live import store_view
 
     path = store_path(extra)
-    absent = False
-
-    def adapter_problem(name):
-        nonlocal absent
-        view = store_view(path)
-        problem = view.problem(name)
-        absent = problem is not None and (view.current is None or name not in view.current.index)
-        return problem
-
-    problem = store_request_problem(lora_request, path, adapter_problem)
+    problem = store_request_problem(lora_request, path, lambda name: store_view(path).problem(name))
     if problem is None and path is not None and store_only(extra) and not _is_store(lora_request):
         problem = (f"this server serves the jdlora store {path} only ({ENV_STORE_ONLY} / {CONFIG_STORE_ONLY!r}); "
                    "PEFT adapters are not accepted")
     if problem is None and plugin_configured(extra) and not _is_store(lora_request):
         problem = peft_finite_problem(lora_request, _FINITE_CACHE)
     if problem:
+        absent = path is not None and _is_store(lora_request) and store_view(path).lacks(lora_request.lora_name)
         raise RequestRefused(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}",
                              not_found=absent)
 
@@ -340,8 +332,7 @@ def on_modules_created(manager, modules: dict, packed: dict) -> None:
 
 
 def engine_step(worker_manager):
-    """Around each engine step's adapter loading: serve the store's newest generation first (a ``stat``
-    while it has not changed)."""
+    """Around each engine step's adapter loading: serve the store's newest generation first."""
     from .live import engine_step as step
 
     if STATE.live is not None:
@@ -352,38 +343,22 @@ def engine_step(worker_manager):
 def load_store_adapter(worker_manager, lora_request):
     """A vLLM ``LoRAModel`` holding a store adapter's cores, or ``None`` for other requests."""
     from ...store import is_store
-    from .live import in_engine_step
 
     req_path = getattr(lora_request, "lora_path", None)
     if not req_path or not is_store(req_path):
         return None
     name = lora_request.lora_name
     live = STATE.live if STATE.active else None
-    if live is not None and not in_engine_step():
-        live.poll()  # /v1/load_lora_adapter or the resolver, between steps: a name added a moment ago
-    found = live.find(name) if live is not None else None
-    problem = store_request_problem(lora_request, STATE.path,
-                                    lambda n: None if found is not None else (live.absent(n) if live else "no store"))
-    model = vp.empty_lora_model(lora_request.lora_int_id, STATE.reader.rank if STATE.reader is not None else 1)
-    if problem and in_engine_step() and live is not None and STATE.path == os.path.abspath(req_path):
-        # Admitted by the front end, yet in no generation this worker holds (added and removed again within
-        # one engine step): raising here would stop the engine for every request, so this one gets no update.
-        log.error("jdlora: store adapter %r of a request admitted earlier cannot be loaded (%s); the request is "
-                  "served without it", name, problem)
-        model.jdlora_cores = {spec.name: torch.zeros(()) for spec in STATE.reader.modules}
-        model.jdlora_cluster, model.jdlora_name = 0, name
-        STATE.store_models[lora_request.lora_int_id] = model
-        return model
+    problem = store_request_problem(lora_request, STATE.path, lambda n: None)
+    if problem is None:
+        try:
+            cores, cluster = live.load(name)
+        except LookupError as exc:
+            problem = str(exc)
     if problem:
         raise vp.adapter_not_found_error(name, req_path, problem)
-    gen, i = found
-    reader = gen.reader
-    if gen is not live.current:
-        log.info("jdlora: adapter %r of a request admitted before its removal is served from generation %d", name,
-                 gen.number)
-    model.jdlora_cores = {spec.name: core for spec, core in zip(reader.modules, reader.read_cores(i))}
-    model.jdlora_cluster = gen.table_slot[int(reader.assignment[i])]
-    model.jdlora_name = name
+    model = vp.empty_lora_model(lora_request.lora_int_id, STATE.reader.rank)
+    model.jdlora_cores, model.jdlora_cluster, model.jdlora_name = cores, cluster, name
     STATE.store_models[lora_request.lora_int_id] = model
     return model
 
