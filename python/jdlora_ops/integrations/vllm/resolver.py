@@ -24,7 +24,6 @@ def store_lora_request(store: str, name: str) -> LoRARequest:
 class StoreResolver(LoRAResolver):
     def __init__(self, store: str):
         self.store = store
-        store_view(store).refresh()
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         if store_view(self.store).problem(lora_name) is not None:

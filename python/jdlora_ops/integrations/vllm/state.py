@@ -159,7 +159,8 @@ def store_request_problem(lora_request, configured: str | None, adapter_problem)
 
 class PluginState:
     def __init__(self) -> None:
-        self.reader = None  # the generation the tables were built from
+        self.first = None  # the store's generation the tables were built from (live.Generation)
+        self.reader = None  # its reader
         self.path: str | None = None
         self.module_index: dict[str, int] = {}
         self.live = None  # WorkerGenerations, once the tables exist
@@ -350,6 +351,8 @@ def load_store_adapter(worker_manager, lora_request):
     name = lora_request.lora_name
     live = STATE.live if STATE.active else None
     problem = store_request_problem(lora_request, STATE.path, lambda n: None)
+    if problem is None and live is None:
+        problem = "this worker has not set up the store's tables"
     if problem is None:
         try:
             cores, cluster = live.load(name)
