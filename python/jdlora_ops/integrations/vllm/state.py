@@ -160,7 +160,6 @@ def store_request_problem(lora_request, configured: str | None, adapter_problem)
 class PluginState:
     def __init__(self) -> None:
         self.first = None  # the store's generation the tables were built from (live.Generation)
-        self.reader = None  # its reader
         self.path: str | None = None
         self.module_index: dict[str, int] = {}
         self.live = None  # WorkerGenerations, once the tables exist
@@ -178,7 +177,7 @@ class PluginState:
 
     @property
     def active(self) -> bool:
-        return self.reader is not None or self.peft_ops
+        return self.first is not None or self.peft_ops
 
     def set_up_slots(self, slots: int, device) -> None:
         self.num_slots = slots
@@ -194,12 +193,11 @@ class PluginState:
     def open(self, path: str):
         from .live import open_generation
 
-        if self.reader is None or self.path != path:
+        if self.first is None or self.path != path:
             self.first = open_generation(path)
-            self.reader = self.first.reader
             self.path = path
-            self.module_index = {s.name: j for j, s in enumerate(self.reader.modules)}
-        return self.reader
+            self.module_index = {s.name: j for j, s in enumerate(self.first.reader.modules)}
+        return self.first.reader
 
     def follow(self) -> None:
         """From now on, follow the store's generations (the layers' tables exist)."""
@@ -360,7 +358,7 @@ def load_store_adapter(worker_manager, lora_request):
             problem = str(exc)
     if problem:
         raise vp.adapter_not_found_error(name, req_path, problem)
-    model = vp.empty_lora_model(lora_request.lora_int_id, STATE.reader.rank)
+    model = vp.empty_lora_model(lora_request.lora_int_id, STATE.first.rank)
     model.jdlora_cores, model.jdlora_cluster, model.jdlora_name = cores, cluster, name
     STATE.store_models[lora_request.lora_int_id] = model
     return model
