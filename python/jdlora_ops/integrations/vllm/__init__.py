@@ -17,7 +17,10 @@ Then:
   store-only mode is on (``JDLORA_STORE_ONLY=1`` or ``"jdlora_store_only":
   true``): then vLLM's dense per-slot LoRA stacks are dropped as each layer
   is created, so a slot costs one core per module and ``max_loras`` can be
-  in the thousands, and PEFT requests are refused.
+  in the thousands, and PEFT requests are refused;
+* ``jdlora add`` / ``jdlora remove`` may change the store while it is
+  served: :mod:`.live` follows its generations (new adapters servable,
+  removed ones refused, requests in flight unaffected).
 
 Without a store, ``JDLORA_PEFT_OPS=1`` (or ``"jdlora_peft_ops": true``)
 serves vLLM's ordinary PEFT adapters through jdlora's ``lora_shrink`` /
