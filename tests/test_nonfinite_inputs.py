@@ -367,6 +367,9 @@ def _fake_vllm(monkeypatch, loaded):
     def _load_adapter(self, lora_request):
         return loaded
 
+    def set_active_adapters(self, requests, mapping):
+        pass
+
     def _validate_lora(self, lora_request):
         return None
 
@@ -376,7 +379,7 @@ def _fake_vllm(monkeypatch, loaded):
                                     "LoRAModelManager": type("LoRAModelManager", (), {
                                         "_create_lora_modules": _create_lora_modules})},
         "vllm.lora.worker_manager": {"WorkerLoRAManager": type("WorkerLoRAManager", (), {
-            "_load_adapter": _load_adapter})},
+            "_load_adapter": _load_adapter, "set_active_adapters": set_active_adapters})},
         "vllm.platforms": {"current_platform": Platform()},
         "vllm.v1.engine.input_processor": {"InputProcessor": type("InputProcessor", (), {
             "_validate_lora": _validate_lora})},

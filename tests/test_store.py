@@ -104,6 +104,41 @@ def test_update_keeps_bases_and_adds_cores(tmp_path, fitted):
     assert read_manifest(path)["adapters"][-1]["name"] == "new"
 
 
+def test_generations_and_content_digests(tmp_path, fitted):
+    """Every write is one generation more; digests follow content, not positions (a removal that empties a
+    cluster renumbers the others without changing their digests)."""
+    from jdlora_ops.compress.projection import remove_adapters
+
+    col, res = fitted
+    path = tmp_path / "s"
+    first = save_store(path, res)
+    assert first["generation"] == 1 and len(first["cluster_digests"]) == 2
+    assert len({a["digest"] for a in first["adapters"]}) == 6
+    grown = load_store(path)
+    g = torch.Generator().manual_seed(0)
+    new = InMemoryCollection({"new": {m.name: (torch.randn(2, m.d_in, generator=g, dtype=F64),
+                                               torch.randn(m.d_out, 2, generator=g, dtype=F64), 1.0) for m in MODS}})
+    project_adapters(grown, new)
+    second = save_store(path, grown, update=True, reuse_bases=True)
+    assert second["generation"] == 2 and second["cluster_digests"] == first["cluster_digests"]
+    assert [a["digest"] for a in second["adapters"][:6]] == [a["digest"] for a in first["adapters"]]
+    # the same digests when the bases are written again rather than kept
+    again = save_store(path, load_store(path), update=True)
+    assert again["generation"] == 3 and again["files"]["bases"] != second["files"]["bases"]
+    assert again["cluster_digests"] == second["cluster_digests"]
+    assert [a["digest"] for a in again["adapters"]] == [a["digest"] for a in second["adapters"]]
+    shrunk = load_store(path)
+    k0 = [n for n, c in zip(shrunk.adapter_names, shrunk.assignment.tolist()) if c == 0]
+    assert remove_adapters(shrunk, k0) == 1
+    third = save_store(path, shrunk, update=True)
+    assert third["generation"] == 4 and third["cluster_digests"] == second["cluster_digests"][1:]
+    by_name = {a["name"]: a["digest"] for a in second["adapters"]}
+    assert all(a["digest"] == by_name[a["name"]] for a in third["adapters"])
+    reader = store_mod.StoreReader(path)
+    assert reader.generation == 4 and reader.cluster_digests == third["cluster_digests"]
+    assert reader.adapter_digests == [a["digest"] for a in third["adapters"]]
+
+
 def test_interrupted_update_leaves_old_store_intact(tmp_path, fitted, monkeypatch):
     _, res = fitted
     path = tmp_path / "s"

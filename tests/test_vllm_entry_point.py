@@ -29,7 +29,7 @@ def test_store_configured_and_jdlora_unimportable_raises(unimportable, monkeypat
 
 def test_no_store_and_jdlora_unimportable_only_warns(unimportable, monkeypatch, caplog):
     monkeypatch.delenv("JDLORA_STORE", raising=False)
-    with caplog.at_level(logging.WARNING, logger="jdlora_ops.vllm"):
+    with caplog.at_level(logging.WARNING, logger="vllm.jdlora_ops"):
         assert jdlora_ops_vllm.register() is None
     assert "jdlora_ops cannot be imported" in caplog.text and "plugin not loaded" in caplog.text
 

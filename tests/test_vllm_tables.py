@@ -139,16 +139,16 @@ def test_packed_layer_names_map_to_store_modules():
 
 
 def test_store_request_checks(store, tmp_path):
-    from jdlora_ops.store import read_manifest
+    from jdlora_ops.integrations.vllm.live import StoreView
 
     def req(name, path):
         return SimpleNamespace(lora_name=name, lora_path=path)
 
-    cache: dict = {}
+    view = StoreView(store.path)
     ok = req("adapter_1", store.path)
-    assert st.store_request_problem(ok, store.path, cache, read_manifest) is None
-    assert st.store_request_problem(req("adapter_1", str(tmp_path)), store.path, cache, read_manifest) is None
-    assert "holds no adapter named 'nope'" in st.store_request_problem(req("nope", store.path), store.path, cache,
-                                                                        read_manifest)
-    assert "started without one" in st.store_request_problem(ok, None, cache, read_manifest)
-    assert "serves the jdlora store /elsewhere" in st.store_request_problem(ok, "/elsewhere", cache, read_manifest)
+    assert st.store_request_problem(ok, store.path, view.problem) is None
+    assert st.store_request_problem(req("adapter_1", str(tmp_path)), store.path, view.problem) is None
+    assert "holds no adapter named 'nope'" in st.store_request_problem(req("nope", store.path), store.path,
+                                                                        view.problem)
+    assert "started without one" in st.store_request_problem(ok, None, view.problem)
+    assert "serves the jdlora store /elsewhere" in st.store_request_problem(ok, "/elsewhere", view.problem)

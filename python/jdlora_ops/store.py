@@ -20,6 +20,10 @@ base model, the method, the rank, the weights, the modules with their shapes and
 rank, the clusters, every adapter's name, cluster, per-module relative error,
 original ranks and PEFT config, how the PEFT scaling was folded, the memory
 before and after, the fitting history and the names of the tensor files.
+It also records ``generation`` (1 for a new store, one more at every update),
+``cluster_digests`` (SHA-256 of each cluster's bases) and per adapter a
+``digest`` (of its cores and its cluster's digest): content identities that
+stay the same while the content does, e.g. across a renumbering of clusters.
 Adapters kept outside the joint tables (``jdlora compress --max-rel-error``)
 are listed under ``individual`` with their path (``svd`` at a rank, or
 ``full``), per-module errors, original ranks and config. ``format_version`` 2
@@ -218,6 +222,49 @@ def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
         os.fsync(fh.fileno())
 
 
+def _tensor_bytes_view(t: torch.Tensor, rows: int):
+    """``t``'s bytes as a numpy ``uint8`` array of ``rows`` rows (no copy when ``t`` is contiguous)."""
+    return t.detach().contiguous().cpu().reshape(rows, -1).view(torch.uint8).numpy()
+
+
+def _table_digests(manifest: dict, bases: dict, cores: dict, assignment: torch.Tensor, K: int,
+                   kept: list | None = None) -> tuple[list[str], list[str]]:
+    """SHA-256 of each cluster's bases and of each adapter's served tables (its cores and its cluster's digest).
+
+    They identify content across generations: a server following a store's
+    updates keeps a cluster's resident bases while the digest stays, and
+    tells an adapter that was removed and added again with other weights from
+    the one it served. ``kept``: the previous manifest's cluster digests when
+    the bases file is kept as it was.
+    """
+    import hashlib
+
+    modules = [md["name"] for md in manifest["modules"]]
+    if kept is not None and len(kept) == K:
+        clusters = [str(d) for d in kept]
+    else:
+        hs = [hashlib.sha256() for _ in range(K)]
+        for m in modules:
+            for key in (f"{m}::U", f"{m}::Vt"):
+                t = bases[key]
+                head = f"{key}:{_dtype_name(t.dtype)}:{list(t.shape[1:])};".encode()
+                rows = _tensor_bytes_view(t, K) if K else []
+                for k in range(K):
+                    hs[k].update(head)
+                    hs[k].update(rows[k])
+        clusters = [h.hexdigest() for h in hs]
+    n = int(assignment.numel())
+    hs = [hashlib.sha256(clusters[int(c)].encode()) for c in assignment.tolist()]
+    for m in modules:
+        t = cores[f"{m}::sigma"]
+        head = f"{m}::sigma:{_dtype_name(t.dtype)}:{list(t.shape[1:])};".encode()
+        rows = _tensor_bytes_view(t, n) if n else []
+        for i in range(n):
+            hs[i].update(head)
+            hs[i].update(rows[i])
+    return clusters, [h.hexdigest() for h in hs]
+
+
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
@@ -355,6 +402,12 @@ def save_store(
     if compressed.individual:
         files["individual"] = f"individual-{secrets.token_hex(8)}.safetensors"
     manifest = _manifest(compressed, files, dt)
+    manifest["generation"] = int((old_manifest or {}).get("generation", 0)) + 1
+    kept = (old_manifest or {}).get("cluster_digests") if not write_bases else None
+    clusters, adapters = _table_digests(manifest, bases, cores, compressed.assignment, compressed.num_clusters, kept)
+    manifest["cluster_digests"] = clusters
+    for entry, digest in zip(manifest["adapters"], adapters):
+        entry["digest"] = digest
     # A table that is not finite would be refused by every reader (and casting to a narrower
     # dtype can overflow); refuse it here, before the first byte is written. Kept bases were
     # checked when the store was read.
@@ -624,7 +677,9 @@ class CollectionReader:
     objective's weights, ``"relative"`` or ``"uniform"``), ``base_model``
     (or ``None``), ``configs`` (adapter name -> PEFT config), ``path`` (the
     store directory or ``None``), ``nbytes`` (bytes of bases and cores as
-    stored).
+    stored). A :class:`StoreReader` also has ``generation``,
+    ``cluster_digests`` (``None`` for stores written before them) and
+    ``adapter_digests`` (``None`` entries likewise), see the module docstring.
     """
 
     method: str
@@ -724,6 +779,15 @@ class StoreReader(CollectionReader):
         if n and (int(self.assignment.min()) < 0 or int(self.assignment.max()) >= K):
             raise StoreError(f"{self.path}: cluster assignment holds ids outside [0, {K})")
         self._module_index = {s.name: j for j, s in enumerate(self.modules)}
+        self.generation = int(m.get("generation", 0))
+        digests = m.get("cluster_digests")
+        self.cluster_digests = [str(d) for d in digests] if isinstance(digests, list) and len(digests) == K else None
+        self.adapter_digests = [a.get("digest") for a in m["adapters"]]
+
+    def verify(self, kinds=("bases", "cores")) -> None:
+        """Check the tensor files ``kinds`` now (checksum, NaN and infinities) rather than at their first use."""
+        for kind in kinds:
+            self._verify(kind)
 
     def _header(self, kind: str, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         fh = self._files[kind]

@@ -29,7 +29,7 @@ def register() -> None:
         if store:
             raise RuntimeError(f"{reason}. A jdlora store is configured ({store}), so the engine does not start: "
                                "without the plugin its adapters would not be served") from exc
-        logging.getLogger("jdlora_ops.vllm").warning(
+        logging.getLogger("vllm.jdlora_ops").warning(
             "%s; plugin not loaded (a store named in additional_config is not served: its requests fail)", reason)
         return
     register_plugin()

@@ -17,7 +17,10 @@ Then:
   store-only mode is on (``JDLORA_STORE_ONLY=1`` or ``"jdlora_store_only":
   true``): then vLLM's dense per-slot LoRA stacks are dropped as each layer
   is created, so a slot costs one core per module and ``max_loras`` can be
-  in the thousands, and PEFT requests are refused.
+  in the thousands, and PEFT requests are refused;
+* ``jdlora add`` / ``jdlora remove`` may change the store while it is
+  served: :mod:`.live` follows its generations (new adapters servable,
+  removed ones refused, requests in flight unaffected).
 
 Without a store, ``JDLORA_PEFT_OPS=1`` (or ``"jdlora_peft_ops": true``)
 serves vLLM's ordinary PEFT adapters through jdlora's ``lora_shrink`` /
@@ -33,7 +36,9 @@ import logging
 
 __all__ = ["register", "store_lora_request"]
 
-log = logging.getLogger("jdlora_ops.vllm")
+# Under vLLM's logger tree: vLLM configures handlers for "vllm" alone (in each of its processes, at times after
+# the plugin loads), so a child logger prints with vLLM's format and level.
+log = logging.getLogger("vllm.jdlora_ops")
 _REGISTERED = False
 
 
@@ -50,14 +55,14 @@ def register() -> None:
     if _REGISTERED:
         return
     from . import _vllm_private as vp
-    from .state import (ENV_PEFT_OPS, ENV_STORE, check_peft_adapter, load_store_adapter, on_layer_created,
-                        on_modules_created, store_path, validate_request)
+    from .state import (ENV_PEFT_OPS, ENV_STORE, check_peft_adapter, engine_step, load_store_adapter,
+                        on_layer_created, on_modules_created, store_path, validate_request)
 
     path = store_path()
     try:
         vp.install_hooks(on_layer_created, on_modules_created, load_store_adapter, validate_request,
                          "jdlora_ops.integrations.vllm.punica.JDLoRAPunicaWrapper",
-                         check_loaded_adapter=check_peft_adapter)
+                         check_loaded_adapter=check_peft_adapter, engine_step=engine_step)
     except vp.PluginUnavailable as exc:
         if path is not None:
             raise vp.PluginUnavailable(vp.refusal(str(exc), path)) from exc
@@ -77,11 +82,15 @@ def register() -> None:
 
 
 def store_lora_request(store: str, name: str):
-    """The ``LoRARequest`` naming adapter ``name`` of ``store`` (its id is stable for a store)."""
+    """The ``LoRARequest`` naming adapter ``name`` of ``store``; its id depends on the name alone, so it stays
+    the same as the store is updated."""
+    import os
+
     from ...store import read_manifest
     from .resolver import store_lora_request as make
 
-    names = [str(a["name"]) for a in read_manifest(store)["adapters"]]
+    store = os.path.abspath(os.fspath(store))
+    names = {str(a["name"]) for a in read_manifest(store)["adapters"]}
     if name not in names:
         raise ValueError(f"store_lora_request: the store {store} holds no adapter named {name!r}")
-    return make(store, name, names.index(name))
+    return make(store, name)

@@ -11,7 +11,7 @@ attribute below is unchanged (:data:`SURFACE`, checked on both source trees by
 The plugin leans on documented surfaces where vLLM has them (the
 ``vllm.general_plugins`` entry-point group, the platform's punica wrapper,
 ``LoRAResolverRegistry``, ``LoRARequest``, ``VllmConfig.additional_config``) and
-on five private names, patched here and nowhere else:
+on six private names, patched here and nowhere else:
 
 * ``LoRAModelManager._create_lora_modules``: after vLLM wraps the model's linear
   layers, each wrapped layer gets its JD tables;
@@ -20,6 +20,9 @@ on five private names, patched here and nowhere else:
   there, before the next layer allocates its own);
 * ``WorkerLoRAManager._load_adapter``: a request whose path is the jdlora store
   loads the adapter's cores instead of a PEFT folder;
+* ``WorkerLoRAManager.set_active_adapters``: each engine step first looks for a
+  new generation of the store (one ``stat`` while there is none), and the
+  adapters it loads are known to belong to requests the front end admitted;
 * ``InputProcessor._validate_lora``: a request naming a store adapter is checked
   in the front end (the store and the name exist), so a bad name fails that
   request and never reaches a worker (where a load error stops the engine);
@@ -48,7 +51,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from typing import Callable
+from typing import Callable, ContextManager
 
 from ._source_check import Expect, check_source_tree, render_signature, source_version
 
@@ -126,6 +129,13 @@ SURFACE: tuple[Expect, ...] = (
            why="reaches the patched _load_adapter"),
     Expect(_WM, "LRUCacheWorkerLoRAManager._load_adapter", absent=True,
            why="the LRU worker manager must inherit the patched method"),
+    # patched: WorkerLoRAManager.set_active_adapters, called once per engine step
+    Expect(_WM, "WorkerLoRAManager.set_active_adapters", "self, requests, mapping", calls=("self._apply_adapters",),
+           why="patched: each step follows the store's generations before the step's adapters load"),
+    Expect(_WM, "LRUCacheWorkerLoRAManager.set_active_adapters", absent=True,
+           why="the LRU worker manager must inherit the patched method"),
+    Expect("vllm.v1.worker.lora_model_runner_mixin", "LoRAModelRunnerMixin._set_active_loras",
+           calls=("self.lora_manager.set_active_adapters",), why="reaches the patched set_active_adapters every step"),
     # patched: InputProcessor._validate_lora
     Expect(_IP, "InputProcessor._validate_lora", "self, lora_request",
            why="patched: store requests are checked in the front end"),
@@ -201,6 +211,9 @@ SURFACE: tuple[Expect, ...] = (
     Expect("vllm.exceptions", "LoRAAdapterNotFoundError.__init__", "self, lora_name, lora_path",
            why="raised for an unknown store adapter"),
     Expect("vllm.exceptions", "LoRAAdapterNotFoundError", attrs=("message",), why="its message is extended"),
+    Expect("vllm.exceptions", "VLLMValidationError.__init__", "self, message, *, parameter=, value=",
+           why="a refused request is also this client error (400 with its message)"),
+    Expect("vllm.exceptions", "VLLMNotFoundError", why="a request for an adapter the store lacks (404)"),
     Expect("vllm.config", "get_current_vllm_config", why="additional_config in the worker"),
     Expect("vllm.config.vllm", "VllmConfig", attrs=("additional_config",), why="where a store may be configured"),
     Expect("vllm.config.vllm", "get_current_vllm_config", "", why="additional_config in the worker"),
@@ -248,7 +261,7 @@ def _resolve(module: str, qualname: str):
 
 
 def _patch_targets() -> dict:
-    """The five patched names, resolved and their signatures checked; :class:`PluginUnavailable` lists every miss."""
+    """The six patched names, resolved and their signatures checked; :class:`PluginUnavailable` lists every miss."""
     problems: list[str] = []
     targets: dict = {}
 
@@ -272,6 +285,8 @@ def _patch_targets() -> dict:
     take("create", _MM, "LoRAModelManager._create_lora_modules",
          _surface(f"{_MM}.LoRAModelManager._create_lora_modules"))
     take("load", _WM, "WorkerLoRAManager._load_adapter", _surface(f"{_WM}.WorkerLoRAManager._load_adapter"))
+    take("step", _WM, "WorkerLoRAManager.set_active_adapters",
+         _surface(f"{_WM}.WorkerLoRAManager.set_active_adapters"))
     take("validate", _IP, "InputProcessor._validate_lora", _surface(f"{_IP}.InputProcessor._validate_lora"))
     try:
         platform_cls = type(_resolve("vllm.platforms", "current_platform"))
@@ -411,8 +426,9 @@ def install_hooks(
     validate_request: Callable[[object, dict], None],
     wrapper_qualname: str,
     check_loaded_adapter: Callable[[object, object], None] | None = None,
+    engine_step: Callable[[object], ContextManager] | None = None,
 ) -> None:
-    """Patch the five private names (idempotent); all of them or none.
+    """Patch the six private names (idempotent); all of them or none.
 
     * ``on_layer_created(layer)`` runs after vLLM wrapped one layer;
     * ``on_modules_created(manager, modules, packed_modules_mapping)`` runs after
@@ -424,7 +440,9 @@ def install_hooks(
     * ``wrapper_qualname`` is returned by the platform's ``get_punica_wrapper``;
     * ``check_loaded_adapter(lora_request, lora_model)`` runs on every adapter
       vLLM itself loaded (PEFT), before it can be put in a slot; it raises to
-      refuse it.
+      refuse it;
+    * ``engine_step(worker_manager)`` returns a context manager around each
+      step's adapter loading (``set_active_adapters``).
 
     Raises :class:`PluginUnavailable` (nothing patched) when the version is not
     supported or a name is missing or has another signature.
@@ -465,6 +483,15 @@ def install_hooks(
                 check_loaded_adapter(lora_request, model)
         return model
 
+    set_active = t["step"]
+
+    @functools.wraps(set_active)
+    def set_active_adapters(self, requests, mapping):
+        if engine_step is None:
+            return set_active(self, requests, mapping)
+        with engine_step(self):
+            return set_active(self, requests, mapping)
+
     validate = t["validate"]
 
     @functools.wraps(validate)
@@ -472,7 +499,10 @@ def install_hooks(
         validate(self, lora_request)
         if lora_request is not None:
             extra = getattr(self.vllm_config, "additional_config", None) or {}
-            validate_request(lora_request, dict(extra) if isinstance(extra, dict) else {})
+            try:
+                validate_request(lora_request, dict(extra) if isinstance(extra, dict) else {})
+            except ValueError as exc:
+                raise request_refused(str(exc), bool(getattr(exc, "not_found", False))) from exc
 
     platform_cls = t["platform"]
     platform_cls._jdlora_original_punica_wrapper = platform_cls.get_punica_wrapper.__func__
@@ -483,6 +513,7 @@ def install_hooks(
     model_manager.from_layer = from_layer
     model_manager.LoRAModelManager._create_lora_modules = _create_lora_modules
     worker_manager.WorkerLoRAManager._load_adapter = _load_adapter
+    worker_manager.WorkerLoRAManager.set_active_adapters = set_active_adapters
     input_processor.InputProcessor._validate_lora = _validate_lora
     platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
     _INSTALLED = True
@@ -574,6 +605,22 @@ def empty_lora_model(lora_int_id: int, rank: int):
 
     marker = LoRALayerWeights(MARKER_MODULE, rank, rank, torch.zeros(1, 1), torch.zeros(1, 1), scaling=1.0)
     return LoRAModel(lora_int_id, rank, {MARKER_MODULE: marker})
+
+
+_REFUSED: dict = {}
+
+
+def request_refused(message: str, not_found: bool) -> Exception:
+    """The error a refused request raises in the front end: a ``ValueError`` (as the plugin documents) that is
+    also vLLM's client error, which the API server answers with its message and 404 (``not_found``) or 400
+    (a plain ``ValueError`` there becomes an internal error with an empty message)."""
+    from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
+
+    base = VLLMNotFoundError if not_found else VLLMValidationError
+    cls = _REFUSED.get(base)
+    if cls is None:
+        cls = _REFUSED[base] = type(f"JDLoRA{base.__name__}", (base, ValueError), {})
+    return cls(message)
 
 
 def adapter_not_found_error(name: str, path: str, why: str) -> Exception:

@@ -43,6 +43,8 @@ class JDLoRAPunicaWrapper(_Base):
         self._has_jd = False
         self._has_peft = False
         self._lora_scales: torch.Tensor | None = None
+        self._jd_slots: torch.Tensor | None = None
+        self._jd_clusters = -1
 
     # -- per step ------------------------------------------------------------
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
@@ -53,10 +55,8 @@ class JDLoRAPunicaWrapper(_Base):
             if STATE.slot_owner[slot] != lora_id:
                 STATE.assign_slot(slot, lora_id)
         slots = STATE.num_slots
+        dev = STATE.adapter_cluster.device
         if self._jd_meta is None:
-            dev = STATE.adapter_cluster.device
-            clusters = max(int(STATE.reader.num_clusters), 1) if STATE.reader is not None else 1
-            self._jd_meta = BatchMeta.allocate(self._jd_max_tokens, slots, clusters, dev)
             self._peft_meta = BatchMeta.allocate(self._jd_max_tokens, slots, 1, dev)
             self._lora_scales = torch.ones(slots, dtype=torch.float32, device=dev)
             self._zero_cluster = torch.zeros(slots, dtype=torch.int32, device=dev)
@@ -69,9 +69,27 @@ class JDLoRAPunicaWrapper(_Base):
         m = self.token_lora_indices.to(torch.int32)
         kind = STATE.slot_kind[m.long().remainder(slots + 1)]  # slot -1 reads the trailing "empty" entry
         none = torch.full_like(m, -1)
-        self._jd_meta.build(torch.where(kind == SLOT_JD, m, none), STATE.adapter_cluster)
+        self._jd_slots = torch.where(kind == SLOT_JD, m, none)
+        self._jd_clusters = -1
+        self._build_jd_meta()
         self._peft_meta.build(torch.where(kind == SLOT_PEFT, m, none), self._zero_cluster)
         self._jd_tokens = int(m.shape[0])
+
+    def _build_jd_meta(self) -> None:
+        """The store adapters' batch metadata, for as many clusters as the tables hold now.
+
+        A store update can add cluster slots to the tables between two steps
+        whose token mapping is the same (vLLM then skips update_metadata), and
+        the metadata's cluster count must match the tables'.
+        """
+        clusters = STATE.table_clusters
+        if clusters == self._jd_clusters:
+            return
+        if self._jd_meta is None or self._jd_meta.max_clusters != max(clusters, 1):
+            self._jd_meta = BatchMeta.allocate(self._jd_max_tokens, STATE.num_slots, max(clusters, 1),
+                                               STATE.adapter_cluster.device)
+        self._jd_meta.build(self._jd_slots, STATE.adapter_cluster)
+        self._jd_clusters = clusters
 
     # -- per layer -----------------------------------------------------------
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
@@ -92,6 +110,7 @@ class JDLoRAPunicaWrapper(_Base):
         offsets = [sum(output_slices[:s]) for s in range(len(output_slices))]
         tables = STATE.layers.get(id(lora_a_stacked))
         if self._has_jd and tables is not None:
+            self._build_jd_meta()
             jd_fused(xs, tables.Vt, tables.S, tables.U, self._jd_meta, out, tables.offsets)
         if self._has_peft:
             A = [a[:, 0] for a in lora_a_stacked]

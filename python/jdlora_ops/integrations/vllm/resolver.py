@@ -2,7 +2,9 @@
 
 vLLM asks its registered LoRA resolvers for names it does not know (with
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``); this one answers for the adapters of
-the configured store with a ``LoRARequest`` whose path is the store.
+the configured store with a ``LoRARequest`` whose path is the store. It reads
+the store's newest generation (:mod:`.live`), so adapters added while the
+server runs are found.
 """
 
 from __future__ import annotations
@@ -10,23 +12,20 @@ from __future__ import annotations
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
-from ...store import read_manifest
+from .live import ID_BASE, lora_id, store_view
 
 __all__ = ["StoreResolver", "ID_BASE", "store_lora_request"]
 
-#: Store adapter ``i`` gets LoRA id ``ID_BASE + i``, far above ids a server assigns to its own adapters.
-ID_BASE = 1 << 24
 
-
-def store_lora_request(store: str, name: str, index: int) -> LoRARequest:
-    return LoRARequest(lora_name=name, lora_int_id=ID_BASE + int(index), lora_path=store)
+def store_lora_request(store: str, name: str) -> LoRARequest:
+    return LoRARequest(lora_name=name, lora_int_id=lora_id(name), lora_path=store)
 
 
 class StoreResolver(LoRAResolver):
     def __init__(self, store: str):
         self.store = store
-        self._index = {str(a["name"]): i for i, a in enumerate(read_manifest(store)["adapters"])}
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        i = self._index.get(lora_name)
-        return None if i is None else store_lora_request(self.store, lora_name, i)
+        if store_view(self.store).problem(lora_name) is not None:
+            return None
+        return store_lora_request(self.store, lora_name)

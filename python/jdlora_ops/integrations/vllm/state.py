@@ -16,9 +16,10 @@ import torch
 from . import _vllm_private as vp
 from .tables import LayerTables, StoreMismatchError
 
-log = logging.getLogger("jdlora_ops.vllm")
+log = logging.getLogger("vllm.jdlora_ops")
 
 __all__ = ["STATE", "store_path", "store_only", "on_layer_created", "on_modules_created", "load_store_adapter",
+           "engine_step",
            "check_peft_adapter", "peft_finite_problem", "validate_request", "ENV_STORE", "CONFIG_KEY",
            "ENV_STORE_ONLY", "CONFIG_STORE_ONLY", "ENV_PEFT_OPS", "CONFIG_PEFT_OPS", "peft_ops",
            "plugin_configured"]
@@ -72,7 +73,6 @@ def plugin_configured(extra: dict | None = None) -> bool:
     return store_path(extra) is not None or peft_ops(extra)
 
 
-_NAMES_CACHE: dict[str, set[str]] = {}
 _FINITE_CACHE: dict[tuple, str | None] = {}  # (weights file, size, mtime) -> why refused, or None
 
 
@@ -80,17 +80,27 @@ def validate_request(lora_request, extra: dict) -> None:
     """Front-end check of a request naming a store adapter, or (with a store configured, or PEFT adapters
     served through the plugin's ops) a local PEFT adapter whose factors must be finite (``ValueError`` when
     it cannot be served)."""
-    from ...store import read_manifest
+    from .live import store_view
 
     path = store_path(extra)
-    problem = store_request_problem(lora_request, path, _NAMES_CACHE, read_manifest)
+    problem = store_request_problem(lora_request, path, lambda name: store_view(path).problem(name))
     if problem is None and path is not None and store_only(extra) and not _is_store(lora_request):
         problem = (f"this server serves the jdlora store {path} only ({ENV_STORE_ONLY} / {CONFIG_STORE_ONLY!r}); "
                    "PEFT adapters are not accepted")
     if problem is None and plugin_configured(extra) and not _is_store(lora_request):
         problem = peft_finite_problem(lora_request, _FINITE_CACHE)
     if problem:
-        raise ValueError(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}")
+        absent = path is not None and _is_store(lora_request) and store_view(path).lacks(lora_request.lora_name)
+        raise RequestRefused(f"LoRA adapter {lora_request.lora_name!r} at {lora_request.lora_path!r}: {problem}",
+                             not_found=absent)
+
+
+class RequestRefused(ValueError):
+    """A request the plugin refuses; ``not_found``: it names a store adapter the store does not hold (now)."""
+
+    def __init__(self, message: str, *, not_found: bool = False):
+        super().__init__(message)
+        self.not_found = not_found
 
 
 def peft_finite_problem(lora_request, cache: dict) -> str | None:
@@ -129,8 +139,11 @@ def _is_store(lora_request) -> bool:
     return bool(p) and is_store(p)
 
 
-def store_request_problem(lora_request, configured: str | None, cache: dict, read_manifest) -> str | None:
-    """Why a request for a store adapter cannot be served, or ``None`` (also for non-store requests)."""
+def store_request_problem(lora_request, configured: str | None, adapter_problem) -> str | None:
+    """Why a request for a store adapter cannot be served, or ``None`` (also for non-store requests).
+
+    ``adapter_problem(name)``: why the configured store cannot serve adapter ``name`` now, or ``None``.
+    """
     from ...store import is_store
 
     req_path = getattr(lora_request, "lora_path", None)
@@ -141,20 +154,15 @@ def store_request_problem(lora_request, configured: str | None, cache: dict, rea
                 f"(set {ENV_STORE} or additional_config {CONFIG_KEY!r})")
     if os.path.abspath(req_path) != configured:
         return f"this server serves the jdlora store {configured}"
-    names = cache.get(configured)
-    if names is None:
-        names = cache[configured] = {str(a["name"]) for a in read_manifest(configured)["adapters"]}
-    if lora_request.lora_name not in names:
-        return f"the store holds no adapter named {lora_request.lora_name!r}"
-    return None
+    return adapter_problem(lora_request.lora_name)
 
 
 class PluginState:
     def __init__(self) -> None:
-        self.reader = None
+        self.first = None  # the store's generation the tables were built from (live.Generation)
         self.path: str | None = None
         self.module_index: dict[str, int] = {}
-        self.adapter_index: dict[str, int] = {}
+        self.live = None  # WorkerGenerations, once the tables exist
         self.layers: dict[int, LayerTables] = {}  # id(layer.lora_a_stacked) -> tables
         self.num_slots = 0
         self.adapter_cluster: torch.Tensor | None = None
@@ -169,7 +177,7 @@ class PluginState:
 
     @property
     def active(self) -> bool:
-        return self.reader is not None or self.peft_ops
+        return self.first is not None or self.peft_ops
 
     def set_up_slots(self, slots: int, device) -> None:
         self.num_slots = slots
@@ -177,15 +185,26 @@ class PluginState:
         self.slot_kind = torch.zeros(slots + 1, dtype=torch.int32, device=device)
         self.slot_owner = [None] * slots
 
-    def open(self, path: str):
-        from ...store import StoreReader
+    @property
+    def table_clusters(self) -> int:
+        """Cluster slots of the layers' tables (the store's clusters at start-up, more as it grows)."""
+        return self.live.capacity if self.live is not None else 0
 
-        if self.reader is None or self.path != path:
-            self.reader = StoreReader(path)
+    def open(self, path: str):
+        from .live import open_generation
+
+        if self.first is None or self.path != path:
+            self.first = open_generation(path)
             self.path = path
-            self.module_index = {s.name: j for j, s in enumerate(self.reader.modules)}
-            self.adapter_index = {n: i for i, n in enumerate(self.reader.adapter_names)}
-        return self.reader
+            self.module_index = {s.name: j for j, s in enumerate(self.first.reader.modules)}
+        return self.first.reader
+
+    def follow(self) -> None:
+        """From now on, follow the store's generations (the layers' tables exist)."""
+        from .live import WorkerGenerations
+
+        self.live = WorkerGenerations(self.path, self.first, lambda: self.layers.values(),
+                                      lambda: list(self.store_models.values()))
 
     def assign_slot(self, slot: int, lora_id: int | None) -> None:
         """Make our tables agree with vLLM's slot ``slot`` now holding ``lora_id``."""
@@ -302,12 +321,22 @@ def on_modules_created(manager, modules: dict, packed: dict) -> None:
         )
     device = next(iter(STATE.layers.values())).Vt[0].device if STATE.layers else torch.device("cpu")
     STATE.set_up_slots(slots, device)
+    STATE.follow()
     STATE.table_bytes = sum(t.nbytes() for t in STATE.layers.values())
     log.info("jdlora: serving store %s (%d adapters, %d clusters, rank %d) on %d layers, %d slots, %.1f MiB of "
              "tables%s", path, len(reader.adapter_names), reader.num_clusters, reader.rank, len(STATE.layers), slots,
              STATE.table_bytes / 2**20,
              f"; store only, {STATE.dense_bytes_dropped / 2**20:.1f} MiB of dense stacks dropped"
              if STATE.store_only else "")
+
+
+def engine_step(worker_manager):
+    """Around each engine step's adapter loading: serve the store's newest generation first."""
+    from .live import engine_step as step
+
+    if STATE.live is not None:
+        STATE.live.poll()
+    return step()
 
 
 def load_store_adapter(worker_manager, lora_request):
@@ -318,17 +347,19 @@ def load_store_adapter(worker_manager, lora_request):
     if not req_path or not is_store(req_path):
         return None
     name = lora_request.lora_name
-    known = {STATE.path: set(STATE.adapter_index)} if STATE.active else {}
-    problem = store_request_problem(lora_request, STATE.path, known, lambda p: {"adapters": []})
+    live = STATE.live if STATE.active else None
+    problem = store_request_problem(lora_request, STATE.path, lambda n: None)
+    if problem is None and live is None:
+        problem = "this worker has not set up the store's tables"
+    if problem is None:
+        try:
+            cores, cluster = live.load(name)
+        except LookupError as exc:
+            problem = str(exc)
     if problem:
         raise vp.adapter_not_found_error(name, req_path, problem)
-    i = STATE.adapter_index[name]
-    reader = STATE.reader
-    cores = {spec.name: core for spec, core in zip(reader.modules, reader.read_cores(i))}
-    model = vp.empty_lora_model(lora_request.lora_int_id, reader.rank)
-    model.jdlora_cores = cores
-    model.jdlora_cluster = int(reader.assignment[i])
-    model.jdlora_name = name
+    model = vp.empty_lora_model(lora_request.lora_int_id, STATE.first.rank)
+    model.jdlora_cores, model.jdlora_cluster, model.jdlora_name = cores, cluster, name
     STATE.store_models[lora_request.lora_int_id] = model
     return model
 
