@@ -49,7 +49,7 @@ class Worker:
         reader = self.first.reader
         index = {s.name: j for j, s in enumerate(reader.modules)}
         geometry = {"output_slices": (32, 16), "input_size": 32, "tp_rank": 0, "tp_size": 1,
-                    "dtype": torch.float32, "device": torch.device("cpu")}
+                    "output_shards": ((0, 1), (0, 1)), "dtype": torch.float32, "device": torch.device("cpu")}
         self.tables = LayerTables("qv", "column", [Q, V], reader, index, geometry, 4)
         self.models: list = []  # what vLLM holds: each pins its cluster slot
         self.gens = live.WorkerGenerations(path, self.first, lambda: [self.tables], lambda: self.models)
