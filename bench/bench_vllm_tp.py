@@ -29,16 +29,14 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests_vllm"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tp_check  # noqa: E402
+from vllm_engine import git_commit, run_engine, vllm_version  # noqa: E402
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE="1",
-           VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
 PROMPTS = ["the man said to his mother that", "water is a good thing for", "when the world came up",
            "one day the boy will go", "each year the people find", "my father made a house",
            "there was a little animal", "what did the old man say"]
@@ -46,19 +44,10 @@ ADAPTER_ROWS = sorted(tp_check.STORE_ADAPTERS + (tp_check.PEFT_ADAPTER,))
 
 
 def _run(vllm_python: str, work: str, name: str, spec: dict) -> dict:
-    spec_path, out_path = os.path.join(work, f"{name}.json"), os.path.join(work, f"{name}.out.json")
-    with open(spec_path, "w") as fh:
-        json.dump(spec, fh)
-    t = time.time()
-    r = subprocess.run([vllm_python, os.path.join(ROOT, "tests_vllm", "run_engine.py"), spec_path, out_path],
-                       env=ENV, capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
-        raise RuntimeError(f"{name}: engine failed\n{(r.stdout + r.stderr)[-4000:]}")
-    with open(out_path) as fh:
-        out = json.load(fh)
+    out, wall = run_engine(vllm_python, work, name, spec, timeout=900)
     if any(out["errors"]):
         raise RuntimeError(f"{name}: requests failed: {out['errors']}")
-    out["process_seconds"] = time.time() - t
+    out["process_seconds"] = wall
     print(f"  {name:16s} process {out['process_seconds']:5.1f} s, engine {out['seconds']:5.1f} s, "
           f"generate {out['generate_seconds']:5.2f} s", flush=True)
     return out
@@ -113,14 +102,10 @@ def main(argv=None) -> None:
                         for (kind, tp), run in runs.items()},
         }
         cases.append(case)
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    vllm_version = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
-                                  capture_output=True, text=True, env=ENV).stdout.strip().splitlines()[-1]
-    doc = {"benchmark": "vllm_tp_cpu", "date": dt.date.today().isoformat(), "commit": commit,
+    doc = {"benchmark": "vllm_tp_cpu", "date": dt.date.today().isoformat(), "commit": git_commit(),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
            "threads": "1 per process (OMP_NUM_THREADS=1, VLLM_CPU_OMP_THREADS_BIND=nobind)",
-           "vllm": vllm_version, "requests": len(store_reqs), "max_tokens": args.max_tokens,
+           "vllm": vllm_version(args.vllm_python), "requests": len(store_reqs), "max_tokens": args.max_tokens,
            "bound_in_test": tp_check.TP_LOGPROB_BOUND, "cases": cases}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "vllm_tp_cpu.json"), "w") as fh:

@@ -183,8 +183,8 @@ def test_add_refuses_and_leaves_the_store_byte_for_byte(tmp_path, capsys, cli_st
 
 # ------------------------------------------------------------------ store reading
 def _poison_store(path: str, kind: str, key: str, index: tuple, value: float) -> str:
-    """Write ``value`` into one tensor of a store file, with a matching checksum (a store written
-    before the policy, or by another program): only the finiteness check can catch it."""
+    """Write ``value`` into one tensor of a store file, with a matching checksum and digests (a store
+    written before the policy, or by another program): only the finiteness check can catch it."""
     mpath = os.path.join(path, "manifest.json")
     m = json.load(open(mpath))
     name = m["files"][kind]
@@ -194,6 +194,13 @@ def _poison_store(path: str, kind: str, key: str, index: tuple, value: float) ->
     tensors[key][index] = value
     save_file(tensors, f, metadata={"format": "jdlora-store"})
     m["sha256"][name] = file_sha256(f)
+    if kind != "individual":
+        bases = load_file(os.path.join(path, m["files"]["bases"]))
+        cores = load_file(os.path.join(path, m["files"]["cores"]))
+        clusters, adapters = store_mod._table_digests(m, bases, cores, cores["assignment"], len(m["cluster_digests"]))
+        m["cluster_digests"] = clusters
+        for entry, digest in zip(m["adapters"], adapters):
+            entry["digest"] = digest
     json.dump(m, open(mpath, "w"))
     return name
 

@@ -86,16 +86,21 @@ def test_refuses_to_clobber(tmp_path, fitted):
     assert len(os.listdir(tmp_path / "s")) == 3  # old tensor files were removed
 
 
-def test_update_keeps_bases_and_adds_cores(tmp_path, fitted):
-    col, res = fitted
-    path = tmp_path / "s"
-    first = save_store(path, res)
+def _add_one_adapter(path):
+    """The store at ``path`` with one random adapter "new" projected onto its bases and written as an update."""
     grown = load_store(path)
     g = torch.Generator().manual_seed(0)
     new = InMemoryCollection({"new": {m.name: (torch.randn(2, m.d_in, generator=g, dtype=F64),
                                                torch.randn(m.d_out, 2, generator=g, dtype=F64), 1.0) for m in MODS}})
     project_adapters(grown, new)
-    second = save_store(path, grown, update=True, reuse_bases=True)
+    return grown, save_store(path, grown, update=True, reuse_bases=True)
+
+
+def test_update_keeps_bases_and_adds_cores(tmp_path, fitted):
+    col, res = fitted
+    path = tmp_path / "s"
+    first = save_store(path, res)
+    grown, second = _add_one_adapter(path)
     assert second["files"]["bases"] == first["files"]["bases"]
     assert second["files"]["cores"] != first["files"]["cores"]
     assert not os.path.exists(path / first["files"]["cores"])
@@ -114,12 +119,7 @@ def test_generations_and_content_digests(tmp_path, fitted):
     first = save_store(path, res)
     assert first["generation"] == 1 and len(first["cluster_digests"]) == 2
     assert len({a["digest"] for a in first["adapters"]}) == 6
-    grown = load_store(path)
-    g = torch.Generator().manual_seed(0)
-    new = InMemoryCollection({"new": {m.name: (torch.randn(2, m.d_in, generator=g, dtype=F64),
-                                               torch.randn(m.d_out, 2, generator=g, dtype=F64), 1.0) for m in MODS}})
-    project_adapters(grown, new)
-    second = save_store(path, grown, update=True, reuse_bases=True)
+    grown, second = _add_one_adapter(path)
     assert second["generation"] == 2 and second["cluster_digests"] == first["cluster_digests"]
     assert [a["digest"] for a in second["adapters"][:6]] == [a["digest"] for a in first["adapters"]]
     # the same digests when the bases are written again rather than kept

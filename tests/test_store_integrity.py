@@ -42,6 +42,27 @@ def test_checksums_recorded_and_verified(store, capsys):
     assert "3 of 3 files match their checksums" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("edit", ["cluster", "adapter", "swap"])
+def test_digests_that_do_not_describe_the_tables_fail_verify(store, edit, capsys):
+    """A live server keeps resident tables by their digests: a manifest whose digests lie must not verify."""
+    path = os.path.join(store, "manifest.json")
+    m = json.load(open(path))
+    if edit == "cluster":
+        m["cluster_digests"][1] = "0" * 64
+        want = "cluster 1's digest"
+    elif edit == "adapter":
+        m["adapters"][2]["digest"] = "f" * 64
+        want = "adapter 'a2''s digest"
+    else:  # two adapters' digests exchanged: each still a valid digest, of the other one's tables
+        m["adapters"][0]["digest"], m["adapters"][1]["digest"] = m["adapters"][1]["digest"], m["adapters"][0]["digest"]
+        want = "adapter 'a0''s digest"
+    json.dump(m, open(path, "w"))
+    with pytest.raises(StoreError, match=want):
+        verify_store(store)
+    assert cli(["verify", store]) == 2
+    assert "the manifest does not describe" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["bases", "cores", "individual"])
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_file_is_an_error_naming_it(store, kind, damage, capsys):

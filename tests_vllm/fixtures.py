@@ -76,12 +76,13 @@ def module_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
 
 
 def make_adapters(model_dir: str, out: str, *, n: int, clusters: int, rank: int = 4, alpha: int = 8,
-                  targets=PROJ, seed: int = 0, scale: float = 0.6) -> list[str]:
+                  targets=PROJ, seed: int = 0, scale: float = 0.6, dtype: torch.dtype = torch.float32) -> list[str]:
     """``n`` PEFT LoRA adapters (``adapter_<i>``) in ``clusters`` planted clusters; returns their folders.
 
     Adapter ``i`` of cluster ``k`` has ``B = P_k X_i``, ``A = Y_i Q_k^T`` with
     cluster bases ``P_k``, ``Q_k`` of width ``rank + 2``, so a cluster's updates
-    share subspaces but are not identical.
+    share subspaces but are not identical. ``dtype`` is the dtype of the
+    written factors (adapters are often shipped in half precision).
     """
     from jdlora_ops.peft_io import write_peft_adapter
 
@@ -103,7 +104,7 @@ def make_adapters(model_dir: str, out: str, *, n: int, clusters: int, rank: int 
                 B = P @ torch.randn(w, rank, generator=g) * scale
                 A = torch.randn(rank, w, generator=g) @ Q.T * scale
                 sub = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                factors[f"model.layers.{l}.{sub}.{p}"] = (B.contiguous(), A.contiguous())
+                factors[f"model.layers.{l}.{sub}.{p}"] = (B.to(dtype).contiguous(), A.to(dtype).contiguous())
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
                   "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none",
                   "base_model_name_or_path": os.path.abspath(model_dir), "fan_in_fan_out": False,

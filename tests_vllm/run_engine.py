@@ -13,6 +13,7 @@ SPEC: {"model": DIR, "store": STORE or null, "store_only": bool (default false),
        "tensor_parallel_size": int (default 1; above 1, vLLM's multiprocessing executor starts one worker per rank),
        "logprobs": bool (default false: one batch; true: each request in its own call, with the logprob of every
                    prompt token and of every generated token),
+       "profile": str (optional: cProfile statistics of the timed generate call go to this file),
        "requests": [{"prompt": str, "lora": null | {"name": str, "id": int, "path": str}}, ...]}
 OUT:  {"tokens": [[int, ...] or null, ...], "errors": [str or null, ...], "seconds": float,
        "generate_seconds": float, "ttft": [float or null, ...],
@@ -132,6 +133,12 @@ def main(spec_path: str, out_path: str) -> None:
     prompts = [r["prompt"] for r in reqs]
     tokens, errors, ttft = [None] * len(reqs), [None] * len(reqs), [None] * len(reqs)
     prompt_lps, token_lps = [None] * len(reqs), [None] * len(reqs)
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     t1 = time.time()
     try:
         if with_logprobs:
@@ -150,6 +157,9 @@ def main(spec_path: str, out_path: str) -> None:
             except Exception as exc:  # the error the user would see for this request
                 errors[i] = f"{type(exc).__name__}: {exc}"
         gen_seconds = time.time() - t1
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(spec["profile"])
     # Counted in this process only: with tensor parallelism the workers run the ops.
     plugin = {"lora_shrink_calls": calls["lora_shrink"]}
     if spec.get("store"):

@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import pytest
@@ -26,6 +24,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import fixtures  # noqa: E402
+from serve import post, vllm_serve  # noqa: E402
 
 PROMPTS = ["the man said to his mother that", "water is a good thing for", "when the world came up",
            "one day the boy will go", "each year the people find", "my father made a house",
@@ -49,35 +48,12 @@ def _jdlora(*args) -> tuple[int, str]:
     return rc, out.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            raw = resp.read()
-            try:
-                return resp.status, json.loads(raw)
-            except ValueError:
-                return resp.status, raw.decode()
-    except urllib.error.HTTPError as e:
-        raw = e.read() or b"{}"
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw.decode()
-
-
 class Server:
     def __init__(self, url, log_path):
         self.url, self.log_path = url, log_path
 
     def complete(self, model, j, max_tokens=TOKENS):
-        code, body = _post(self.url + "/v1/completions", {
+        code, body = post(self.url + "/v1/completions", {
             "model": model, "prompt": PROMPTS[j], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True})
         return code, (body["choices"][0]["token_ids"] if code == 200 else body)
@@ -132,37 +108,11 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(world):
-    port = _free_port()
     env = dict(ENV, JDLORA_STORE=world["store"], VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
     log_path = world["root"] / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", world["model"],
-             "--served-model-name", "base", "--enable-lora", "--max-loras", "4", "--max-cpu-loras", "8",
-             "--max-lora-rank", "8", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-             "--port", str(port), "--host", "127.0.0.1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-6000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "vllm serve did not become healthy:\n" + log_path.read_text()[-6000:]
-            time.sleep(1)
+    with vllm_serve(world["model"], ["--max-loras", "4", "--max-cpu-loras", "8", "--max-lora-rank", "8",
+                                     "--max-model-len", "256"], env, log_path) as url:
         yield Server(url, log_path)
-        assert proc.poll() is None, "the server stopped:\n" + log_path.read_text()[-6000:]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _stage(store: str, side: str, *commands) -> None:
@@ -210,7 +160,7 @@ def test_live_store_updates(world, server):
         t.start()
     for t in runs:
         t.join(timeout=180)
-    code, body = _post(server.url + "/v1/load_lora_adapter", {"lora_name": "adapter_4", "lora_path": store})
+    code, body = post(server.url + "/v1/load_lora_adapter", {"lora_name": "adapter_4", "lora_path": store})
     assert code == 404, body
     assert server.complete("adapter_4", 4)[0] in (400, 404)
 
@@ -249,12 +199,12 @@ def test_live_store_updates(world, server):
     assert rc == 0, out
     rc, out = _jdlora("remove", store, "adapter_3")
     assert rc == 0, out
-    code, body = _post(server.url + "/v1/load_lora_adapter", {"lora_name": "adapter_6", "lora_path": store})
+    code, body = post(server.url + "/v1/load_lora_adapter", {"lora_name": "adapter_6", "lora_path": store})
     assert code == 200, body
     new[6] = server.tokens("adapter_6", 6)
     # (a name the server loaded before is only loaded again in place)
-    code, body = _post(server.url + "/v1/load_lora_adapter", {"lora_name": "adapter_1", "lora_path": store,
-                                                               "load_inplace": True})
+    code, body = post(server.url + "/v1/load_lora_adapter", {"lora_name": "adapter_1", "lora_path": store,
+                                                              "load_inplace": True})
     assert code == 404, body
     code, body = server.complete("adapter_3", 3)
     assert code == 404 and "was removed from the store" in json.dumps(body), body

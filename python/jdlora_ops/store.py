@@ -162,7 +162,38 @@ def verify_store(path: str | os.PathLike, *, problems: list | None = None) -> di
             out[files[kind]] = "non-finite" if out[files[kind]] == "ok" else "no checksum, non-finite"
             if problems is not None:
                 problems.extend(found)
+    if m.get("cluster_digests") is not None and "bases" in files and "cores" in files:
+        _verify_digests(path, m, files)
     return out
+
+
+def _verify_digests(path: str, m: dict, files: dict) -> None:
+    """Recompute the manifest's cluster and adapter digests from the tables; a mismatch raises StoreError.
+
+    A server following the store's updates trusts them to tell which
+    resident bases and cores it may keep, so a manifest whose digests do not
+    describe its files (edited, or assembled from two generations) must not
+    pass as verified.
+    """
+    from safetensors.torch import load_file
+
+    bases = load_file(os.path.join(path, files["bases"]))
+    cores = load_file(os.path.join(path, files["cores"]))
+    assignment = cores["assignment"]
+    K = len(m["cluster_digests"])
+    try:
+        clusters, adapters = _table_digests(m, bases, cores, assignment, K)
+    except (KeyError, IndexError, RuntimeError) as exc:
+        raise StoreError(f"{path}: cannot recompute the manifest's digests from the tables ({exc})") from exc
+    for k, (want, got) in enumerate(zip(m["cluster_digests"], clusters)):
+        if want != got:
+            raise StoreError(f"{path}: cluster {k}'s digest in the manifest is {str(want)[:16]}... but its bases "
+                             f"hash to {got[:16]}...: the manifest does not describe this bases file")
+    for entry, got in zip(m["adapters"], adapters):
+        want = entry.get("digest")
+        if want is not None and want != got:
+            raise StoreError(f"{path}: adapter {entry.get('name')!r}'s digest in the manifest is {str(want)[:16]}... "
+                             f"but its tables hash to {got[:16]}...: the manifest does not describe these files")
 
 
 def _bad_rows(t: torch.Tensor) -> list[int]:
