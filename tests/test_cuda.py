@@ -179,6 +179,25 @@ def test_jd_expand(pattern, T, d, r, dtype):
     assert_close(y, ref, dtype, "y")
 
 
+def test_column_major_expand_stacks_are_copied_by_the_wrapper_and_refused_by_the_raw_op():
+    """The CUDA kernels read U and B row by row; a column-major stack (taken in place on the CPU) is made
+    contiguous by the Python wrapper on CUDA and refused, naming it, by the raw op."""
+    b = make_batch("uniform", 37, seed=4, device=DEV)
+    g = gen(9)
+    gin = randn(1, b.T, 16, gen=g, device=DEV)
+    U = randn(b.C, 16, 64, scale=0.25, gen=g, device=DEV).transpose(1, 2)
+    y0 = randn(b.T, 64, gen=g, device=DEV)
+    ref = R.jd_expand(gin, [U], [0], b.mapping, b.adapter_cluster, y0)
+    y = jdlora_ops.jd_expand(gin, U, b.meta, y0.clone())
+    assert_close(y, ref, torch.float32, "y")
+    y = y0.clone()
+    with pytest.raises(RuntimeError, match=r"U_stacks\[0\] must have stride 1 in its last dimension on cuda:0 "
+                                           r"\(a column-major stack, strides \[1024, 1, 16\], is taken on the CPU only\)"):
+        torch.ops.jdlora_ops.jd_expand(gin, [U], [0], b.meta.sorted_indices(), b.meta.active_cluster_ids,
+                                       b.meta.cluster_token_start, y)
+    assert torch.equal(y, y0)
+
+
 @grid
 def test_jd_fused(pattern, T, d, r, dtype):
     b = make_batch(pattern, T, seed_of("fused", pattern, T, d, r), device=DEV)

@@ -106,3 +106,55 @@ def test_outputs_with_unit_stride_violation_are_refused():
     h = torch.zeros(1, 8, b.T).transpose(1, 2)
     with pytest.raises(RuntimeError, match="h must have stride 1 in its last dimension"):
         jdlora_ops.jd_shrink(x, V, b.meta, out=h)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("pattern", ["identical", "distinct", "uniform", "zipf", "skewed"])
+@pytest.mark.parametrize("T", [1, 6, 300])
+def test_column_major_expand_stacks_on_cpu(pattern, T, dtype):
+    """U and B given as transposed views of [C, r, d_out] tensors are read in place on the CPU, with bitwise the
+    results of the row-major copies, and match the float64 reference (widths beyond one column chunk)."""
+    d, r = 40, 16
+    widths, offsets, d_y = [300, 75, 1], [0, 301, 376], 377
+    b = make_batch(pattern, T, seed=T + 3)
+    g = torch.Generator().manual_seed(12)
+    x = randn(b.T, d, dtype=dtype, gen=g)
+    Vs = [randn(b.C, r, d, dtype=dtype, scale=d**-0.5, gen=g) for _ in widths]
+    Ss = [randn(b.A, r, r, dtype=dtype, scale=r**-0.5, gen=g) for _ in widths]
+    Ut = [randn(b.C, r, w, dtype=dtype, scale=r**-0.5, gen=g) for w in widths]
+    Ucm = [u.transpose(1, 2) for u in Ut]
+    Urm = [u.contiguous() for u in Ucm]
+    assert Ucm[0].stride(1) == 1 and not Ucm[0].is_contiguous()
+    y0 = randn(b.T, d_y, dtype=dtype, gen=g)
+    ref = R.jd_fused(x, Vs, Ss, Urm, offsets, b.mapping, b.adapter_cluster, y0)
+    y_cm = jdlora_ops.jd_fused(x, Vs, Ss, Ucm, b.meta, y0.clone(), offsets)
+    y_rm = jdlora_ops.jd_fused(x, Vs, Ss, Urm, b.meta, y0.clone(), offsets)
+    assert torch.equal(y_cm, y_rm)
+    assert_close(y_cm, ref, dtype, "fused y, column-major U")
+    h = jdlora_ops.jd_core(jdlora_ops.jd_shrink(x, Vs, b.meta), Ss, b.meta)
+    y_cm = jdlora_ops.jd_expand(h, Ucm, b.meta, y0.clone(), offsets)
+    assert torch.equal(y_cm, jdlora_ops.jd_expand(h, Urm, b.meta, y0.clone(), offsets))
+    # the raw op too (no wrapper in between), and the baseline expand with B
+    y_raw = y0.clone()
+    torch.ops.jdlora_ops.jd_expand(h, Ucm, offsets, b.meta.sorted_indices(), b.meta.active_cluster_ids,
+                                   b.meta.cluster_token_start, y_raw)
+    assert torch.equal(y_raw, y_cm)
+    Bt = [randn(b.A, r, w, dtype=dtype, scale=r**-0.5, gen=g) for w in widths]
+    y_cm = jdlora_ops.lora_expand(h, [t.transpose(1, 2) for t in Bt], b.meta, y0.clone(), offsets)
+    y_rm = jdlora_ops.lora_expand(h, [t.transpose(1, 2).contiguous() for t in Bt], b.meta, y0.clone(), offsets)
+    assert torch.equal(y_cm, y_rm)
+    assert_close(y_cm, R.lora_expand(h, [t.transpose(1, 2) for t in Bt], offsets, b.mapping, y0), dtype,
+                 "lora y, column-major B")
+
+
+def test_column_major_is_only_for_expand_stacks():
+    """V (read along d_in) and S keep the unit-last-stride rule: a column-major V is copied by the wrapper and
+    refused by the raw op, naming it."""
+    b = make_batch("uniform", 9, seed=1)
+    x = torch.randn(b.T, 32)
+    V = torch.randn(b.C, 32, 8).transpose(1, 2)
+    h = torch.zeros(1, b.T, 8)
+    with pytest.raises(RuntimeError, match=r"V_stacks\[0\] must have stride 1 in its last dimension"):
+        torch.ops.jdlora_ops.jd_shrink(x, [V], b.meta.sorted_indices(), b.meta.active_cluster_ids,
+                                       b.meta.cluster_token_start, h)
+    jdlora_ops.jd_shrink(x, V, b.meta, out=h)  # the wrapper makes it contiguous

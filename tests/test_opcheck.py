@@ -51,6 +51,16 @@ def test_opcheck(name, device):
     torch.library.opcheck(getattr(torch.ops.jdlora_ops, name).default, args)
 
 
+@pytest.mark.parametrize("name", ["jd_expand", "jd_fused", "lora_expand"])
+def test_opcheck_column_major_expand_stacks_on_cpu(name):
+    """The CPU takes U and B column-major in place (see ops.py); the fakes and schemas hold for that layout too."""
+    args = list(op_cases("cpu")[name])
+    i = 3 if name == "jd_fused" else 1
+    args[i] = [w.transpose(1, 2).contiguous().transpose(1, 2) for w in args[i]]
+    assert all(w.stride(1) == 1 for w in args[i])
+    torch.library.opcheck(getattr(torch.ops.jdlora_ops, name).default, tuple(args))
+
+
 def serve_layer(x, y, mapping, adapter_cluster, meta, V, S, U, A, B, scales):
     """One layer's adapter work, staged and fused, plus the baseline."""
     meta.build(mapping, adapter_cluster)

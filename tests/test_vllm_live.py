@@ -135,6 +135,7 @@ def test_new_clusters_load_into_free_slots_or_added_ones(world, tmp_path, monkey
     w.gens.poll()
     assert w.gens.capacity == 6 and w.gens.current.table_slot == [0, 1, 2, 3, 4, 5]
     assert all(torch.equal(a[:4], b) for a, b in zip(w.tables.U, before))  # the other clusters untouched
+    assert all(u.stride(1) == 1 for u in w.tables.U)  # grown tables keep the CPU layout
     w.check_tables()
     monkeypatch.setattr(live.WorkerGenerations, "KEEP", 0)
     w.models = [SimpleNamespace(jdlora_cluster=0)]  # vLLM still holds adapter_0

@@ -61,6 +61,7 @@ def test_qkv_layer_tables_serve_the_store_reconstruction(store):
                     _geometry([32, 16, 16], 32), SLOTS)
     assert [tuple(v.shape) for v in t.Vt] == [(4, 3, 32)] * 3
     assert [tuple(u.shape) for u in t.U] == [(4, 32, 3), (4, 16, 3), (4, 16, 3)]
+    assert all(u.stride(1) == 1 for u in t.U)  # column-major on the CPU: what its expand kernels read fastest
     assert all(float(s.abs().max()) == 0 for s in t.S)  # empty slots add nothing
     cores = {spec.name: c for spec, c in zip(store.modules, store.read_cores(2))}
     t.set_slot(3, cores)

@@ -121,10 +121,17 @@ int32_t to_i32(const char* op, const char* what, int64_t v) {
   return static_cast<int32_t>(v);
 }
 
+// A [N, rows, cols] stack whose rows are the unit-stride dimension instead of
+// the columns: a transposed view of a contiguous [N, cols, rows] tensor.
+bool column_major(const at::Tensor& w) {
+  return w.dim() == 3 && w.size(1) > 1 && w.size(2) > 1 && w.stride(1) == 1 && w.stride(2) != 1;
+}
+
 WeightStack weight_stack(const at::Tensor& w) {
+  const bool cm = column_major(w);
   return WeightStack{w.data_ptr(), w.stride(0), w.dim() == 3 ? w.stride(1) : 0,
                      static_cast<int32_t>(w.dim() == 3 ? w.size(1) : 1),
-                     static_cast<int32_t>(w.size(-1))};
+                     static_cast<int32_t>(w.size(-1)), cm ? w.stride(2) : 1};
 }
 
 Activation activation(const at::Tensor& t) {
@@ -174,9 +181,12 @@ SegmentTable segments(const char* op, const at::Tensor& sorted, const at::Tensor
 }
 
 // One weight stack per slice, all with the same first dimension `n` and
-// dtype of `like`; rows/cols < 0 mean "any" (checked by the caller).
+// dtype of `like`; rows/cols < 0 mean "any" (checked by the caller). With
+// `column_major_on_cpu` (the expand stacks U and B), a CPU stack may also be
+// column-major (see column_major).
 void check_stacks(const char* op, const char* name, at::TensorList stacks, int64_t n, int64_t rows,
-                  int64_t cols, const at::Tensor& like, const char* like_name, const char* meaning) {
+                  int64_t cols, const at::Tensor& like, const char* like_name, const char* meaning,
+                  bool column_major_on_cpu = false) {
   check_num_slices(op, name, stacks.size());
   for (size_t s = 0; s < stacks.size(); ++s) {
     Arg a{op, std::string(name) + "[" + std::to_string(s) + "]", stacks[s]};
@@ -186,6 +196,13 @@ void check_stacks(const char* op, const char* name, at::TensorList stacks, int64
                 " must have the dtype of ", like_name, " (", like.scalar_type(), "), got ",
                 stacks[s].scalar_type());
     a.shape({n, rows, cols}, meaning);
+    if (column_major_on_cpu && column_major(stacks[s])) {
+      TORCH_CHECK(stacks[s].device().is_cpu(), op, ": ", a.name,
+                  " must have stride 1 in its last dimension on ", stacks[s].device(),
+                  " (a column-major stack, strides ", shape_str(stacks[s].strides()),
+                  ", is taken on the CPU only)");
+      continue;
+    }
     a.unit_last_stride();
   }
 }
@@ -362,7 +379,7 @@ ExpandParams expand_params(const char* op, const at::Tensor& g, const char* g_na
   check_intermediate(op, g_name, g, static_cast<int64_t>(W.size()), T, r, y.device(), "y");
   const std::string meaning = std::string("[capacity, d_out, r] (capacity from ") + ids_name +
                               ", r from " + g_name + ")";
-  check_stacks(op, w_name, W, p.seg.capacity, -1, r, y, "y", meaning.c_str());
+  check_stacks(op, w_name, W, p.seg.capacity, -1, r, y, "y", meaning.c_str(), true);
   p.g = intermediate(g);
   p.weights = stack_list(W);
   set_offsets(op, p.weights, offsets, W, y);
@@ -477,7 +494,7 @@ FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
               V_stacks.size(), ", ", S_stacks.size(), " and ", U_stacks.size());
   check_core_stacks(op, S_stacks, r, x, "x");
   check_stacks(op, "U_stacks", U_stacks, p.seg.capacity, -1, r, x, "x",
-               "[num_clusters, d_out, r] (num_clusters from active_cluster_ids, r from V_stacks[0])");
+               "[num_clusters, d_out, r] (num_clusters from active_cluster_ids, r from V_stacks[0])", true);
   Arg{op, "token_lora_mapping", token_lora_mapping}.index_vector(T, "[num_tokens] (from x)", x.device(), "x");
   check_activation(op, "y", y, T, "[num_tokens, d_out_total] (num_tokens from x)");
   Arg{op, "y", y}.device(x.device(), "x");

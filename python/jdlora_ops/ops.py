@@ -13,7 +13,12 @@ Common rules:
   float32 ``[S, T, r]``.
 * Every tensor has stride 1 in its last dimension (wrappers make read-only
   inputs contiguous when they are not; outputs must already be). Rows may be
-  strided, so ``x`` and ``y`` can be column slices of larger tensors.
+  strided, so ``x`` and ``y`` can be column slices of larger tensors. One
+  exception, on the CPU only: the expand stacks ``U`` and ``B`` may be
+  column-major, i.e. ``W.transpose(1, 2)`` of a contiguous ``[C, r, d_out]``
+  tensor ``W``; the CPU kernels then read them in place instead of reordering
+  each cluster's rows on every call (about as costly as the arithmetic when
+  few tokens share a cluster). Results are bitwise the same in both layouts.
 * Tokens with adapter slot ``-1`` contribute nothing to ``y``; their rows of
   ``h`` and ``g`` are set to zero.
 * The CUDA kernels allocate nothing and never synchronise with the host, so
@@ -52,6 +57,15 @@ def _as_list(name: str, stacks: Stacks) -> list[torch.Tensor]:
     if not out:
         raise ValueError(f"{name} must hold at least one tensor (one per slice), got none")
     return [t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in out]
+
+
+def _expand_stacks(name: str, stacks: Stacks) -> list[torch.Tensor]:
+    """Like :func:`_as_list`, but a column-major CPU stack (see the module docstring) is passed as it is."""
+    raw = [stacks] if isinstance(stacks, torch.Tensor) else list(stacks)
+    if not raw:
+        return _as_list(name, raw)
+    return [t if (t.device.type == "cpu" and t.dim() == 3 and t.shape[1] > 1 and t.shape[2] > 1
+                  and t.stride(1) == 1) else _read_only(t) for t in raw]
 
 
 def _read_only(t: torch.Tensor) -> torch.Tensor:
@@ -149,7 +163,7 @@ def jd_expand(
     back from column 0) gives ``o_s``, e.g. ``[0, 4096, 5120]`` for a fused
     q/k/v output with GQA.
     """
-    Us = _as_list("U_stacks", U_stacks)
+    Us = _expand_stacks("U_stacks", U_stacks)
     _ops.jd_expand(g, Us, _offsets(Us, slice_offsets), meta.sorted_indices(), meta.active_cluster_ids,
                    meta.cluster_token_start, y)
     return y
@@ -165,7 +179,7 @@ def jd_fused(
     (one ``V``, ``S`` and ``U`` stack per slice, all with the same ``r``);
     ``h`` and ``g`` never leave the kernel.
     """
-    Vs, Ss, Us = _as_list("V_stacks", V_stacks), _as_list("S_stacks", S_stacks), _as_list("U_stacks", U_stacks)
+    Vs, Ss, Us = _as_list("V_stacks", V_stacks), _as_list("S_stacks", S_stacks), _expand_stacks("U_stacks", U_stacks)
     _ops.jd_fused(_read_only(x), Vs, Ss, Us, _offsets(Us, slice_offsets), meta.mapping(), meta.sorted_indices(),
                   meta.active_cluster_ids, meta.cluster_token_start, y)
     return y
@@ -198,7 +212,7 @@ def lora_expand(
 
     ``h``: float32 ``[S, T, r]``; ``B_stacks``: one ``[A, d_out_s, r]`` per slice.
     """
-    Bs = _as_list("B_stacks", B_stacks)
+    Bs = _expand_stacks("B_stacks", B_stacks)
     _ops.lora_expand(h, Bs, _offsets(Bs, slice_offsets), meta.sorted_indices(), meta.active_lora_ids,
                      meta.lora_token_start_loc, y)
     return y

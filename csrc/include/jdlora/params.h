@@ -43,6 +43,9 @@ struct WeightStack {
   int64_t stride_row;
   int32_t rows;
   int32_t cols;
+  // 1, except for a column-major U or B on the CPU (stride_row == 1): the
+  // CPU expand reads its columns in place instead of reordering the rows.
+  int64_t stride_col = 1;
 };
 
 struct StackList {

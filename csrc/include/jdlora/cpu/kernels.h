@@ -4,10 +4,19 @@
 // (float, c10::Half, c10::BFloat16, _Float16, ...) and the caller supplies the
 // parallel loop, `parallel_for(n_items, fn(begin, end))`.
 //
-// Work is split into items of up to kTokenBlock tokens of one segment, so each
-// weight matrix is converted to fp32 once per item and then reused by every
-// token of the item while it is hot in cache; the segments are what make that
-// reuse possible (tokens of one cluster share V and U).
+// Shrink work is split into items of up to kTokenBlock tokens of one segment,
+// so each weight matrix is converted to fp32 once per item and reused by every
+// token of the item while it is hot in cache. Expand work is split into units
+// of one segment, one slice and kColumnChunk output columns: each unit takes
+// its rows of U (or B) as columns once for all tokens of the segment, which is
+// what the segments make possible (tokens of one cluster share V and U). A
+// column-major U is copied column by column; a row-major one is reordered
+// element by element, which costs about as much as the arithmetic when
+// segments are short.
+//
+// Every token's sums run in the same order whatever else is in the batch
+// (blocks of tokens are padded by repeating a token, never by changing the
+// order), so a token's output is bitwise independent of the other tokens.
 #pragma once
 
 #include <algorithm>
@@ -20,7 +29,18 @@
 
 namespace jdlora::cpu {
 
+// The two inner loops carry almost all of the arithmetic; on x86-64 Linux they
+// are compiled for AVX-512 and AVX2+FMA besides the baseline, and the loader
+// picks the widest the machine has (the rest of the library stays baseline).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(__CUDACC__)
+#define JDLORA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define JDLORA_CPU_CLONES
+#endif
+
 inline constexpr int32_t kTokenBlock = 16;
+inline constexpr int32_t kColumnChunk = 256;
 
 struct WorkItem {
   int32_t group;  // cluster or adapter id
@@ -38,6 +58,31 @@ inline std::vector<WorkItem> work_items(const SegmentTable& seg) {
       items.push_back({seg.active_ids[j], p, std::min(e, p + kTokenBlock)});
   }
   return items;
+}
+
+// Expand work: tokens [begin, end) of segment `seg` (at most kUnitTokens) against
+// columns [c0, c1) of slice `slice` (at most kColumnChunk).
+inline constexpr int32_t kUnitTokens = 256;
+
+struct ExpandUnit {
+  int32_t seg;
+  int32_t slice;
+  int32_t begin;
+  int32_t end;
+  int32_t c0;
+  int32_t c1;
+};
+
+inline std::vector<ExpandUnit> expand_units(const SegmentTable& seg, const StackList& w) {
+  std::vector<ExpandUnit> units;
+  for (int32_t j = 0; j < seg.capacity; ++j) {
+    const int32_t b = seg.seg_start[j], e = seg.seg_start[j + 1];
+    for (int32_t p = b; p < e; p += kUnitTokens)
+      for (int32_t s = 0; s < w.num_slices; ++s)
+        for (int32_t c = 0; c < w.stack[s].rows; c += kColumnChunk)
+          units.push_back({j, s, p, std::min(e, p + kUnitTokens), c, std::min(w.stack[s].rows, c + kColumnChunk)});
+  }
+  return units;
 }
 
 template <typename T>
@@ -63,59 +108,91 @@ inline const float* row_f32(const T* src, float* buf, int64_t n) {
   }
 }
 
-// out[k] = sum_d W[k * ldw + d] * x[d] for k < rows. Four accumulators so the
-// reduction vectorises and overlaps (no -ffast-math needed with omp simd).
-inline void gemv_rows(const float* __restrict W, int64_t ldw, int32_t rows,
-                      const float* __restrict x, int64_t n, float* __restrict out) {
-  int32_t k = 0;
-  for (; k + 4 <= rows; k += 4) {
-    const float* w0 = W + k * ldw;
-    const float* w1 = w0 + ldw;
-    const float* w2 = w1 + ldw;
-    const float* w3 = w2 + ldw;
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t d = 0; d < n; ++d) {
-      const float xv = x[d];
-      a0 += w0[d] * xv;
-      a1 += w1[d] * xv;
-      a2 += w2[d] * xv;
-      a3 += w3[d] * xv;
-    }
-    out[k] = a0;
-    out[k + 1] = a1;
-    out[k + 2] = a2;
-    out[k + 3] = a3;
+// out[i][j] = sum_d w[i][d] * x[j][d] for four rows and four tokens: eight
+// loads feed sixteen multiply-adds (a row at a time needs five for four).
+JDLORA_CPU_CLONES static void dot_4x4(const float* const* w, const float* const* x, int64_t n, float out[4][4]) {
+  const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  float a00 = 0.f, a01 = 0.f, a02 = 0.f, a03 = 0.f, a10 = 0.f, a11 = 0.f, a12 = 0.f, a13 = 0.f;
+  float a20 = 0.f, a21 = 0.f, a22 = 0.f, a23 = 0.f, a30 = 0.f, a31 = 0.f, a32 = 0.f, a33 = 0.f;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+  for (int64_t d = 0; d < n; ++d) {
+    const float v0 = x0[d], v1 = x1[d], v2 = x2[d], v3 = x3[d];
+    const float r0 = w0[d], r1 = w1[d], r2 = w2[d], r3 = w3[d];
+    a00 += r0 * v0; a01 += r0 * v1; a02 += r0 * v2; a03 += r0 * v3;
+    a10 += r1 * v0; a11 += r1 * v1; a12 += r1 * v2; a13 += r1 * v3;
+    a20 += r2 * v0; a21 += r2 * v1; a22 += r2 * v2; a23 += r2 * v3;
+    a30 += r3 * v0; a31 += r3 * v1; a32 += r3 * v2; a33 += r3 * v3;
   }
-  for (; k < rows; ++k) {
-    const float* w = W + k * ldw;
-    float a = 0.f;
-#pragma omp simd reduction(+ : a)
-    for (int64_t d = 0; d < n; ++d) a += w[d] * x[d];
-    out[k] = a;
+  out[0][0] = a00; out[0][1] = a01; out[0][2] = a02; out[0][3] = a03;
+  out[1][0] = a10; out[1][1] = a11; out[1][2] = a12; out[1][3] = a13;
+  out[2][0] = a20; out[2][1] = a21; out[2][2] = a22; out[2][3] = a23;
+  out[3][0] = a30; out[3][1] = a31; out[3][2] = a32; out[3][3] = a33;
+}
+
+// h[j][k] = sum_d W[k * ldw + d] * x[j][d] for k < rows and j < ntok, in
+// 4 x 4 blocks; short blocks repeat their last row or token, so every output
+// takes the same path (and bits) wherever it falls.
+inline void gemv_tokens(const float* W, int64_t ldw, int32_t rows, const float* const* x, int32_t ntok,
+                        int64_t n, float* const* h) {
+  float out[4][4];
+  for (int32_t j0 = 0; j0 < ntok; j0 += 4) {
+    const float* xs[4];
+    for (int32_t j = 0; j < 4; ++j) xs[j] = x[std::min(j0 + j, ntok - 1)];
+    for (int32_t k0 = 0; k0 < rows; k0 += 4) {
+      const float* ws[4];
+      for (int32_t k = 0; k < 4; ++k) ws[k] = W + std::min(k0 + k, rows - 1) * ldw;
+      dot_4x4(ws, xs, n, out);
+      for (int32_t j = j0; j < std::min(j0 + 4, ntok); ++j)
+        for (int32_t k = k0; k < std::min(k0 + 4, rows); ++k) h[j][k] = out[k - k0][j - j0];
+    }
   }
 }
 
-// acc[j] += sum_k Wt[k * n + j] * g[k]: the expand of one token against a
-// transposed [r, n] weight, a stream of axpys over a row that stays in L1.
-inline void axpy_rows(const float* __restrict Wt, int32_t r, const float* __restrict g, int64_t n,
-                      float* __restrict acc) {
-  // Four ranks per pass: one load and store of acc per four multiply-adds.
+// acc[j][c] = sum_k wt[k * ldw + c] * g[j][k] for four tokens, vectorised over
+// the columns c, four ranks per pass: each pass loads four rows of wt once
+// for sixteen multiply-adds and reads and writes acc once.
+JDLORA_CPU_CLONES static void axpy_4(const float* __restrict wt, int64_t ldw, int32_t r, int64_t n,
+                                     const float* const* g, float* __restrict acc, int64_t ld_acc) {
+  float* __restrict c0 = acc;
+  float* __restrict c1 = acc + ld_acc;
+  float* __restrict c2 = acc + 2 * ld_acc;
+  float* __restrict c3 = acc + 3 * ld_acc;
+  for (int32_t j = 0; j < 4; ++j) std::memset(acc + j * ld_acc, 0, sizeof(float) * n);
   int32_t k = 0;
   for (; k + 4 <= r; k += 4) {
-    const float* w0 = Wt + k * n;
-    const float* w1 = w0 + n;
-    const float* w2 = w1 + n;
-    const float* w3 = w2 + n;
-    const float g0 = g[k], g1 = g[k + 1], g2 = g[k + 2], g3 = g[k + 3];
+    const float* w0 = wt + k * ldw;
+    const float* w1 = w0 + ldw;
+    const float* w2 = w1 + ldw;
+    const float* w3 = w2 + ldw;
+    const float* g0 = g[0] + k;
+    const float* g1 = g[1] + k;
+    const float* g2 = g[2] + k;
+    const float* g3 = g[3] + k;
+    const float g00 = g0[0], g01 = g0[1], g02 = g0[2], g03 = g0[3];
+    const float g10 = g1[0], g11 = g1[1], g12 = g1[2], g13 = g1[3];
+    const float g20 = g2[0], g21 = g2[1], g22 = g2[2], g23 = g2[3];
+    const float g30 = g3[0], g31 = g3[1], g32 = g3[2], g33 = g3[3];
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] += w0[j] * g0 + w1[j] * g1 + w2[j] * g2 + w3[j] * g3;
+    for (int64_t c = 0; c < n; ++c) {
+      const float v0 = w0[c], v1 = w1[c], v2 = w2[c], v3 = w3[c];
+      c0[c] += v0 * g00 + v1 * g01 + v2 * g02 + v3 * g03;
+      c1[c] += v0 * g10 + v1 * g11 + v2 * g12 + v3 * g13;
+      c2[c] += v0 * g20 + v1 * g21 + v2 * g22 + v3 * g23;
+      c3[c] += v0 * g30 + v1 * g31 + v2 * g32 + v3 * g33;
+    }
   }
   for (; k < r; ++k) {
-    const float gk = g[k];
-    const float* w = Wt + k * n;
+    const float* w = wt + k * ldw;
+    const float g0 = g[0][k], g1 = g[1][k], g2 = g[2][k], g3 = g[3][k];
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] += w[j] * gk;
+    for (int64_t c = 0; c < n; ++c) {
+      const float v = w[c];
+      c0[c] += v * g0;
+      c1[c] += v * g1;
+      c2[c] += v * g2;
+      c3[c] += v * g3;
+    }
   }
 }
 
@@ -133,19 +210,26 @@ inline const float* matrix_f32(const WeightStack& w, int32_t id, float* buf, int
   return buf;
 }
 
-// [rows, cols] weight of group `id` transposed into buf as fp32 [cols, rows].
+// Rows [c0, c0 + n) of the [rows, cols] weight of group `id` as fp32
+// [cols, n] in buf: from a column-major stack one contiguous copy per column,
+// otherwise an element-by-element reorder. (Reading a column-major stack in
+// place would be no faster: its columns lie d_out apart, often a multiple of
+// 4 KiB, so they compete for the same L1 sets.)
 template <typename T>
-inline void transpose_f32(const WeightStack& w, int32_t id, float* __restrict buf) {
+inline void columns_f32(const WeightStack& w, int32_t id, int64_t c0, int64_t n, float* __restrict buf) {
   const T* base = static_cast<const T*>(w.data) + static_cast<int64_t>(id) * w.stride_n;
-  // 16-row tiles: reads stay within a few cache lines per tile and writes are
-  // 16 contiguous floats, instead of one write per cache line.
-  constexpr int32_t kTile = 16;
-  for (int32_t j0 = 0; j0 < w.rows; j0 += kTile) {
-    const int32_t j1 = std::min(w.rows, j0 + kTile);
+  if (w.stride_row == 1 && w.rows > 1) {  // column-major: each column is contiguous
     for (int32_t k = 0; k < w.cols; ++k) {
-      float* dst = buf + int64_t(k) * w.rows;
-      for (int32_t j = j0; j < j1; ++j) dst[j] = static_cast<float>(base[j * w.stride_row + k]);
+      if constexpr (std::is_same_v<T, float>)
+        std::memcpy(buf + k * n, base + k * w.stride_col + c0, sizeof(float) * n);
+      else
+        to_f32(base + k * w.stride_col + c0, buf + k * n, n);
     }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = base + (c0 + j) * w.stride_row;
+    for (int32_t k = 0; k < w.cols; ++k) buf[k * n + j] = static_cast<float>(row[k]);
   }
 }
 
@@ -182,6 +266,17 @@ inline void zero_unassigned(const SegmentTable& seg, const Intermediate& h, int3
       std::memset(inter_row(h, s, seg.token_indices_sorted[p]), 0, sizeof(float) * h.r);
 }
 
+// The fp32 x rows of an item's tokens: the rows themselves when T is float,
+// otherwise converted into buf ([kTokenBlock, d_in]).
+template <typename T>
+inline void item_rows_f32(const Activation& x, const SegmentTable& seg, const WorkItem& it, float* buf,
+                          const float** rows) {
+  for (int32_t q = it.begin; q < it.end; ++q)
+    rows[q - it.begin] = row_f32(act_row<const T>(x, seg.token_indices_sorted[q]),
+                                 std::is_same_v<T, float> ? nullptr : buf + int64_t(q - it.begin) * x.cols,
+                                 x.cols);
+}
+
 // jd_shrink and lora_shrink (the latter with scales).
 template <typename T, typename ParallelFor>
 void shrink(const ShrinkParams& p, ParallelFor&& parallel_for) {
@@ -189,22 +284,24 @@ void shrink(const ShrinkParams& p, ParallelFor&& parallel_for) {
   const int64_t d_in = p.x.cols;
   const int32_t r = p.h.r;
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
-    std::vector<float> wbuf(std::is_same_v<T, float> ? 0 : size_t(r) * d_in), xbuf(d_in);
+    constexpr bool kF32 = std::is_same_v<T, float>;
+    std::vector<float> wbuf(kF32 ? 0 : size_t(r) * d_in), xbuf(kF32 ? 0 : size_t(kTokenBlock) * d_in);
+    const float* xs[kTokenBlock];
+    float* hs[kTokenBlock];
     for (int64_t i = begin; i < end; ++i) {
       const WorkItem& it = items[i];
+      const int32_t n = it.end - it.begin;
+      item_rows_f32<T>(p.x, p.seg, it, xbuf.data(), xs);
       for (int32_t s = 0; s < p.weights.num_slices; ++s) {
         int64_t ld = 0;
         const float* W = matrix_f32<T>(p.weights.stack[s], it.group, wbuf.data(), ld);
+        for (int32_t q = 0; q < n; ++q) hs[q] = inter_row(p.h, s, p.seg.token_indices_sorted[it.begin + q]);
+        gemv_tokens(W, ld, r, xs, n, d_in, hs);
         const float scale =
             p.scales.data ? p.scales.data[s * p.scales.stride_s + it.group * p.scales.stride_a] : 1.f;
-        for (int32_t q = it.begin; q < it.end; ++q) {
-          const int32_t t = p.seg.token_indices_sorted[q];
-          const float* x = row_f32(act_row<const T>(p.x, t), xbuf.data(), d_in);
-          float* h = inter_row(p.h, s, t);
-          gemv_rows(W, ld, r, x, d_in, h);
-          if (scale != 1.f)
-            for (int32_t k = 0; k < r; ++k) h[k] *= scale;
-        }
+        if (scale != 1.f)
+          for (int32_t q = 0; q < n; ++q)
+            for (int32_t k = 0; k < r; ++k) hs[q][k] *= scale;
       }
     }
   });
@@ -244,76 +341,83 @@ inline void add_into(T* __restrict y, const float* __restrict acc, int64_t n) {
   }
 }
 
-// Largest d_out over the slices, for scratch sizing.
-inline int64_t max_rows(const StackList& l) {
-  int64_t m = 0;
-  for (int32_t s = 0; s < l.num_slices; ++s) m = std::max<int64_t>(m, l.stack[s].rows);
-  return m;
+// y[t, columns c0..c1 of slice s] += W_s[group] g for the tokens of one unit,
+// four tokens at a time against the unit's rows of W, taken as columns once.
+// get_g(s, q): the fp32 g row of sorted position q.
+template <typename T, typename GetG>
+inline void expand_unit(const StackList& weights, const Activation& y, const SegmentTable& seg,
+                        const ExpandUnit& u, int32_t r, float* wt, float* acc, GetG&& get_g) {
+  const int64_t n = u.c1 - u.c0;
+  columns_f32<T>(weights.stack[u.slice], seg.active_ids[u.seg], u.c0, n, wt);
+  T* const y0 = static_cast<T*>(y.data) + weights.col_offset[u.slice] + u.c0;
+  for (int32_t q0 = u.begin; q0 < u.end; q0 += 4) {
+    const float* g[4];
+    for (int32_t j = 0; j < 4; ++j) g[j] = get_g(u.slice, std::min(q0 + j, u.end - 1));
+    axpy_4(wt, n, r, n, g, acc, kColumnChunk);
+    for (int32_t q = q0; q < std::min(q0 + 4, u.end); ++q)
+      add_into(y0 + static_cast<int64_t>(seg.token_indices_sorted[q]) * y.stride_t,
+               acc + int64_t(q - q0) * kColumnChunk, n);
+  }
 }
 
-// y[t, slice s] += W_s[group] g[s, t] for the tokens of one work item, with
-// W_s transposed once per item.
-template <typename T, typename GetG>
-inline void expand_item(const StackList& weights, const Activation& y, const SegmentTable& seg,
-                        const WorkItem& it, int32_t r, float* wt, float* acc, GetG&& get_g) {
-  for (int32_t s = 0; s < weights.num_slices; ++s) {
-    const WeightStack& w = weights.stack[s];
-    transpose_f32<T>(w, it.group, wt);
-    for (int32_t q = it.begin; q < it.end; ++q) {
-      const int32_t t = seg.token_indices_sorted[q];
-      std::memset(acc, 0, sizeof(float) * w.rows);
-      axpy_rows(wt, r, get_g(s, q, t), w.rows, acc);
-      add_into(act_row<T>(y, t) + weights.col_offset[s], acc, w.rows);
-    }
-  }
+template <typename T, typename GetG, typename ParallelFor>
+void expand_units_run(const StackList& weights, const Activation& y, const SegmentTable& seg, int32_t r,
+                      GetG&& get_g, ParallelFor&& parallel_for) {
+  const auto units = expand_units(seg, weights);
+  parallel_for(static_cast<int64_t>(units.size()), [&](int64_t begin, int64_t end) {
+    std::vector<float> wt(size_t(r) * kColumnChunk), acc(size_t(4) * kColumnChunk);
+    for (int64_t i = begin; i < end; ++i) expand_unit<T>(weights, y, seg, units[i], r, wt.data(), acc.data(), get_g);
+  });
 }
 
 // jd_expand and lora_expand.
 template <typename T, typename ParallelFor>
 void expand(const ExpandParams& p, ParallelFor&& parallel_for) {
-  const auto items = work_items(p.seg);
-  const int32_t r = p.g.r;
-  const int64_t d_max = max_rows(p.weights);
-  parallel_for(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
-    std::vector<float> wt(size_t(r) * d_max), acc(d_max);
-    for (int64_t i = begin; i < end; ++i)
-      expand_item<T>(p.weights, p.y, p.seg, items[i], r, wt.data(), acc.data(),
-                     [&](int32_t s, int32_t, int32_t t) { return inter_row(p.g, s, t); });
-  });
+  expand_units_run<T>(p.weights, p.y, p.seg, p.g.r,
+                      [&](int32_t s, int32_t q) -> const float* {
+                        return inter_row(p.g, s, p.seg.token_indices_sorted[q]);
+                      },
+                      parallel_for);
 }
 
-// Shrink, core and expand of one work item at a time; h and g stay in a
-// per-thread [slices, kTokenBlock, r] scratch.
+// Shrink and core per item into an fp32 g [S, sorted position, r] that never
+// leaves the call, then the expand units over it.
 template <typename T, typename ParallelFor>
 void fused(const FusedParams& p, ParallelFor&& parallel_for) {
   const auto items = work_items(p.seg);
   const int32_t r = p.r;
   const int64_t d_in = p.x.cols;
-  const int64_t d_max = max_rows(p.expand);
   const int32_t S = p.shrink.num_slices;
+  const int64_t n_sorted = p.seg.seg_start[p.seg.capacity];
+  std::vector<float> g(size_t(S) * n_sorted * r);
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
-    std::vector<float> vbuf(std::is_same_v<T, float> ? 0 : size_t(r) * d_in), xbuf(d_in);
-    std::vector<float> h(r), g(size_t(S) * kTokenBlock * r);
-    std::vector<float> wt(size_t(r) * d_max), acc(d_max);
+    constexpr bool kF32 = std::is_same_v<T, float>;
+    std::vector<float> vbuf(kF32 ? 0 : size_t(r) * d_in), xbuf(kF32 ? 0 : size_t(kTokenBlock) * d_in);
+    std::vector<float> h(size_t(kTokenBlock) * r);
+    const float* xs[kTokenBlock];
+    float* hs[kTokenBlock];
+    for (int32_t q = 0; q < kTokenBlock; ++q) hs[q] = h.data() + size_t(q) * r;
     for (int64_t i = begin; i < end; ++i) {
       const WorkItem& it = items[i];
+      const int32_t n = it.end - it.begin;
+      item_rows_f32<T>(p.x, p.seg, it, xbuf.data(), xs);
       for (int32_t s = 0; s < S; ++s) {
         int64_t ld = 0;
         const float* V = matrix_f32<T>(p.shrink.stack[s], it.group, vbuf.data(), ld);
-        for (int32_t q = it.begin; q < it.end; ++q) {
-          const int32_t t = p.seg.token_indices_sorted[q];
-          const float* x = row_f32(act_row<const T>(p.x, t), xbuf.data(), d_in);
-          gemv_rows(V, ld, r, x, d_in, h.data());
-          apply_core<T>(p.core.stack[s], p.core.diagonal[s], p.token_lora_mapping[t], r, h.data(),
-                        g.data() + (size_t(s) * kTokenBlock + (q - it.begin)) * r);
+        gemv_tokens(V, ld, r, xs, n, d_in, hs);
+        for (int32_t q = 0; q < n; ++q) {
+          const int32_t t = p.seg.token_indices_sorted[it.begin + q];
+          apply_core<T>(p.core.stack[s], p.core.diagonal[s], p.token_lora_mapping[t], r, hs[q],
+                        g.data() + (size_t(s) * n_sorted + it.begin + q) * r);
         }
       }
-      expand_item<T>(p.expand, p.y, p.seg, it, r, wt.data(), acc.data(),
-                     [&](int32_t s, int32_t q, int32_t) {
-                       return g.data() + (size_t(s) * kTokenBlock + (q - it.begin)) * r;
-                     });
     }
   });
+  expand_units_run<T>(p.expand, p.y, p.seg, r,
+                      [&](int32_t s, int32_t q) -> const float* {
+                        return g.data() + (size_t(s) * n_sorted + q) * r;
+                      },
+                      parallel_for);
 }
 
 // Stable counting sort of tokens by (cluster, adapter). Values must already be

@@ -5,7 +5,9 @@ slices (``qkv_proj`` = q, k, v; ``gate_up_proj`` = gate, up; ``o_proj`` and
 ``down_proj`` one slice each). Per slice ``s`` the layer's tables are
 
 * ``Vt[s]``: ``[K, r, d_in_local]``, every cluster's shrink basis;
-* ``U[s]``: ``[K, d_out_local_s, r]``, every cluster's expand basis;
+* ``U[s]``: ``[K, d_out_local_s, r]``, every cluster's expand basis
+  (column-major on the CPU, where the expand kernels then copy its columns
+  instead of reordering its rows on every call);
 * ``S[s]``: ``[slots, r, r]`` (or ``[slots, r]``), the core of the adapter in
   each of vLLM's LoRA slots, zero for empty slots and PEFT adapters;
 
@@ -31,6 +33,13 @@ __all__ = ["LayerTables", "StoreMismatchError"]
 
 class StoreMismatchError(ValueError):
     """The store does not fit the model vLLM loaded (another base model, other shapes)."""
+
+
+def _expand_layout(U: torch.Tensor) -> torch.Tensor:
+    """``U`` in the layout the expand kernels of its device read fastest (see the module docstring)."""
+    if U.device.type != "cpu":
+        return U.contiguous()
+    return U.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class LayerTables:
@@ -80,7 +89,7 @@ class LayerTables:
                 U, Vt = self._local(s, *reader.read_module_bases(module_index[module]))
             core = (num_slots, r) if reader.diagonal else (num_slots, r, r)
             self.Vt.append(Vt)
-            self.U.append(U)
+            self.U.append(_expand_layout(U))
             self.S.append(torch.zeros(core, dtype=self.dtype, device=self.device))
 
     def _local(self, s: int, U: torch.Tensor, Vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +114,7 @@ class LayerTables:
             return
         for s in range(len(self.Vt)):
             self.Vt[s] = torch.cat([self.Vt[s], self.Vt[s].new_zeros(extra, *self.Vt[s].shape[1:])])
-            self.U[s] = torch.cat([self.U[s], self.U[s].new_zeros(extra, *self.U[s].shape[1:])])
+            self.U[s] = _expand_layout(torch.cat([self.U[s], self.U[s].new_zeros(extra, *self.U[s].shape[1:])]))
 
     def load_cluster(self, slot: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write one cluster's bases (store module name -> ``(U [d_out, r], Vt [r, d_in])``) into ``slot``."""
