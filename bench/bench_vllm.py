@@ -260,11 +260,14 @@ def _plot(doc: dict, path: str) -> None:
         # Tokens/s and time to first token against the number of distinct adapters in the requests.
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         base = next(r for r in res if r["setting"] == "base")
-        for prefix, label, color in (("jdlora_store_d", "jdlora store", "tab:blue"),
-                                     ("vllm_multi_lora_d", "vLLM multi-LoRA (8 / 64 slots)", "tab:red"),
-                                     ("peft_jdlora_ops_d", "PEFT adapters, jdlora ops (8 / 64 slots)",
-                                      "tab:green")):
-            rows = sorted((r for r in res if r["setting"].startswith(prefix)), key=lambda r: r["distinct_adapters"])
+        # vLLM's own path and the PEFT-ops mode with one adapter are the lines' first points
+        for prefix, one, label, color in (
+                ("jdlora_store_d", None, "jdlora store", "tab:blue"),
+                ("vllm_multi_lora_d", "one_adapter", "vLLM multi-LoRA (8 / 64 slots)", "tab:red"),
+                ("peft_jdlora_ops_d", "one_adapter_jdlora_ops", "PEFT adapters, jdlora ops (8 / 64 slots)",
+                 "tab:green")):
+            rows = sorted((r for r in res if r["setting"].startswith(prefix) or r["setting"] == one),
+                          key=lambda r: r["distinct_adapters"])
             if not rows:
                 continue
             xs = [r["distinct_adapters"] for r in rows]
