@@ -20,12 +20,14 @@ def _bench(benchmark, tables, threads, group, fn):
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("op", ["jd_fused", "jd_staged", "torch_gather_bmm"])
+@pytest.mark.parametrize("op", ["jd_fused", "jd_fused_column_major_U", "jd_staged", "torch_gather_bmm"])
 def test_jd_layer(benchmark, tables, threads, op):
     _, t = tables
     y = t.y.clone()
+    U_cm = t.U.transpose(1, 2).contiguous().transpose(1, 2)  # the CPU layout the vLLM plugin keeps
     fns = {
         "jd_fused": lambda: jdlora_ops.jd_fused(t.x, t.V, t.S, t.U, t.meta, y),
+        "jd_fused_column_major_U": lambda: jdlora_ops.jd_fused(t.x, t.V, t.S, U_cm, t.meta, y),
         "jd_staged": lambda: jdlora_ops.jd_expand(
             jdlora_ops.jd_core(jdlora_ops.jd_shrink(t.x, t.V, t.meta, out=t.h), t.S, t.meta, out=t.g),
             t.U, t.meta, y),

@@ -134,6 +134,39 @@ def _run(vllm_python: str, work: str, name: str, spec: dict, profile: bool) -> d
     return res
 
 
+# (label, kind, match): "self" sums the own time of functions whose name contains match, "cum" takes the
+# cumulative time of the function (file part, name).
+_PROFILE_ROWS = (
+    ("base GEMMs (onednn_mm, self)", "self", "torch._ops._C.onednn_mm"),
+    ("jd_fused kernel (self)", "self", "jdlora_ops.jd_fused"),
+    ("attention kernels (self)", "self", "cpu_attention|reshape_and_cache"),
+    ("punica update_metadata (cum)", "cum", ("jdlora_ops/integrations/vllm/punica.py", "update_metadata")),
+    ("vLLM set_active_adapters (cum)", "cum", ("vllm/lora/worker_manager.py", "set_active_adapters")),
+    ("store adapter loads (cum)", "cum", ("jdlora_ops/integrations/vllm/state.py", "load_store_adapter")),
+    ("request checks incl. first store open (cum)", "cum",
+     ("jdlora_ops/integrations/vllm/state.py", "validate_request")),
+    ("vLLM scheduler.schedule (cum)", "cum", ("vllm/v1/core/sched/scheduler.py", "schedule")),
+)
+
+
+def profile_summary(path: str) -> list[str]:
+    """Where one engine's timed call spent its time, from its cProfile statistics (``--profile``)."""
+    import pstats
+
+    st = pstats.Stats(path)
+    total = st.total_tt
+    lines = [f"{os.path.basename(path)} total {total:.1f} s"]
+    for label, kind, match in _PROFILE_ROWS:
+        if kind == "self":
+            v = sum(tt for (f, _, fn), (_, _, tt, _, _) in st.stats.items()
+                    if "built-in" in fn and any(m in fn for m in match.split("|")))
+        else:
+            v = max((ct for (f, _, fn), (_, _, _, ct, _) in st.stats.items() if match[0] in f and fn == match[1]),
+                    default=0.0)
+        lines.append(f"  {label:45s} {v:7.2f} s  {100 * v / total:5.1f} %")
+    return lines
+
+
 def _settings(size: dict, data: dict, prompts: list[str], rng: random.Random, only: set[str] | None):
     """(name, spread, spec) of every setting of ``size``, in the order they run."""
     n = len(prompts)
@@ -183,6 +216,7 @@ def main(argv=None) -> None:
     size = dict(SIZES[args.size])
     size["requests"] = args.requests or size["requests"]
     size["max_tokens"] = args.max_tokens or size["max_tokens"]
+    commit = git_commit()  # of the code measured, read before the engines run
     work = args.work or os.path.join(ROOT, "build", "bench_vllm" if args.size == "small" else "bench_vllm_realistic")
     os.makedirs(work, exist_ok=True)
     data = _prepare(work, size)
@@ -198,8 +232,10 @@ def main(argv=None) -> None:
         r = _run(args.vllm_python, work, name, spec, args.profile)
         r["spread"] = spread
         results.append(r)
+        if args.profile:
+            print("\n".join(profile_summary(os.path.join(work, f"{name}.prof"))), flush=True)
     doc = {
-        "benchmark": size["out"], "date": dt.date.today().isoformat(), "commit": git_commit(),
+        "benchmark": size["out"], "date": dt.date.today().isoformat(), "commit": commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU", "threads": 1,
         "vllm": vllm_version(args.vllm_python), "model": size["description"],
         "adapters": N_ADAPTERS, "clusters": N_CLUSTERS, "adapter_rank": size["rank"],
