@@ -167,7 +167,8 @@ def profile_summary(path: str) -> list[str]:
     return lines
 
 
-def _settings(size: dict, data: dict, prompts: list[str], rng: random.Random, only: set[str] | None):
+def _settings(size: dict, data: dict, prompts: list[str], rng: random.Random, only: set[str] | None,
+              store_slots: int = N_ADAPTERS):
     """(name, spread, spec) of every setting of ``size``, in the order they run."""
     n = len(prompts)
     common = {"model": data["model"], "max_tokens": size["max_tokens"], "max_lora_rank": size["rank"],
@@ -179,8 +180,8 @@ def _settings(size: dict, data: dict, prompts: list[str], rng: random.Random, on
                 for p, a in zip(prompts, adapters)]
 
     peft = lambda a: data["adapters"][a]  # noqa: E731
-    store = dict(common, store=data["store"], store_only=size["store_only"], max_loras=N_ADAPTERS,
-                 max_cpu_loras=N_ADAPTERS)
+    store = dict(common, store=data["store"], store_only=size["store_only"], max_loras=store_slots,
+                 max_cpu_loras=store_slots)
     vllm_lora = dict(common, store=None, max_loras=8, max_cpu_loras=64)
     out = [("base", "-", dict(common, store=None, enable_lora=False, max_loras=1, requests=reqs([None] * n, None))),
            ("one_adapter", "-", dict(vllm_lora, requests=reqs([0] * n, peft))),
@@ -206,6 +207,8 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, help="default: 256 (small), 1000 (realistic)")
     ap.add_argument("--max-tokens", type=int, help="default: 16")
     ap.add_argument("--only", help="comma-separated setting names to run (default: all)")
+    ap.add_argument("--store-slots", type=int, default=N_ADAPTERS,
+                    help="max_loras and max_cpu_loras of the store settings (default: one per adapter)")
     ap.add_argument("--profile", action="store_true", help="write each engine's cProfile statistics to --work")
     ap.add_argument("--prepare-only", action="store_true", help="build the model, adapters and store, then stop")
     ap.add_argument("--work", help="default: build/bench_vllm (small), build/bench_vllm_realistic (realistic)")
@@ -228,7 +231,9 @@ def main(argv=None) -> None:
     only = set(args.only.split(",")) if args.only else None
     print(f"vLLM CPU benchmark ({args.size}), 1 thread per engine", flush=True)
     results = []
-    for name, spread, spec in _settings(size, data, prompts, rng, only):
+    if args.store_slots != N_ADAPTERS and only is None:
+        ap.error("--store-slots: only with --only (the committed results use one slot per adapter)")
+    for name, spread, spec in _settings(size, data, prompts, rng, only, args.store_slots):
         r = _run(args.vllm_python, work, name, spec, args.profile)
         r["spread"] = spread
         results.append(r)
