@@ -149,11 +149,11 @@ inline void gemv_tokens(const float* W, int64_t ldw, int32_t rows, const float* 
   }
 }
 
-// acc[j][c] = sum_k wt[k * ldw + c] * g[j][k] for four tokens, vectorised over
+// acc[j][c] = sum_k wt[k * n + c] * g[j][k] for four tokens, vectorised over
 // the columns c, four ranks per pass: each pass loads four rows of wt once
 // for sixteen multiply-adds and reads and writes acc once.
-JDLORA_CPU_CLONES static void axpy_4(const float* __restrict wt, int64_t ldw, int32_t r, int64_t n,
-                                     const float* const* g, float* __restrict acc, int64_t ld_acc) {
+JDLORA_CPU_CLONES static void axpy_4(const float* __restrict wt, int32_t r, int64_t n, const float* const* g,
+                                     float* __restrict acc, int64_t ld_acc) {
   float* __restrict c0 = acc;
   float* __restrict c1 = acc + ld_acc;
   float* __restrict c2 = acc + 2 * ld_acc;
@@ -161,10 +161,10 @@ JDLORA_CPU_CLONES static void axpy_4(const float* __restrict wt, int64_t ldw, in
   for (int32_t j = 0; j < 4; ++j) std::memset(acc + j * ld_acc, 0, sizeof(float) * n);
   int32_t k = 0;
   for (; k + 4 <= r; k += 4) {
-    const float* w0 = wt + k * ldw;
-    const float* w1 = w0 + ldw;
-    const float* w2 = w1 + ldw;
-    const float* w3 = w2 + ldw;
+    const float* w0 = wt + k * n;
+    const float* w1 = w0 + n;
+    const float* w2 = w1 + n;
+    const float* w3 = w2 + n;
     const float* g0 = g[0] + k;
     const float* g1 = g[1] + k;
     const float* g2 = g[2] + k;
@@ -183,7 +183,7 @@ JDLORA_CPU_CLONES static void axpy_4(const float* __restrict wt, int64_t ldw, in
     }
   }
   for (; k < r; ++k) {
-    const float* w = wt + k * ldw;
+    const float* w = wt + k * n;
     const float g0 = g[0][k], g1 = g[1][k], g2 = g[2][k], g3 = g[3][k];
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) {
@@ -353,7 +353,7 @@ inline void expand_unit(const StackList& weights, const Activation& y, const Seg
   for (int32_t q0 = u.begin; q0 < u.end; q0 += 4) {
     const float* g[4];
     for (int32_t j = 0; j < 4; ++j) g[j] = get_g(u.slice, std::min(q0 + j, u.end - 1));
-    axpy_4(wt, n, r, n, g, acc, kColumnChunk);
+    axpy_4(wt, r, n, g, acc, kColumnChunk);
     for (int32_t q = q0; q < std::min(q0 + 4, u.end); ++q)
       add_into(y0 + static_cast<int64_t>(seg.token_indices_sorted[q]) * y.stride_t,
                acc + int64_t(q - q0) * kColumnChunk, n);
