@@ -46,10 +46,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "real_collection"))
 import minilm  # noqa: E402
 
-ADAPTERS = os.environ.get("JDLORA_REAL_ADAPTERS") or os.path.join(HERE, "real_collection", "adapters")
-RESULTS = os.path.join(HERE, "results")
-RESULTS = os.environ.get("JDLORA_REAL_RESULTS") or RESULTS
-PARTS = os.path.join(RESULTS, "real_collection_parts")
+import retained as retained_metric  # noqa: E402
+
+RESULTS = os.environ.get("JDLORA_REAL_RESULTS") or os.path.join(HERE, "results")
+# collection -> (adapters, run parts). The large one is built by make_collection.py train --large.
+COLLECTIONS = {
+    "small": (os.path.join(HERE, "real_collection", "adapters"), os.path.join(RESULTS, "real_collection_parts")),
+    "large": (os.path.join(os.path.dirname(HERE), "build", "real_collection_large"),
+              os.path.join(RESULTS, "real_collection_large_parts")),
+}
+ADAPTERS, PARTS = COLLECTIONS["small"]
+
+
+def use_collection(name: str) -> None:
+    global ADAPTERS, PARTS
+    ADAPTERS, PARTS = COLLECTIONS[name]
+    ADAPTERS = os.environ.get("JDLORA_REAL_ADAPTERS") or ADAPTERS
+    if not os.path.isdir(ADAPTERS):
+        raise SystemExit(f"{ADAPTERS} is missing: build it with 'python bench/real_collection/make_collection.py "
+                         "train --large' (see bench/real_collection/README.md)")
 
 
 def grid_settings() -> list[dict]:
@@ -59,6 +74,14 @@ def grid_settings() -> list[dict]:
     svd = [{"method": "svd", "rank": r, "clusters": 1} for r in (1, 2, 4, 8)]
     budget = [{"method": "full", "rank": r, "clusters": 1, "max_rel_error": e} for r in (16, 8) for e in (0.1, 0.3)]
     return svd[:3] + full[:4] + budget[:2] + full[4:] + diag + budget[2:] + svd[3:]
+
+
+def large_settings() -> list[dict]:
+    """The large collection's grid: JD-Full over K up to 32 and r up to 32, JD-Diag, per-adapter SVD."""
+    full = [{"method": "full", "rank": r, "clusters": k} for r in (16, 8, 32, 4) for k in (1, 4, 8, 16, 32)]
+    diag = [{"method": "diag", "rank": r, "clusters": k} for r in (16, 32) for k in (4, 16)]
+    svd = [{"method": "svd", "rank": r, "clusters": 1} for r in (1, 2, 4)]
+    return svd + full + diag
 
 
 def aware_settings(stats: str) -> list[dict]:
@@ -85,7 +108,7 @@ def stored_values(s: dict, n: int, modules: list[tuple[int, int, int]]) -> int:
 class Collection:
     """The committed adapters, their heads, tasks and eval sentences, and the base model."""
 
-    def __init__(self, per_label: int):
+    def __init__(self, per_label: int | None):
         from jdlora_ops.peft_io import find_adapter_dirs, read_peft_adapter
         from safetensors.torch import load_file
 
@@ -95,7 +118,8 @@ class Collection:
             name = os.path.basename(p)
             with open(os.path.join(p, "task.json"), encoding="utf-8") as fh:
                 task = json.load(fh)
-            keep = [i for i, y in enumerate(task["eval_labels"]) if task["eval_labels"][:i].count(y) < per_label]
+            keep = [i for i, y in enumerate(task["eval_labels"])
+                    if per_label is None or task["eval_labels"][:i].count(y) < per_label]
             task["eval_texts"] = [task["eval_texts"][i] for i in keep]
             task["eval_labels"] = torch.tensor([task["eval_labels"][i] for i in keep])
             self.tasks[name] = task
@@ -109,10 +133,11 @@ class Collection:
         self.bytes = sum(os.path.getsize(os.path.join(p, "adapter_model.safetensors")) for p in self.paths)
         self.model, self.tok = minilm.load_base()
 
-    def accuracy(self, name: str, factors: dict | None) -> float:
+    def scores(self, name: str, factors: dict | None) -> tuple[list, list]:
+        """Per-eval-sentence cross-entropy and correctness of the task with these factors merged."""
         task = self.tasks[name]
         with minilm.MergedAdapter(self.model, factors or {}):
-            return minilm.accuracy(self.model, self.tok, self.heads[name], task["eval_texts"], task["eval_labels"])
+            return minilm.scores(self.model, self.tok, self.heads[name], task["eval_texts"], task["eval_labels"])
 
 
 def read_factors(path: str) -> dict:
@@ -162,7 +187,10 @@ def run_setting(col: Collection, s: dict, work: str) -> dict:
         summary = load_store(store).summary()
         row.update(bytes=sum(os.path.getsize(os.path.join(store, f)) for f in os.listdir(store)), **summary)
         factors = {n: read_factors(os.path.join(exported, n)) for n in col.tasks}
-    row["accuracy"] = {n: col.accuracy(n, f) for n, f in factors.items()}
+    scored = {n: col.scores(n, f) for n, f in factors.items()}
+    row["accuracy"] = {n: sum(ok) / len(ok) for n, (_, ok) in scored.items()}
+    row["ce"] = {n: [round(x, 5) for x in ce] for n, (ce, _) in scored.items()}
+    row["correct"] = {n: ok for n, (_, ok) in scored.items()}
     row["bytes_ratio"] = row["bytes"] / col.bytes
     row["seconds"] = round(time.time() - t0, 1)
     return row
@@ -171,11 +199,11 @@ def run_setting(col: Collection, s: dict, work: str) -> dict:
 def cmd_run(args) -> None:
     torch.set_num_threads(1)
     col = Collection(args.eval_per_label)
-    settings = [{"method": "base"}, {"method": "lora"}] if args.group == "grid" else []
-    if args.group == "grid":
+    settings = [{"method": "base"}, {"method": "lora"}] if args.group in ("grid", "large") else []
+    if args.group in ("grid", "large"):
         n = len(col.paths)
         original = sum(n * r * (d_out + d_in) for d_out, d_in, r in col.modules)
-        for s in grid_settings():
+        for s in grid_settings() if args.group == "grid" else large_settings():
             if s["method"] in ("full", "diag") and stored_values(s, n, col.modules) >= original:
                 print(f"skip {label(s)}: the store would hold {stored_values(s, n, col.modules)} values, the adapters "
                       f"{original} (no compression)")
@@ -286,7 +314,128 @@ def plot(rows: list[dict], path: str, title: str, groups) -> None:
     plt.close(fig)
 
 
+LARGE_MANIFEST = os.path.join(HERE, "real_collection", "collection_large.json")
+SPLITS = ("tune", "heldout")
+
+
+def large_metrics(rows: list[dict], tasks: dict) -> None:
+    """Adds ``loss`` and ``acc`` (retained benefit with intervals) per split to every row."""
+    by = {r["setting"]: r for r in rows}
+    base, lora = by["base"], by["lora"]
+    for r in rows:
+        for split in (*SPLITS, "all"):
+            names = sorted(n for n in base["ce"] if split == "all" or tasks[n]["split"] == split)
+            r.setdefault("loss", {})[split] = retained_metric.retained(base["ce"], lora["ce"], r["ce"], names, loss=True)
+            r.setdefault("acc", {})[split] = retained_metric.retained(base["correct"], lora["correct"], r["correct"],
+                                                                      names, loss=False)
+
+
+def frontier(rows: list[dict], split: str) -> set[str]:
+    """Settings no other setting beats in both bytes and pooled retained loss (on ``split``)."""
+    pts = [(r["bytes_ratio"], r["loss"][split]["pooled"], r["setting"]) for r in rows
+           if r["method"] in ("full", "diag", "svd")]
+    return {name for b, q, name in pts if not any(b2 <= b and q2 > q for b2, q2, _ in pts)}
+
+
+def fmt_ci(m: dict) -> str:
+    return f"{m['pooled']:.3f} [{m['ci_sentences'][0]:.3f}, {m['ci_sentences'][1]:.3f}] " \
+           f"[{m['ci_adapters'][0]:.3f}, {m['ci_adapters'][1]:.3f}]"
+
+
+def report_large(args) -> None:
+    rows = load_rows()
+    by = {r["setting"]: r for r in rows}
+    if "base" not in by or "lora" not in by:
+        raise SystemExit(f"{PARTS}: no base/lora rows; run '--collection large' first")
+    with open(LARGE_MANIFEST, encoding="utf-8") as fh:
+        manifest = json.load(fh)
+    tasks = {t["name"]: t for t in manifest["tasks"]}
+    large_metrics(rows, tasks)
+    order = ("base", "lora", "svd", "full", "diag")
+    rows.sort(key=lambda r: (order.index(r["method"]), r.get("clusters", 0), r.get("rank", 0)))
+    front = frontier(rows, "tune")
+    reach = sorted((r for r in rows if r["method"] in ("full", "diag", "svd") and r["loss"]["tune"]["pooled"] >= 0.95),
+                   key=lambda r: r["bytes_ratio"])
+    ce = {k: sum(sum(v) / len(v) for v in by[k]["ce"].values()) / len(by[k]["ce"]) for k in ("base", "lora")}
+    acc = {k: sum(by[k]["accuracy"].values()) / len(by[k]["accuracy"]) for k in ("base", "lora")}
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores", "threads": 1,
+        "torch": torch.__version__,
+        "command": "python bench/bench_real_collection.py run --collection large [--shard I/N] && "
+                   "python bench/bench_real_collection.py report --collection large",
+        "adapters": {s: sum(t["split"] == s for t in tasks.values()) for s in SPLITS},
+        "eval_sentences": sum(len(v) for v in by["base"]["ce"].values()),
+        "original_bytes": by["lora"]["bytes"],
+        "mean_ce": {k: round(v, 4) for k, v in ce.items()}, "mean_accuracy": {k: round(v, 4) for k, v in acc.items()},
+        "collection_train_seconds": manifest["train_seconds"],
+        "intervals": "95% percentile bootstrap, 1000 paired resamples: first over each adapter's eval sentences, "
+                     "then over adapters",
+        "cheapest_at_0.95_on_tune": ({"setting": reach[0]["setting"], "bytes_ratio": round(reach[0]["bytes_ratio"], 4),
+                                      "heldout": round(reach[0]["loss"]["heldout"]["pooled"], 4)} if reach else None),
+    }
+    keep = ("setting", "method", "rank", "clusters", "bytes", "bytes_ratio", "mean_rel_error", "max_rel_error",
+            "compress_seconds", "seconds", "cli", "loss", "acc")
+    stem = os.path.join(RESULTS, "real_collection_large")
+    with open(stem + ".json", "w", encoding="utf-8") as fh:
+        json.dump({"meta": meta, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}, fh, indent=1)
+    head = ["setting", "x original", "rel. error mean", "retained loss, tune [sentences CI] [adapters CI]",
+            "held-out", "retained accuracy, tune", "held-out", "frontier"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["setting"], f"{r['bytes_ratio']:.4f}", f"{r['mean_rel_error']:.3f}", fmt_ci(r["loss"]["tune"]),
+            fmt_ci(r["loss"]["heldout"]), f"{r['acc']['tune']['pooled']:.3f}", f"{r['acc']['heldout']['pooled']:.3f}",
+            "*" if r["setting"] in front else ""]) + " |")
+    table = "\n".join(lines)
+    with open(stem + ".md", "w", encoding="utf-8") as fh:
+        fh.write("# real_collection_large\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
+                 + table + "\n")
+    plot_large(rows, stem + ".png", front)
+    print(table)
+    print(f"-> {stem}.json/.md/.png")
+
+
+def plot_large(rows: list[dict], path: str, front: set[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    curves = [(f"JD-Full K={k}", lambda r, k=k: r["method"] == "full" and r["clusters"] == k, st)
+              for k, st in ((1, "o-"), (4, "s-"), (8, "^-"), (16, "v-"), (32, "D-"))]
+    curves += [(f"JD-Diag K={k}", lambda r, k=k: r["method"] == "diag" and r["clusters"] == k, st)
+               for k, st in ((4, "s--"), (16, "v--"))]
+    curves += [("per-adapter SVD r=1,2,4", lambda r: r["method"] == "svd", "kx-")]
+    for ax, split in zip(axes, SPLITS):
+        for name, pick, style in curves:
+            sel = sorted((r for r in rows if pick(r)), key=lambda r: r["bytes_ratio"])
+            if sel:
+                m = [r["loss"][split] for r in sel]
+                err = [[x["pooled"] - x["ci_sentences"][0] for x in m], [x["ci_sentences"][1] - x["pooled"] for x in m]]
+                ax.errorbar([r["bytes_ratio"] for r in sel], [x["pooled"] for x in m], yerr=err, fmt=style,
+                            label=name, capsize=2, ms=4)
+        env = sorted((r for r in rows if r["setting"] in front), key=lambda r: r["bytes_ratio"])
+        ax.plot([r["bytes_ratio"] for r in env], [r["loss"][split]["pooled"] for r in env], color="grey", lw=3,
+                alpha=0.3, label="upper envelope (chosen on tune)")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.axhline(0.95, color="red", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("store bytes / original adapter bytes")
+        ax.set_title(f"{split} adapters ({rows[0]['loss'][split]['adapters']})", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("retained loss reduction (pooled; bars: 95% CI over eval sentences)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def cmd_report(args) -> None:
+    if args.collection == "large":
+        report_large(args)
+        return
     rows = load_rows()
     by = {r["setting"]: r for r in rows}
     if "base" not in by or "lora" not in by:
@@ -351,15 +500,24 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="compress, export and evaluate the settings of a group")
-    r.add_argument("--group", choices=["grid", "aware"], default="grid")
+    r.add_argument("--group", choices=["grid", "aware"], default="grid", help="settings of the small collection")
     r.add_argument("--calibration", default=None, metavar="STATS", help="stats of 'jdlora calibrate' (group aware)")
     r.add_argument("--shard", default="0/1", help="I/N: run every N-th setting from the I-th (N processes at once)")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="merge the runs into JSON, markdown and PNG under bench/results")
     rep.set_defaults(func=cmd_report)
     for sp in (r, rep):
-        sp.add_argument("--eval-per-label", type=int, default=20, help="eval sentences per label and task")
+        sp.add_argument("--eval-per-label", type=int, default=None,
+                        help="eval sentences per label and task (default: 20 for the small collection, all for the "
+                             "large one)")
+        sp.add_argument("--collection", choices=sorted(COLLECTIONS), default="small",
+                        help="small: the 32 committed adapters; large: the 220 of make_collection.py train --large")
     args = p.parse_args(argv)
+    use_collection(args.collection)
+    if args.collection == "large":
+        args.group = "large"
+    elif args.eval_per_label is None:
+        args.eval_per_label = 20
     args.func(args)
 
 

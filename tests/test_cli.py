@@ -211,3 +211,19 @@ def test_demo_subcommand_forwards_arguments(monkeypatch):
     monkeypatch.setitem(sys.modules, "jdlora_ops.demo", fake)
     assert main(["demo", "--adapters", "3", "--help"]) == 0
     assert seen["rest"] == ["--adapters", "3", "--help"]
+
+
+def test_inspect_into_a_closed_pipe_stops_quietly(tmp_path, adapters):
+    """``jdlora inspect STORE | head``: the reader goes away; no traceback or error line, SIGPIPE's status."""
+    import subprocess
+    import sys
+
+    _, dirs = adapters
+    store = tmp_path / "store"
+    assert main(["compress", *map(str, dirs[:2]), "-r", "4", "-k", "1", "-o", str(store), "--quiet"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "jdlora_ops.cli", "inspect", str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before the command writes: its first write meets a broken pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert err.decode() == ""

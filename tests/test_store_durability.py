@@ -51,7 +51,7 @@ CRASHER = textwrap.dedent("""
                 os._exit(17)  # the writer dies here: no cleanup, no exception handlers
             return fn(*a, **k)
         return wrapped
-    st._write_tensors = crashing(st._write_tensors)
+    st.write_tensors = crashing(st.write_tensors)
     st._write_json = crashing(st._write_json)
     st.os.replace = crashing(os.replace)
     st.os.remove = crashing(os.remove)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import itertools
 import json
 import os
@@ -48,6 +49,11 @@ TEXT = os.path.join(HERE, "text", "sentences.jsonl")
 CALIB = os.path.join(HERE, "text", "calibration.txt")
 ADAPTERS = os.path.join(HERE, "adapters")
 MANIFEST = os.path.join(HERE, "collection.json")
+LARGE_ADAPTERS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "build", "real_collection_large")
+LARGE_MANIFEST = os.path.join(HERE, "collection_large.json")
+# Tens of seconds per adapter on one core: fewer training sentences, more eval sentences (eval is
+# what the benchmark's metric rests on).
+LARGE_DEFAULTS = {"max_train": 64, "max_eval": 60, "epochs": 3, "lr": 3e-3, "l2": 1e-2}
 
 
 def cmd_extract(args) -> None:
@@ -79,6 +85,44 @@ def load_text() -> dict:
     return out
 
 
+def usable_labels(text: dict, min_train: int) -> dict[str, list[str]]:
+    """family -> its labels with at least ``min_train`` training sentences."""
+    out: dict = {}
+    for f, lab, s in sorted(text):
+        if s == "train" and len(text[(f, lab, s)]) >= min_train:
+            out.setdefault(f, []).append(lab)
+    return out
+
+
+def make_tasks_large(text: dict, count: int, min_train: int, seed: int) -> list[dict]:
+    """Every 2-, 3- and 4-label subset of each family, then pairs of labels of two families up to ``count``.
+
+    The within-family tasks come in families of related tasks (they share labels and text); the
+    cross-family pairs (family ``mixed``, labels ``family/label``) are easier and unrelated to each
+    other, so the collection holds both kinds a platform sees.
+    """
+    rng = random.Random(seed)
+    labels = usable_labels(text, min_train)
+    tasks = []
+    for family, labs in labels.items():
+        for way in (2, 3, 4):
+            for subset in itertools.combinations(labs, way):
+                tasks.append({"name": f"{family}-" + "-".join(subset), "family": family, "labels": list(subset)})
+    qualified = [f"{f}/{lab}" for f, labs in labels.items() for lab in labs]
+    pairs = [p for p in itertools.combinations(qualified, 2) if p[0].split("/")[0] != p[1].split("/")[0]]
+    for pair in sorted(rng.sample(pairs, max(0, min(count - len(tasks), len(pairs))))):
+        tasks.append({"name": "mixed-" + "-".join(x.replace("/", "_") for x in pair), "family": "mixed",
+                      "labels": list(pair)})
+    if len(tasks) < count:
+        raise SystemExit(f"--count {count}: the text makes only {len(tasks)} tasks")
+    return tasks[:count]
+
+
+def heldout(name: str, fraction: float) -> bool:
+    """Whether a task is in the held-out split: a hash of its name, so that no choice of ours decides it."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) < fraction * 16 ** 8
+
+
 def make_tasks(text: dict, per_family: int, way: int, min_train: int, seed: int) -> list[dict]:
     """``per_family`` ``way``-label subsets of each family, drawn with ``seed`` among labels with enough training text."""
     rng = random.Random(seed)
@@ -93,7 +137,8 @@ def make_tasks(text: dict, per_family: int, way: int, min_train: int, seed: int)
 
 def task_split(text: dict, task: dict, split: str, cap: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
     """Balanced sentences of the task's labels (at most ``cap`` each) and their label ids."""
-    per = [text.get((task["family"], lab, split), []) for lab in task["labels"]]
+    per = [text.get((*lab.split("/"), split) if "/" in lab else (task["family"], lab, split), [])
+           for lab in task["labels"]]
     n = min(cap, *map(len, per))
     texts, labels = [], []
     for i, sents in enumerate(per):
@@ -174,63 +219,126 @@ def reload_factors(path: str) -> dict:
     return {m: ad.load(m) for m in ad.modules}
 
 
+def train_task(text: dict, task: dict, k: int, args, base, tok, out: str) -> dict:
+    """Fit the head, train and save the adapter of one task; its task.json info (deterministic for the seed)."""
+    rng = random.Random(f"{args.seed}/{task['name']}")
+    tr_x, tr_y = task_split(text, task, "train", args.max_train, rng)
+    ev_x, ev_y = task_split(text, task, "eval", args.max_eval, rng)
+    # The head sees every other training sentence: fitted on all of them it separates them
+    # perfectly and leaves the adapter nothing to learn.
+    head = fit_head(minilm.embed(base, tok, tr_x[::2]), tr_y[::2], len(task["labels"]), args.l2)
+    base_acc = minilm.accuracy(base, tok, head, ev_x, ev_y)
+    model, _ = train_lora(tr_x, tr_y, head, args, seed=args.seed * 1000 + k)
+    info = {**task, "train_sentences": len(tr_x), "eval_sentences": len(ev_x), "base_acc": base_acc}
+    if not args.large:  # the large collection skips it for time: the float16 file is what is measured
+        info["lora_acc_fp32"] = minilm.accuracy(model, tok, head, ev_x, ev_y)
+    info.update(eval_texts=ev_x, eval_labels=ev_y.tolist())
+    save_adapter(model, head, out, info)
+    with minilm.MergedAdapter(base, reload_factors(out)):
+        info["lora_acc"] = minilm.accuracy(base, tok, head, ev_x, ev_y)
+    return info
+
+
+def collection_paths(args) -> tuple[str, str]:
+    """(adapters folder, manifest path) of the collection the arguments name."""
+    if args.large:
+        return os.path.abspath(args.out or LARGE_ADAPTERS), LARGE_MANIFEST
+    return os.path.abspath(args.out or ADAPTERS), MANIFEST
+
+
+def collection_tasks(args) -> list[dict]:
+    text = load_text()
+    if args.large:
+        tasks = make_tasks_large(text, args.count, args.min_train, args.seed)
+        for t in tasks:
+            t["split"] = "heldout" if heldout(t["name"], args.heldout) else "tune"
+        return tasks
+    return make_tasks(text, args.per_family, args.way, args.min_train, args.seed)
+
+
 def cmd_train(args) -> None:
     torch.set_num_threads(1)
     text = load_text()
-    tasks = make_tasks(text, args.per_family, args.way, args.min_train, args.seed)
+    tasks = collection_tasks(args)
+    folder, manifest = collection_paths(args)
     i_shard, n_shard = map(int, args.shard.split("/"))
     todo = [t for k, t in enumerate(tasks) if k % n_shard == i_shard and (not args.only or t["name"] in args.only)]
-    os.makedirs(ADAPTERS, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     base, tok = minilm.load_base()
     t_all = time.time()
     for task in todo:
         k = tasks.index(task)
+        out = os.path.join(folder, task["name"])
+        if args.resume and os.path.isfile(os.path.join(out, "task.json")):
+            continue
         t0 = time.time()
-        rng = random.Random(f"{args.seed}/{task['name']}")
-        tr_x, tr_y = task_split(text, task, "train", args.max_train, rng)
-        ev_x, ev_y = task_split(text, task, "eval", args.max_eval, rng)
-        # The head sees every other training sentence: fitted on all of them it separates them
-        # perfectly and leaves the adapter nothing to learn.
-        head = fit_head(minilm.embed(base, tok, tr_x[::2]), tr_y[::2], len(task["labels"]), args.l2)
-        base_acc = minilm.accuracy(base, tok, head, ev_x, ev_y)
-        model, _ = train_lora(tr_x, tr_y, head, args, seed=args.seed * 1000 + k)
-        lora_acc_fp32 = minilm.accuracy(model, tok, head, ev_x, ev_y)
-        out = os.path.join(ADAPTERS, task["name"])
-        info = {**task, "train_sentences": len(tr_x), "eval_sentences": len(ev_x), "base_acc": base_acc,
-                "lora_acc_fp32": lora_acc_fp32, "eval_texts": ev_x, "eval_labels": ev_y.tolist()}
-        save_adapter(model, head, out, info)
-        with minilm.MergedAdapter(base, reload_factors(out)):
-            info["lora_acc"] = minilm.accuracy(base, tok, head, ev_x, ev_y)
-        info["seconds"] = round(time.time() - t0, 1)
-        with open(os.path.join(out, "task.json"), "w", encoding="utf-8") as fh:
+        info = train_task(text, task, k, args, base, tok, out)
+        seconds = round(time.time() - t0, 1)
+        if args.large:  # kept apart so that task.json is the same file in every run
+            with open(os.path.join(out, "timing.json"), "w", encoding="utf-8") as fh:
+                json.dump({"seconds": seconds}, fh)
+        else:
+            info["seconds"] = seconds
+        tmp = os.path.join(out, "task.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:  # written last: its presence marks a finished task
             json.dump(info, fh, indent=2)
-        print(f"[{k + 1}/{len(tasks)}] {task['name']}: train {len(tr_x)} eval {len(ev_x)} base {base_acc:.3f} "
-              f"lora {info['lora_acc']:.3f} (fp32 {lora_acc_fp32:.3f}) {info['seconds']} s", flush=True)
-    write_manifest(tasks, args, time.time() - t_all)
+        os.replace(tmp, os.path.join(out, "task.json"))
+        print(f"[{k + 1}/{len(tasks)}] {task['name']}: train {info['train_sentences']} eval {info['eval_sentences']} "
+              f"base {info['base_acc']:.3f} lora {info['lora_acc']:.3f} {seconds} s", flush=True)
+    write_manifest(tasks, args, folder, manifest, time.time() - t_all)
 
 
-def write_manifest(tasks: list[dict], args, seconds: float) -> None:
-    """collection.json from every task's task.json, once all tasks are trained (by any shard)."""
+HASHED = ("adapter_config.json", "adapter_model.safetensors", minilm.HEAD_FILE, "task.json")
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(tasks: list[dict], args, folder: str, path: str, seconds: float) -> None:
+    """The manifest from every task's task.json, once all tasks are trained (by any shard)."""
     rows = []
     for task in tasks:
-        path = os.path.join(ADAPTERS, task["name"], "task.json")
-        if not os.path.isfile(path):
-            print(f"{task['name']} is not trained yet; collection.json is written when every task is")
+        tdir = os.path.join(folder, task["name"])
+        if not os.path.isfile(os.path.join(tdir, "task.json")):
+            print(f"{task['name']} is not trained yet; the manifest is written when every task is")
             return
-        with open(path, encoding="utf-8") as fh:
-            rows.append({k: v for k, v in json.load(fh).items() if k not in ("eval_texts", "eval_labels")})
+        with open(os.path.join(tdir, "task.json"), encoding="utf-8") as fh:
+            row = {k: v for k, v in json.load(fh).items() if k not in ("eval_texts", "eval_labels")}
+        if args.large:
+            with open(os.path.join(tdir, "timing.json"), encoding="utf-8") as fh:
+                row["seconds"] = json.load(fh)["seconds"]
+            row["sha256"] = {f: sha256(os.path.join(tdir, f)) for f in HASHED}
+        rows.append(row)
     manifest = {
         "base_model": minilm.BASE_MODEL, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "only", "shard")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "only", "shard", "out", "resume")},
         "train_seconds": round(sum(r["seconds"] for r in rows), 1), "tasks": rows,
     }
-    with open(MANIFEST, "w", encoding="utf-8") as fh:
+    with open(path, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=2)
     gains = [r["lora_acc"] - r["base_acc"] for r in rows]
     print(f"{len(rows)} adapters ({manifest['train_seconds']} s of training, last shard {seconds:.0f} s); "
-          f"accuracy gain mean {sum(gains) / len(gains):+.3f}, min {min(gains):+.3f} -> {MANIFEST}")
+          f"accuracy gain mean {sum(gains) / len(gains):+.3f}, min {min(gains):+.3f} -> {path}")
+
+
+def cmd_verify(args) -> None:
+    """Check a built large collection file by file against the committed manifest's SHA-256."""
+    folder, path = collection_paths(args)
+    with open(path, encoding="utf-8") as fh:
+        manifest = json.load(fh)
+    bad = [f"{t['name']}/{f}" for t in manifest["tasks"] for f, digest in t["sha256"].items()
+           if not os.path.isfile(os.path.join(folder, t["name"], f))
+           or sha256(os.path.join(folder, t["name"], f)) != digest]
+    if bad:
+        raise SystemExit(f"{len(bad)} files differ from {path} (or are missing), e.g. {bad[:3]}")
+    print(f"{len(manifest['tasks'])} adapters in {folder} match {path}")
 
 
 def main(argv=None) -> None:
@@ -238,6 +346,13 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("extract", help="extract the docstring text").set_defaults(func=cmd_extract)
     t = sub.add_parser("train", help="train the adapters and heads")
+    t.add_argument("--large", action="store_true",
+                   help="the large collection (every within-family task and cross-family pairs, --count of them, "
+                        "shorter training; built outside the repository, checked by its committed manifest)")
+    t.add_argument("--count", type=int, default=220, help="tasks of the large collection")
+    t.add_argument("--heldout", type=float, default=0.25, help="share of the large collection held out")
+    t.add_argument("--out", default=None, help="adapters folder (default: adapters/, or build/real_collection_large)")
+    t.add_argument("--resume", action="store_true", help="skip tasks whose task.json exists")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--per-family", type=int, default=7, help="tasks (label subsets) per family")
     t.add_argument("--way", type=int, default=3, help="labels per task")
@@ -253,7 +368,15 @@ def main(argv=None) -> None:
     t.add_argument("--shard", default="0/1", help="I/N: train every N-th task from the I-th (run N at once)")
     t.add_argument("--only", nargs="+", default=None, help="train these tasks only")
     t.set_defaults(func=cmd_train)
+    v = sub.add_parser("verify", help="check a built large collection against collection_large.json")
+    v.add_argument("--out", default=None)
+    v.set_defaults(func=cmd_verify, large=True)
     args = p.parse_args(argv)
+    if args.cmd == "train" and args.large:  # shorter training for the large collection unless given
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        for opt, value in LARGE_DEFAULTS.items():
+            if "--" + opt.replace("_", "-") not in given:
+                setattr(args, opt, value)
     args.func(args)
 
 

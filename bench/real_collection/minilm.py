@@ -83,6 +83,14 @@ def accuracy(model, tok, head: torch.nn.Linear, texts: list[str], labels: torch.
     return float((pred == labels).float().mean())
 
 
+def scores(model, tok, head: torch.nn.Linear, texts: list[str], labels: torch.Tensor) -> tuple[list, list]:
+    """Per-sentence cross-entropy of the head and 0/1 correctness, in the order of ``texts``."""
+    with torch.no_grad():
+        logits = head(embed(model, tok, texts))
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    return ce.tolist(), (logits.argmax(-1) == labels).int().tolist()
+
+
 def linear_modules(model) -> dict[str, torch.nn.Linear]:
     """PEFT module path (relative to the encoder) -> the adapted Linear of the base model."""
     return {n: m for n, m in model.named_modules()

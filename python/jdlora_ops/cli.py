@@ -553,7 +553,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "calibrate": cmd_calibrate, "verify": cmd_verify,
                 "remove": cmd_remove}
     try:
-        return handlers[args.command](args) or 0
+        rc = handlers[args.command](args) or 0
+        sys.stdout.flush()  # a reader that went away (``| head``) shows here, inside the handler below
+        return rc
+    except BrokenPipeError:
+        # Like any filter whose reader closed the pipe: stop quietly, with the shell's SIGPIPE status.
+        # Python would otherwise print the error again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("jdlora: interrupted; nothing was changed", file=sys.stderr)
         return 130

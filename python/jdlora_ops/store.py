@@ -245,7 +245,8 @@ def _require_finite_tables(where: str, m: dict, kind: str, get, assignment=None)
         raise NonFiniteStoreError(f"{where}: {problem}")
 
 
-def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+def write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file of the store format, flushed to disk (the store and the compress shards write these)."""
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": FORMAT})
@@ -460,10 +461,10 @@ def save_store(
         parent = os.path.dirname(path)
         tmp = staging or new_staging_dir(path)
         try:
-            _write_tensors(os.path.join(tmp, bases_name), bases)
-            _write_tensors(os.path.join(tmp, cores_name), cores)
+            write_tensors(os.path.join(tmp, bases_name), bases)
+            write_tensors(os.path.join(tmp, cores_name), cores)
             if "individual" in files:
-                _write_tensors(os.path.join(tmp, files["individual"]), individual)
+                write_tensors(os.path.join(tmp, files["individual"]), individual)
             manifest["sha256"] = {name: file_sha256(os.path.join(tmp, name)) for name in files.values()}
             _write_json(os.path.join(tmp, MANIFEST), manifest)
             os.chmod(tmp, 0o755)
@@ -489,7 +490,7 @@ def save_store(
             kind = name.split("-")[0]
             tmp_file = os.path.join(path, f".{kind}.{secrets.token_hex(4)}.tmp")
             staged.append(tmp_file)
-            _write_tensors(tmp_file, tensors)
+            write_tensors(tmp_file, tensors)
             os.replace(tmp_file, os.path.join(path, name))
             staged[-1] = os.path.join(path, name)
         old_sums = (old_manifest or {}).get("sha256") or {}

@@ -31,8 +31,8 @@ from .collection import (
     resolve_weights,
 )
 from .jd import JDResult, diag_solve, full_sigma, jd_diag, jd_full
-from .projection import ClusterEvaluation, ProjectionReport, evaluate_clusters, project_adapters
-from .result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter
+from .projection import ClusterEvaluation, evaluate_clusters, project_adapters
+from .result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, ProjectionReport
 
 __all__ = [
     "AdapterCollection",

@@ -14,8 +14,7 @@ import torch
 from ._linalg import F64
 from .collection import AdapterCollection, ModuleFactors
 from .jd import check_rank
-from .projection import ProjectionReport, check_nonzero, merge_metadata, relative
-from .result import CompressedCollection, CompressedModule
+from .result import CompressedCollection, CompressedModule, ProjectionReport, check_nonzero, merge_metadata, relative
 
 __all__ = ["truncated_svd", "compress_svd", "compress_none", "append_individual"]
 

@@ -23,13 +23,14 @@ from typing import Callable
 import torch
 
 from ._linalg import F64, eps_of
+from .baselines import compress_none, compress_svd, truncated_svd
 from .collection import AdapterCollection, ModuleSpec
 from ._team import SOLO, ModuleTeam
 from .jd import JDResult, check_rank, jd_diag, jd_full
 from .cluster_count import candidate_counts, choose_num_clusters
 from .partition_search import Trial, fill_empty, search_partition, subspace_affinities
-from .projection import check_nonzero, evaluate_clusters, relative
-from .result import METHODS, CompressedCollection, CompressedModule
+from .projection import evaluate_clusters
+from .result import METHODS, CompressedCollection, CompressedModule, check_nonzero, relative
 
 __all__ = ["compress", "adapter_signatures"]
 
@@ -56,8 +57,6 @@ def adapter_signatures(
     Zero updates get zero signatures. Returns float64
     ``[n, 2 dim^2 x modules]``.
     """
-    from .baselines import truncated_svd
-
     modules = collection.modules if modules is None else modules
     n = len(collection.adapter_names)
     gen = torch.Generator(device=device).manual_seed(int(seed) + 7919)
@@ -156,12 +155,8 @@ def compress(
         raise ValueError("the collection holds no adapters")
     _check_unique(names)
     if method == "svd":
-        from .baselines import compress_svd
-
         return compress_svd(collection, rank, dtype=dtype, device=device, progress=progress)
     if method == "none":
-        from .baselines import compress_none
-
         return compress_none(collection, dtype=dtype, device=device, progress=progress)
     auto = num_clusters == "auto"
     if auto:

@@ -225,7 +225,7 @@ def write_store(team: ModuleTeam, result: CompressedCollection, collection: Adap
 
 def _write_shard(result: CompressedCollection, staging: str, rank: int) -> None:
     from .._files import write_json
-    from ..store import _write_tensors
+    from ..store import write_tensors
 
     tensors = {}
     for m, cm in result.modules.items():
@@ -239,7 +239,7 @@ def _write_shard(result: CompressedCollection, staging: str, rank: int) -> None:
     md = result.metadata
     meta = {"modules": list(result.modules), "individual": individual, "ranks": md.get("ranks") or {},
             "activation_weighted_rel_errors": md.get("activation_weighted_rel_errors") or {}}
-    _write_tensors(_shard_path(staging, rank, "safetensors"), tensors)
+    write_tensors(_shard_path(staging, rank, "safetensors"), tensors)
     # Floats go through JSON as their shortest repr, which reads back bitwise.
     write_json(_shard_path(staging, rank, "json"), meta)
 

@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 
 from ._linalg import F64
+from .baselines import truncated_svd
 from ._team import SOLO, ModuleTeam
 
 __all__ = ["Trial", "SearchResult", "kmeans", "fill_empty", "same_partition", "subspace_affinities",
@@ -203,8 +204,6 @@ def subspace_affinities(
     ``"row spaces"``. See the module docstring. ``team`` shares the modules among processes
     with the same result bitwise.
     """
-    from .baselines import truncated_svd
-
     n = len(collection.adapter_names)
     modules = list(modules)
     gen = torch.Generator().manual_seed(int(seed) + 7919)

@@ -16,9 +16,11 @@ import torch
 
 from ._linalg import F64, sym_pinv
 from .collection import AdapterCollection, ModuleFactors
-from .result import CompressedCollection
+from .baselines import append_individual
+from .error_budget import drop_from_tables
+from .result import CompressedCollection, ProjectionReport, check_nonzero, merge_metadata, relative
 
-__all__ = ["ClusterEvaluation", "evaluate_clusters", "project_adapters", "remove_adapters", "ProjectionReport"]
+__all__ = ["ClusterEvaluation", "evaluate_clusters", "project_adapters", "remove_adapters"]
 
 # Upper bound on elements of one [chunk, rho, K r] intermediate (bounded memory for K x n products).
 _CHUNK_ELEMS = 1 << 24
@@ -112,31 +114,6 @@ def evaluate_clusters(
     return ClusterEvaluation(errors, norms, sigma)
 
 
-def relative(errors: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    tiny = torch.finfo(F64).tiny
-    n = norms.to(F64)
-    rel = errors / n.clamp_min(tiny).unsqueeze(-1) if errors.dim() == 2 else errors / n.clamp_min(tiny)
-    zero = (n <= tiny).unsqueeze(-1) if errors.dim() == 2 else n <= tiny
-    return torch.where(zero & torch.isfinite(rel), torch.zeros_like(rel), rel)
-
-
-@dataclass
-class ProjectionReport:
-    """Outcome of :func:`project_adapters`.
-
-    ``names``: the added adapters; ``clusters``: int64 ``[m]`` chosen cluster
-    of each; ``rel_errors``: float64 ``[m, M]`` per module (modules in the
-    store's order); ``cost``: float64 ``[m, K]`` summed cost per cluster
-    (relative or absolute errors, following the store's weights); ``seconds``.
-    """
-
-    names: list[str]
-    clusters: torch.Tensor
-    rel_errors: torch.Tensor
-    cost: torch.Tensor
-    seconds: float
-
-
 def project_adapters(
     compressed: CompressedCollection,
     new: AdapterCollection,
@@ -175,8 +152,6 @@ def project_adapters(
                 f"module {spec.name}: new adapters are {spec.d_out} x {spec.d_in}, the collection has {ks.d_out} x {ks.d_in}"
             )
     if compressed.method in ("svd", "none"):
-        from .baselines import append_individual
-
         return append_individual(compressed, new, dtype=dtype, device=device, t0=t0)
 
     K = compressed.num_clusters
@@ -233,27 +208,6 @@ def project_adapters(
     return ProjectionReport(names, chosen, rel, cost, time.perf_counter() - t0)
 
 
-def check_nonzero(names: list[str], norms: torch.Tensor) -> None:
-    """``ValueError`` naming the adapters whose summed ``||dW||^2`` over all modules is zero."""
-    zero = [names[i] for i in (norms <= 0).nonzero().flatten().tolist()]
-    if zero:
-        raise ValueError(
-            f"adapters must have a non-zero update on at least one module; zero update: {', '.join(zero[:5])}"
-            + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
-        )
-
-
-def merge_metadata(compressed: CompressedCollection, new: AdapterCollection, new_ranks: dict[str, list[int]]) -> None:
-    """Carry the new adapters' PEFT configs and per-module ranks into ``compressed.metadata``."""
-    md = compressed.metadata
-    new_md = getattr(new, "metadata", {}) or {}
-    md.setdefault("configs", {}).update(new_md.get("configs", {}))
-    ranks = md.setdefault("ranks", {})
-    for mod in compressed.modules:
-        extra = new_ranks.get(mod, [0] * len(new.adapter_names))
-        ranks.setdefault(mod, [0] * (compressed.num_adapters - len(new.adapter_names))).extend(int(x) for x in extra)
-
-
 def remove_adapters(compressed: CompressedCollection, names) -> int:
     """Remove adapters ``names`` from ``compressed`` (in place); returns how many clusters emptied.
 
@@ -262,8 +216,6 @@ def remove_adapters(compressed: CompressedCollection, names) -> int:
     their own lose their factors. Unknown or repeated names raise ``KeyError``
     before anything changes.
     """
-    from .error_budget import drop_from_tables
-
     names = list(names)
     known = set(compressed.all_names)
     bad = [x for x in names if x not in known]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import torch
 
-from .collection import ModuleSpec
+from ._linalg import F64
+from .collection import AdapterCollection, ModuleSpec
 
-__all__ = ["METHODS", "CompressedModule", "CompressedCollection", "IndividualAdapter"]
+__all__ = ["METHODS", "CompressedModule", "CompressedCollection", "IndividualAdapter", "ProjectionReport"]
 
 #: Compression methods. ``full``/``diag``: joint diagonalisation with full or
 #: diagonal cores; ``svd``: per-adapter truncated SVD (one "cluster" per
@@ -236,3 +237,48 @@ class CompressedCollection:
             out[k].append(name)
         return out
 
+
+def relative(errors: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    tiny = torch.finfo(F64).tiny
+    n = norms.to(F64)
+    rel = errors / n.clamp_min(tiny).unsqueeze(-1) if errors.dim() == 2 else errors / n.clamp_min(tiny)
+    zero = (n <= tiny).unsqueeze(-1) if errors.dim() == 2 else n <= tiny
+    return torch.where(zero & torch.isfinite(rel), torch.zeros_like(rel), rel)
+
+
+@dataclass
+class ProjectionReport:
+    """Outcome of :func:`project_adapters`.
+
+    ``names``: the added adapters; ``clusters``: int64 ``[m]`` chosen cluster
+    of each; ``rel_errors``: float64 ``[m, M]`` per module (modules in the
+    store's order); ``cost``: float64 ``[m, K]`` summed cost per cluster
+    (relative or absolute errors, following the store's weights); ``seconds``.
+    """
+
+    names: list[str]
+    clusters: torch.Tensor
+    rel_errors: torch.Tensor
+    cost: torch.Tensor
+    seconds: float
+
+
+def check_nonzero(names: list[str], norms: torch.Tensor) -> None:
+    """``ValueError`` naming the adapters whose summed ``||dW||^2`` over all modules is zero."""
+    zero = [names[i] for i in (norms <= 0).nonzero().flatten().tolist()]
+    if zero:
+        raise ValueError(
+            f"adapters must have a non-zero update on at least one module; zero update: {', '.join(zero[:5])}"
+            + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
+        )
+
+
+def merge_metadata(compressed: CompressedCollection, new: AdapterCollection, new_ranks: dict[str, list[int]]) -> None:
+    """Carry the new adapters' PEFT configs and per-module ranks into ``compressed.metadata``."""
+    md = compressed.metadata
+    new_md = getattr(new, "metadata", {}) or {}
+    md.setdefault("configs", {}).update(new_md.get("configs", {}))
+    ranks = md.setdefault("ranks", {})
+    for mod in compressed.modules:
+        extra = new_ranks.get(mod, [0] * len(new.adapter_names))
+        ranks.setdefault(mod, [0] * (compressed.num_adapters - len(new.adapter_names))).extend(int(x) for x in extra)
