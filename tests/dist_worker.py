@@ -63,7 +63,7 @@ def case_args(case: dict, rank: int) -> dict:
     return dict(method=case.get("method", "full"), num_clusters=case.get("clusters", 3), seed=seed,
                 dtype=getattr(torch, case.get("dtype", "float64")), max_iter=case.get("max_iter", 40),
                 tol=case.get("tol", 1e-9), max_rounds=4,
-                max_rel_error=case.get("budget"), store_dtype=torch.float32,
+                max_rel_error=case.get("budget"), store_dtype=torch.float32, target_ratio=case.get("target_ratio"),
                 cluster_range=tuple(case["cluster_range"]) if "cluster_range" in case else None)
 
 

@@ -31,6 +31,8 @@ CASES = [
 # --clusters auto: the count search sums sizes and costs over modules too (one process count is enough).
 # Fewer modules than processes: the last one holds none and only receives the sums.
 FEW = [{"name": "few-modules", "method": "full", "clusters": 2, "modules": 2}]
+# The byte budget: spectra and joint errors summed over modules, the chosen adapters' SVDs per module.
+TARGET = [{"name": "full-target", "method": "full", "clusters": 3, "rank": 4, "target_ratio": 0.45, "budget": 0.9}]
 AUTO = [{"name": "full-auto", "method": "full", "clusters": "auto", "cluster_range": [2, 3], "max_iter": 10,
          "tol": 1e-5}]
 
@@ -62,6 +64,8 @@ def store_contents(path) -> tuple[dict, dict]:
         point.pop("seconds")
     for entry in m["history"]:
         entry.pop("seconds")
+    for cand in (md.get("byte_budget") or {}).get("candidates", {}).values():
+        cand.pop("seconds")
     blobs = {}
     for role, name in files.items():
         with open(os.path.join(path, name), "rb") as fh:
@@ -85,11 +89,14 @@ def no_leftovers(folder) -> list[str]:
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_processes_write_the_one_process_store(nproc, tmp_path, one_thread):
-    todo = CASES + (AUTO if nproc == 2 else FEW)
+    todo = CASES + (AUTO if nproc == 2 else FEW + TARGET)
     ref = one_process_stores(todo, tmp_path)
     assert ref["full-budget"][0]["individual"], "the budget case must move some adapters out of the joint tables"
     assert ref["full-calibration-budget"][0]["individual"]
-    assert all(m["num_clusters"] > 1 for m, _ in ref.values())
+    assert all(m["num_clusters"] > 1 for name, (m, _) in ref.items() if name != "full-target")
+    if "full-target" in ref:
+        target = ref["full-target"][0]
+        assert set(target["metadata"]["byte_budget"]["candidates"]) == {"per-adapter", "r=4 K=3"}
     cases = [dict(c, out=str(tmp_path / f"dist-{c['name']}")) for c in todo]
     proc = launch(nproc, cases, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

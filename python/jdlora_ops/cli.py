@@ -47,6 +47,23 @@ def _dtype(name: str):
     return getattr(torch, key)
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_count(text: str) -> int:
+    """``--target-bytes``: a positive number of bytes, optionally with a K/M/G/T (binary) suffix."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    try:
+        v = float(t[:-1] if unit else t) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-bytes must be a number of bytes such as 500000 or 64M, "
+                                         f"got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"--target-bytes must be > 0, got {text!r}")
+    return int(v)
+
+
 def _positive(kind: str):
     def parse(text: str) -> int:
         try:
@@ -92,9 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress PEFT adapter directories into a new store")
     c.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
                    help="adapter directories, folders of them, glob patterns or files listing them")
-    c.add_argument("--rank", "-r", type=_positive("--rank"), required=True, help="rank r of the shared bases")
-    c.add_argument("--clusters", "-k", type=_clusters, default=1,
+    c.add_argument("--rank", "-r", type=_positive("--rank"), default=None,
+                   help="rank r of the shared bases (required unless --target-bytes/--target-ratio searches it)")
+    c.add_argument("--clusters", "-k", type=_clusters, default=None,
                    help="number of clusters K (default 1), or 'auto': picked from --clusters-range by --tradeoff")
+    c.add_argument("--target-bytes", type=_byte_count, default=None, metavar="B",
+                   help="byte budget of the store's tables (e.g. 64M, 2G): each adapter's representation (its core "
+                        "in the shared bases, its own truncated SVD at some rank, or its factors) and, unless given, "
+                        "--rank and --clusters are chosen for the least total relative error; prints the curve "
+                        "searched")
+    c.add_argument("--target-ratio", type=float, default=None, metavar="R",
+                   help="byte budget as a fraction in (0, 1] of the adapters' own bytes (as --target-bytes)")
     c.add_argument("--clusters-range", type=_range, default=None, metavar="LOW:HIGH",
                    help="with --clusters auto: the cluster counts to consider (default 1:min(n, 64))")
     c.add_argument("--tradeoff", type=float, default=1.0, metavar="T",
@@ -233,6 +258,21 @@ def _compress(args, team) -> int:
         raise StoreError(f"{args.out}: exists, is not empty and is not a jdlora store; refusing to write there")
     if args.max_rel_error is not None:
         check_budget(args.max_rel_error)
+    budgeted = args.target_bytes is not None or args.target_ratio is not None
+    if budgeted:
+        from .compress.allocation import check_target
+
+        check_target(args.target_bytes, args.target_ratio)
+        if args.method not in ("full", "diag"):
+            raise CLIError(f"--target-bytes/--target-ratio choose per-adapter SVD where it pays themselves: "
+                           f"--method must be full or diag, got {args.method}")
+        if args.calibration is not None:
+            raise CLIError("--target-bytes/--target-ratio cannot be combined with --calibration yet: the byte "
+                           "budget weighs plain relative errors")
+    elif args.rank is None:
+        raise CLIError("--rank is required (or give --target-bytes/--target-ratio to choose it)")
+    if args.clusters is None and not budgeted:
+        args.clusters = 1
     if not (args.tradeoff >= 0 and args.tradeoff != float("inf")):
         raise CLIError(f"--tradeoff must be a number >= 0, got {args.tradeoff}")
     if args.damping is not None and args.calibration is None:
@@ -271,7 +311,10 @@ def _compress(args, team) -> int:
     result = compress_to_store(
         collection, rank, out, team=team, calibration=stats,
         calibration_path=None if stats is None else os.path.abspath(args.calibration), damping=args.damping,
-        max_rel_error=args.max_rel_error, store_dtype=store_dtype, overwrite=args.overwrite, **common)
+        max_rel_error=args.max_rel_error, store_dtype=store_dtype, overwrite=args.overwrite,
+        target_bytes=args.target_bytes, target_ratio=args.target_ratio,
+        log_curve=(lambda lines: print("byte budget: predicted mean relative squared error per candidate\n"
+                                       + "\n".join(lines))) if budgeted else None, **common)
     seconds = time.perf_counter() - t0
     if team.is_root:
         _report_compress(args, result, collection, rank, out, store_dtype, seconds, team.world)
@@ -287,14 +330,23 @@ def _report_compress(args, result, collection, rank, out, store_dtype, seconds, 
         print("clusters auto (tradeoff %g): " % count["tradeoff"] + "; ".join(
             f"K={p['clusters']} error {p['mean_rel_error']:.4f} bytes x{p['bytes_ratio']:.4f} score {p['score']:.4f}"
             for p in count["curve"]) + f"; chose K={count['chosen']}")
-    if result.individual:
+    budget = result.metadata.get("byte_budget")
+    if budget:
+        reps = budget["representations"]
+        print(f"byte budget {budget['budget']:,} bytes ({budget['budget'] / max(budget['original_bytes'], 1):.4f} of "
+              f"the original {budget['original_bytes']:,}): chose {budget['chosen']}; "
+              + ", ".join(f"{k} x{v}" for k, v in sorted(reps.items()))
+              + f"; predicted mean relative squared error {budget['predicted_mean_rel_error']:.4f} in "
+              f"{budget['predicted_table_bytes']:,} table bytes")
+    elif result.individual:
         paths = [ind.label for ind in result.individual.values()]
         print(f"error budget {args.max_rel_error:g}: {len(paths)} adapter(s) kept outside the joint tables ("
               + ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths))) + ")")
     print(
         f"compressed {result.num_adapters + len(result.individual)} adapters x {len(result.modules)} modules "
-        f"({args.method}, r={rank}, "
-        f"{'per adapter' if args.method in ('svd', 'none') else f'{result.num_clusters} clusters'}) in {seconds:.1f} s"
+        f"({args.method}, r={result.rank}, "
+        f"{'per adapter' if args.method in ('svd', 'none') or not result.num_adapters else f'{result.num_clusters} clusters'})"
+        f" in {seconds:.1f} s"
         f"{f' on {world} processes' if world > 1 else ''}: "
         f"relative squared error mean {s['mean_rel_error']:.4f} max {s['max_rel_error']:.4f}; "
         f"store {args.out}: {_bytes(_store_bytes(out, read_manifest(out)))} written in "

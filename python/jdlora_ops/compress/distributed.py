@@ -49,6 +49,7 @@ import time
 import torch
 
 from ._team import SOLO, ModuleTeam, RankFailed
+from .allocation import apply_allocation, check_target, compress_for_budget
 from .collection import AdapterCollection
 from .result import CompressedCollection, CompressedModule, IndividualAdapter
 
@@ -127,6 +128,9 @@ def compress_to_store(
     max_rel_error: float | None = None,
     store_dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    target_bytes: float | None = None,
+    target_ratio: float | None = None,
+    log_curve=None,
     **compress_args,
 ) -> CompressedCollection:
     """Compress ``collection`` with the processes of ``group`` and write the store ``out``; call on every process.
@@ -134,6 +138,11 @@ def compress_to_store(
     ``compress_args`` go to :func:`~jdlora_ops.compress.compress` (method
     ``"full"`` or ``"diag"``); ``calibration`` (:class:`~.calibration.CalibrationStats`)
     makes it activation-aware; ``max_rel_error`` applies the error budget;
+    ``target_bytes`` or ``target_ratio`` (of the original bytes) choose each
+    adapter's representation within a byte budget (:mod:`.allocation`; then
+    ``rank`` may be None and ``num_clusters`` None or ``"auto"`` to search
+    them, and ``max_rel_error`` is each adapter's floor); ``log_curve(lines)``
+    receives the searched curve;
     ``store_dtype``/``overwrite`` go to :func:`~jdlora_ops.store.save_store`.
     ``group``: a process group (default: the default group when initialised,
     else this process alone); ``team``: a :class:`ModuleTeam` instead (it
@@ -154,7 +163,7 @@ def compress_to_store(
     team = team or team_of(group)
     method = compress_args.get("method", "full")
     options = {k: v for k, v in compress_args.items() if k not in ("log", "progress", "team")}
-    options.update(max_rel_error=max_rel_error, damping=damping, store_dtype=store_dtype, overwrite=overwrite,
+    options.update(max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio, damping=damping, store_dtype=store_dtype, overwrite=overwrite,
                    out=os.path.basename(os.path.abspath(os.fspath(out))),
                    calibration=None if calibration is None else (calibration.model, calibration.token_count,
                                                                  len(calibration.second_moments)))
@@ -164,6 +173,17 @@ def compress_to_store(
                          f"share work by module), got {method!r}")
     if max_rel_error is not None:
         check_budget(max_rel_error)
+    budgeted = target_bytes is not None or target_ratio is not None
+    if budgeted:
+        check_target(target_bytes, target_ratio)
+        if calibration is not None:
+            raise ValueError("target_bytes/target_ratio (--target-bytes/--target-ratio) with calibration "
+                             "(--calibration): the byte budget weighs plain relative errors only; give one of them")
+        if method not in ("full", "diag"):
+            raise ValueError(f"target_bytes/target_ratio (--target-bytes/--target-ratio) choose between the joint "
+                             f"tables and per-adapter SVD themselves: method must be 'full' or 'diag', got {method!r}")
+    elif rank is None:
+        raise ValueError("rank (--rank) is required unless a byte budget (--target-bytes/--target-ratio) is given")
     team.run(_check_target, out, overwrite, team.is_root)
     # Each process reads only its own modules' factors; a refusal on one fails all of them.
     specs = collection.modules
@@ -172,6 +192,9 @@ def compress_to_store(
     if calibration is not None:
         result = compress_activation_aware(collection, calibration, rank, damping=damping or DEFAULT_DAMPING,
                                            max_rel_error=max_rel_error, stats_path=calibration_path, **args)
+    elif budgeted:
+        result = _compress_for_budget(collection, rank, args, target_bytes, target_ratio, max_rel_error, store_dtype,
+                                      team, log_curve)
     else:
         result = compress(collection, rank, **args)
         if max_rel_error is not None:
@@ -179,6 +202,37 @@ def compress_to_store(
                                device=args.get("device", "cpu"), team=team)
     result.metadata.setdefault("compressor", {})["seconds"] = round(time.perf_counter() - t0, 3)
     return write_store(team, result, collection, out, dtype=store_dtype, overwrite=overwrite)
+
+
+def _compress_for_budget(collection, rank, args, target_bytes, target_ratio, floor, store_dtype, team, log_curve):
+    """The byte budget's pipeline: spectra, joint candidates, allocation, the chosen representations."""
+    from . import compress
+
+    itemsize = (store_dtype or getattr(collection, "dtype", None) or torch.float32).itemsize
+    clusters = args.get("num_clusters")
+    clusters = clusters if isinstance(clusters, int) else None
+    fit_args = {k: v for k, v in args.items() if k not in ("num_clusters", "cluster_range", "tradeoff")}
+
+    def fit(r: int, k: int) -> CompressedCollection:
+        return compress(collection, r, num_clusters=k, **fit_args)
+
+    (_, label, result, alloc), _, curve = compress_for_budget(
+        collection, target_bytes, target_ratio, rank=rank, clusters=clusters, itemsize=itemsize, floor=floor,
+        fit=fit, dtype=args.get("dtype", torch.float32), device=args.get("device", "cpu"), team=team,
+        log=args.get("log"))
+    if result is None:  # every adapter on its own: a joint fit of one rank-1 cluster that they all leave
+        result = fit(1, 1)
+    if list(result.adapter_names) != list(collection.adapter_names):
+        raise RuntimeError("the joint fit reordered the adapters; the allocation cannot be applied")
+    apply_allocation(result, collection, alloc, dtype=args.get("dtype", torch.float32),
+                     device=args.get("device", "cpu"), team=team)
+    if floor is not None:
+        result.metadata["max_rel_error"] = floor
+    result.metadata["byte_budget"] = {**curve.as_dict(), "predicted_mean_rel_error": alloc.mean_error,
+                                      "predicted_table_bytes": alloc.table_bytes, "representations": alloc.counts()}
+    if log_curve is not None and team.is_root:
+        log_curve(curve.lines())
+    return result
 
 
 def _check_target(out, overwrite: bool, root: bool) -> None:

@@ -25,7 +25,8 @@ from .baselines import truncated_svd
 from .collection import AdapterCollection
 from .result import CompressedCollection, IndividualAdapter
 
-__all__ = ["check_budget", "apply_error_budget", "all_rel_errors", "budget_new_adapters", "smallest_rank", "individual_adapters"]
+__all__ = ["check_budget", "apply_error_budget", "all_rel_errors", "budget_new_adapters", "smallest_rank",
+           "individual_adapters", "individual_at_ranks"]
 
 
 def check_budget(max_rel_error) -> float:
@@ -88,6 +89,37 @@ def individual_adapters(
     need, full_rank = team.maximum(need), team.maximum(full_rank)
     return team.run(_individual_factors, collection, specs, spectra, names, idx, need, full_rank, jd_errors, dtype,
                     device)
+
+
+def individual_at_ranks(
+    collection: AdapterCollection,
+    names: list[str],
+    ks: torch.Tensor,
+    *,
+    jd_errors: dict[str, dict[str, float]] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    team: ModuleTeam = SOLO,
+) -> dict[str, IndividualAdapter]:
+    """The adapters ``names`` as their own truncated SVD at rank ``ks[i]``, or their original factors
+    where ``ks[i]`` reaches their rank (the byte budget's choice, :mod:`.allocation`)."""
+    all_names = list(collection.adapter_names)
+    idx = torch.tensor([all_names.index(x) for x in names], dtype=torch.long)
+    specs = [collection.modules[i] for i in team.local(collection.modules, len(all_names))]
+
+    def ranks():
+        full_rank = torch.zeros(len(names), dtype=torch.long)
+        spectra = []
+        for spec in specs:
+            r = collection.load_module(spec, dtype=dtype, device=device).select(idx).ranks()
+            full_rank = torch.maximum(full_rank, r)
+            spectra.append(r)
+        return full_rank, spectra
+
+    full_rank, spectra = team.run(ranks)
+    full_rank = team.maximum(full_rank)
+    return team.run(_individual_factors, collection, specs, spectra, names, idx, torch.as_tensor(ks, dtype=torch.long),
+                    full_rank, jd_errors, dtype, device)
 
 
 def _individual_factors(collection, specs, spectra, names, idx, need, full_rank, jd_errors, dtype, device):

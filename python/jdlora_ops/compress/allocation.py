@@ -1,0 +1,390 @@
+"""A byte budget for the whole store: each adapter's representation chosen for the least total error.
+
+Given a joint fit (the bases of ``K`` clusters at rank ``r``), each adapter can be stored
+
+- as its core in its cluster's bases (``jd``: ``r^2`` or ``r`` values per module; the joint fit's error),
+- as its own truncated SVD at rank ``k`` (``svd-k``: ``k (d_in + d_out)`` values per module, capped at the
+  adapter's rank there; the error is the tail of its spectrum),
+- as its original factors (``full``: error 0).
+
+The allocation minimises the sum over adapters of each adapter's mean relative squared error over the
+collection's modules, subject to ``bytes(bases) + sum bytes(adapter) <= budget``. It is a multiple-choice
+knapsack, solved by Lagrangian relaxation: for a multiplier ``lam`` every adapter takes the option of least
+``error + lam * bytes``; ``lam`` is bisected to the budget, then the bytes left buy the upgrades with the
+most error removed per byte. ``--max-rel-error E`` removes the options with a module above ``E``.
+
+Bytes are the store's table bytes in its dtype (bases, cores, individual factors), the memory a server
+holds; the store's files add a manifest and per-adapter float64 error records.
+
+With no rank or cluster count given, :func:`compress_for_budget` fits a few joint candidates (and the
+store without joint tables) and keeps the one of least predicted error at the budget; the curve it
+searched (bytes against predicted error, per candidate) is returned for printing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ._linalg import F64
+from ._team import SOLO, ModuleTeam
+from .baselines import truncated_svd
+from .collection import AdapterCollection
+from .error_budget import drop_from_tables, individual_at_ranks
+from .result import CompressedCollection
+
+__all__ = ["BudgetCurve", "Allocation", "SpectrumOptions", "check_target", "original_bytes", "spectrum_options",
+           "allocate", "joint_option", "apply_allocation", "compress_for_budget", "CURVE_RATIOS"]
+
+#: Budgets (fractions of the original bytes) at which the searched curve is reported.
+CURVE_RATIOS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
+_RANKS = (4, 8, 16, 32)
+_CLUSTERS = (1, 4, 16)
+
+
+def check_target(target_bytes=None, target_ratio=None) -> None:
+    """``ValueError`` naming the argument unless at most one is given and it is in range."""
+    if target_bytes is not None and target_ratio is not None:
+        raise ValueError(f"target_bytes (--target-bytes) and target_ratio (--target-ratio) are exclusive; got "
+                         f"{target_bytes!r} and {target_ratio!r}")
+    if target_bytes is not None:
+        if isinstance(target_bytes, bool) or not isinstance(target_bytes, (int, float)) \
+                or not math.isfinite(target_bytes) or target_bytes <= 0:
+            raise ValueError(f"target_bytes (--target-bytes) must be a positive number of bytes, got {target_bytes!r}")
+    if target_ratio is not None:
+        if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) \
+                or not math.isfinite(target_ratio) or not 0.0 < target_ratio <= 1.0:
+            raise ValueError(f"target_ratio (--target-ratio) must be a number in (0, 1], got {target_ratio!r}")
+
+
+@dataclass
+class SpectrumOptions:
+    """The per-adapter options that need no joint fit, from each adapter's spectrum on every module.
+
+    ``svd_error``/``svd_max``: float64 ``[n, kmax + 1]``, column ``k`` the mean resp. max over modules of
+    the relative squared error of the rank-``k`` truncated SVD (column 0: no update at all);
+    ``svd_values``: int64 ``[n, kmax + 1]`` the values stored at rank ``k``; ``full_values``: int64 ``[n]``
+    the values of the original factors; ``full_rank``: int64 ``[n]`` the largest rank over modules.
+    """
+
+    names: list[str]
+    svd_error: torch.Tensor
+    svd_max: torch.Tensor
+    svd_values: torch.Tensor
+    full_values: torch.Tensor
+    full_rank: torch.Tensor
+    modules: int
+
+
+def original_bytes(options: SpectrumOptions, itemsize: int) -> int:
+    """Bytes of every adapter's original factors at ``itemsize`` bytes per value."""
+    return int(options.full_values.sum()) * itemsize
+
+
+def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu", team: ModuleTeam = SOLO) -> SpectrumOptions:
+    """One pass over the modules (each process its own): every adapter's spectrum, errors and sizes per rank."""
+    names = list(collection.adapter_names)
+    n = len(names)
+    specs = [collection.modules[i] for i in team.local(collection.modules, n)]
+
+    def local():
+        parts = []
+        for spec in specs:
+            f = collection.load_module(spec, dtype=dtype, device=device)
+            ranks = f.ranks()
+            k = max([0] + [g.rank for g in f.groups])
+            if k:
+                _, s, _, err, norms = truncated_svd(f, k)
+                s2 = s.to(F64).cpu().square()
+                norms = norms.to(F64).cpu()
+                err = err.to(F64).cpu()
+            else:
+                s2, norms, err = torch.zeros(n, 0, dtype=F64), torch.zeros(n, dtype=F64), torch.zeros(n, dtype=F64)
+            parts.append((spec.d_in + spec.d_out, ranks, s2, norms, err))
+            del f
+        return parts
+
+    parts = team.run(local)
+    kmax = int(team.maximum(torch.tensor(max([0] + [p[2].shape[1] for p in parts]))))
+    ks = torch.arange(kmax + 1)
+    err_max = torch.zeros(n, kmax + 1, dtype=F64)
+    values = torch.zeros(n, kmax + 1, dtype=torch.long)
+    full = torch.zeros(n, dtype=torch.long)
+    full_rank = torch.zeros(n, dtype=torch.long)
+    rels = []
+    for width, ranks, s2, norms, err in parts:
+        s2 = torch.nn.functional.pad(s2, (0, kmax - s2.shape[1]))
+        # tail[:, k]: what rank k leaves out, divided by the update's norm (0 for an absent module).
+        tail = torch.cat([s2.flip(1).cumsum(1).flip(1), torch.zeros(n, 1, dtype=F64)], dim=1) + err[:, None]
+        rel = torch.where(norms[:, None] > 0, tail / norms.clamp_min(torch.finfo(F64).tiny)[:, None],
+                          torch.zeros_like(tail))
+        rels.append(rel)
+        err_max = torch.maximum(err_max, rel)
+        values += torch.minimum(ks[None, :], ranks[:, None]) * width
+        full += ranks * width
+        full_rank = torch.maximum(full_rank, ranks)
+    # Summed in module order whatever the number of processes, so that every process count
+    # chooses the same representations bit for bit.
+    holders = team.holders(collection.modules, n)
+    err_sum = team.ordered_sum(iter(rels), n * (kmax + 1), holders).view(n, kmax + 1)
+    values = team.ordered_sum(iter([values]), n * (kmax + 1), holders, dtype=torch.long).view(n, kmax + 1)
+    full = team.ordered_sum(iter([full]), n, holders, dtype=torch.long)
+    err_max, full_rank = team.maximum(err_max), team.maximum(full_rank)
+    return SpectrumOptions(names, err_sum / max(len(collection.modules), 1), err_max, values, full, full_rank,
+                           len(collection.modules))
+
+
+@dataclass
+class Allocation:
+    """Each adapter's representation: ``choice[i]`` is -1 (``jd``), ``k`` >= 1 (``svd-k``) or its full rank
+    with ``full[i]`` set (original factors); the predicted mean error and the table bytes."""
+
+    choice: torch.Tensor
+    full: torch.Tensor
+    mean_error: float
+    table_bytes: int
+    bases_bytes: int
+
+    def label(self, i: int) -> str:
+        return "full" if bool(self.full[i]) else "jd" if int(self.choice[i]) < 0 else f"svd-{int(self.choice[i])}"
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in range(len(self.choice)):
+            key = self.label(i) if not self.label(i).startswith("svd-") else "svd"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+
+@dataclass
+class _Table:
+    """Options as one matrix: column 0 ``jd``, columns ``1..kmax`` ``svd-k``, the last ``full``."""
+
+    error: torch.Tensor  # float64 [n, P]
+    bytes: torch.Tensor  # float64 [n, P], inf where not allowed
+    bases: int
+
+
+def _table(opts: SpectrumOptions, jd: tuple[torch.Tensor, torch.Tensor, int] | None, cores_values: int,
+           itemsize: int, floor: float | None) -> _Table:
+    n, kmax = opts.svd_error.shape[0], opts.svd_error.shape[1] - 1
+    error = torch.cat([torch.full((n, 1), math.inf, dtype=F64), opts.svd_error[:, 1:],
+                       torch.zeros(n, 1, dtype=F64)], dim=1)
+    size = torch.cat([torch.full((n, 1), math.inf, dtype=F64), opts.svd_values[:, 1:].to(F64) * itemsize,
+                      opts.full_values[:, None].to(F64) * itemsize], dim=1)
+    # svd-k at or above an adapter's own rank stores as much as its factors: "full" is that option.
+    ks = torch.arange(1, kmax + 1)
+    size[:, 1:kmax + 1][ks[None, :] >= opts.full_rank[:, None]] = math.inf
+    bases = 0
+    if jd is not None:
+        jd_mean, jd_max, bases = jd
+        error[:, 0] = jd_mean
+        size[:, 0] = float(cores_values * itemsize)
+        if floor is not None:
+            size[:, 0][jd_max > floor * (1 + 1e-12)] = math.inf
+    if floor is not None:
+        size[:, 1:kmax + 1][opts.svd_max[:, 1:] > floor * (1 + 1e-12)] = math.inf
+    return _Table(error, size, bases)
+
+
+def _pick(t: _Table, lam: float) -> torch.Tensor:
+    cost = torch.where(torch.isfinite(t.bytes), t.error + lam * t.bytes, torch.full_like(t.error, math.inf))
+    return cost.argmin(dim=1)
+
+
+def _solve(t: _Table, budget: float) -> torch.Tensor | None:
+    """Column per adapter of least summed error with ``sum bytes <= budget - bases``; None when impossible."""
+    room = budget - t.bases
+    ar = torch.arange(t.error.shape[0])
+    smallest = _pick(t, 1e30)
+    if room < 0 or float(t.bytes[ar, smallest].sum()) > room:
+        return None
+    lo, hi = -40.0, 30.0  # log10 of the multiplier: errors are O(1), bytes up to O(1e12)
+    best = smallest
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        c = _pick(t, 10.0 ** mid)
+        if float(t.bytes[ar, c].sum()) <= room:
+            best, hi = c, mid
+        else:
+            lo = mid
+    # Spend what the relaxation leaves: the upgrade with the most error removed per byte, while one fits.
+    used = float(t.bytes[ar, best].sum())
+    for _ in range(t.error.shape[0] * 4):
+        cur_e, cur_b = t.error[ar, best], t.bytes[ar, best]
+        d_e = cur_e[:, None] - t.error
+        d_b = t.bytes - cur_b[:, None]
+        ok = torch.isfinite(t.bytes) & (d_e > 0) & (d_b <= room - used)
+        if not bool(ok.any()):
+            break
+        gain = torch.where(ok, d_e / d_b.clamp_min(1.0), torch.full_like(d_e, -1.0))
+        flat = int(gain.argmax())
+        i, c = divmod(flat, t.error.shape[1])
+        used += float(d_b[i, c])
+        best = best.clone()
+        best[i] = c
+    return best
+
+
+def _as_allocation(t: _Table, cols: torch.Tensor, opts: SpectrumOptions) -> Allocation:
+    ar = torch.arange(len(cols))
+    kmax = opts.svd_error.shape[1] - 1
+    full = cols == kmax + 1
+    choice = torch.where(cols == 0, torch.full_like(cols, -1), torch.where(full, opts.full_rank, cols))
+    return Allocation(choice, full, float(t.error[ar, cols].mean()), int(t.bytes[ar, cols].sum()) + t.bases, t.bases)
+
+
+def allocate(opts: SpectrumOptions, budget: float, *, jd: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+             cores_values: int = 0, itemsize: int = 2, floor: float | None = None) -> Allocation | None:
+    """The allocation of least predicted mean error within ``budget`` table bytes, or None when none fits.
+
+    ``jd``: the joint fit's per-adapter mean and max relative error over modules and its bases' bytes
+    (None: no joint tables); ``cores_values``: values of one adapter's cores; ``floor``: ``--max-rel-error``.
+    """
+    t = _table(opts, jd, cores_values, itemsize, floor)
+    cols = _solve(t, budget)
+    return None if cols is None else _as_allocation(t, cols, opts)
+
+
+def joint_option(result: CompressedCollection, itemsize: int, team: ModuleTeam = SOLO, width: int | None = None):
+    """``(jd, cores_values)`` of a joint fit for :func:`allocate`: per-adapter mean and max relative error
+    over the modules, the bases' bytes, and one adapter's core values. ``width``: the sum of
+    ``d_in + d_out`` over all modules (needed with several processes, each holding some)."""
+    from .error_budget import all_rel_errors
+
+    rel, _ = all_rel_errors(result, team)
+    if width is None:
+        width = sum(cm.spec.d_in + cm.spec.d_out for cm in result.modules.values())
+    count = rel.shape[1] if rel.numel() else 1
+    per_core = result.rank * result.rank if result.method == "full" else result.rank
+    bases = result.num_clusters * result.rank * width * itemsize
+    return (rel.sum(1) / max(count, 1), rel.max(1).values if rel.numel() else torch.zeros(rel.shape[0], dtype=F64),
+            bases), per_core * count
+
+
+def apply_allocation(result: CompressedCollection, collection: AdapterCollection, alloc: Allocation, *,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                     team: ModuleTeam = SOLO) -> list[str]:
+    """Move the adapters the allocation keeps on their own out of the joint tables (in place); their names."""
+    leave = alloc.choice >= 0
+    names = [x for x, o in zip(result.adapter_names, leave.tolist()) if o]
+    if not names:
+        return []
+    rel, mods = (None, None)
+    if result.method in ("full", "diag") and result.num_clusters:
+        from .error_budget import all_rel_errors
+
+        rel, mods = all_rel_errors(result, team)
+    jd = ({x: {m: float(rel[i, j]) for j, m in enumerate(mods)}
+           for i, x in enumerate(result.adapter_names) if leave[i]} if rel is not None else None)
+    ks = alloc.choice[leave]
+    result.individual.update(individual_at_ranks(collection, names, ks, jd_errors=jd, dtype=dtype, device=device,
+                                                 team=team))
+    drop_from_tables(result, leave)
+    return names
+
+
+@dataclass
+class BudgetCurve:
+    """What :func:`compress_for_budget` searched: per candidate, its predicted mean error at each budget."""
+
+    original_bytes: int
+    budget: int
+    candidates: list[str] = field(default_factory=list)
+    points: dict[str, dict[float, tuple[int, float] | None]] = field(default_factory=dict)
+    at_budget: dict[str, float | None] = field(default_factory=dict)
+    chosen: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"original_bytes": self.original_bytes, "budget": self.budget, "chosen": self.chosen,
+                "candidates": {c: {"at_budget": self.at_budget[c], "seconds": round(self.seconds.get(c, 0.0), 3),
+                                   "curve": [{"ratio": r, "bytes": p[0], "mean_rel_error": p[1]} if p else
+                                             {"ratio": r, "bytes": None, "mean_rel_error": None}
+                                             for r, p in self.points[c].items()]}
+                               for c in self.candidates}}
+
+    def lines(self) -> list[str]:
+        """The curve as a table: a row per budget, a column per candidate; ``*`` the chosen candidate."""
+        head = f"{'budget':>14}  " + "  ".join(f"{c + ('*' if c == self.chosen else ''):>14}" for c in self.candidates)
+        rows = [head]
+        for r in CURVE_RATIOS:
+            cells = []
+            for c in self.candidates:
+                p = self.points[c].get(r)
+                cells.append(f"{p[1]:>14.4f}" if p else f"{'-':>14}")
+            rows.append(f"{f'x{r:g} original':>14}  " + "  ".join(cells))
+        rows.append(f"{'target':>14}  " + "  ".join(
+            f"{self.at_budget[c]:>14.4f}" if self.at_budget[c] is not None else f"{'-':>14}" for c in self.candidates))
+        return rows
+
+
+def candidates(n: int, rank: int | None, clusters, floor_ok: bool = True) -> list[tuple[int, int]]:
+    """Joint candidates ``(r, K)``: the given rank and count, else a small grid, K at most ``n``."""
+    ranks = [rank] if rank is not None else list(_RANKS)
+    ks = [clusters] if isinstance(clusters, int) else list(_CLUSTERS)
+    return [(r, k) for r in ranks for k in ks if k <= n]
+
+
+def compress_for_budget(collection: AdapterCollection, budget_bytes: float | None, budget_ratio: float | None, *,
+                        rank: int | None, clusters, itemsize: int, floor: float | None, fit, dtype=torch.float32,
+                        device="cpu", team: ModuleTeam = SOLO, per_adapter: bool = True, log=None):
+    """Fit the joint candidates, allocate each within the budget, keep the best; returns ``(result, curve)``.
+
+    ``fit(rank, clusters)`` returns a joint fit (:class:`CompressedCollection`). ``per_adapter``: also try
+    the store without joint tables (every adapter its own SVD or factors). Raises ``ValueError`` naming
+    the budget when no candidate fits in it (below the smallest possible store).
+    """
+    opts = spectrum_options(collection, dtype=dtype, device=device, team=team)
+    orig = original_bytes(opts, itemsize)
+    budget = float(budget_bytes) if budget_bytes is not None else budget_ratio * orig
+    curve = BudgetCurve(orig, int(budget))
+    best = None  # (error, label, result or None, allocation)
+    n = len(opts.names)
+    fits: list[tuple[str, object, object]] = []
+    if per_adapter:
+        fits.append(("per-adapter", None, None))
+    for r, k in candidates(n, rank, clusters):
+        label = f"r={r} K={k}"
+        fits.append((label, r, k))
+    smallest = math.inf
+    width = sum(s.d_in + s.d_out for s in collection.modules)
+    for label, r, k in fits:
+        t0 = time.perf_counter()
+        if r is None:
+            result, jd, cores = None, None, 0
+        else:
+            # The bases alone: skip the fit when they cannot fit in the budget.
+            bases = k * r * width * itemsize
+            smallest = min(smallest, bases)
+            if bases > budget:
+                if log:
+                    log(f"budget: {label} skipped, its bases alone take {bases:,} bytes")
+                continue
+            result = fit(r, k)
+            jd, cores = joint_option(result, itemsize, team, width)
+        curve.candidates.append(label)
+        curve.points[label] = {}
+        for ratio in CURVE_RATIOS:
+            a = allocate(opts, ratio * orig, jd=jd, cores_values=cores, itemsize=itemsize, floor=floor)
+            curve.points[label][ratio] = (a.table_bytes, a.mean_error) if a else None
+        a = allocate(opts, budget, jd=jd, cores_values=cores, itemsize=itemsize, floor=floor)
+        curve.at_budget[label] = a.mean_error if a else None
+        curve.seconds[label] = time.perf_counter() - t0
+        if log:
+            log(f"budget: {label}: " + (f"predicted mean error {a.mean_error:.4f} in {a.table_bytes:,} bytes"
+                                       if a else "does not fit"))
+        if a is not None and (best is None or a.mean_error < best[0]):
+            best = (a.mean_error, label, result, a)
+    if best is None:
+        need = min(smallest, int(opts.svd_values[:, 1].sum()) * itemsize if opts.svd_values.shape[1] > 1 else math.inf)
+        raise ValueError(f"the byte budget ({'target_bytes' if budget_bytes is not None else 'target_ratio'}) "
+                         f"allows {int(budget):,} table bytes; the smallest store this collection can have under "
+                         f"these settings needs more (its smallest joint bases or every adapter at rank 1: "
+                         f"{need:,} bytes, {need / max(orig, 1):.4f} of the original {orig:,})")
+    curve.chosen = best[1]
+    return best, opts, curve
