@@ -76,12 +76,17 @@ def grid_settings() -> list[dict]:
     return svd[:3] + full[:4] + budget[:2] + full[4:] + diag + budget[2:] + svd[3:]
 
 
+BUDGET_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.4, 0.6)
+
+
 def large_settings() -> list[dict]:
-    """The large collection's grid: JD-Full over K up to 32 and r up to 32, JD-Diag, per-adapter SVD."""
-    full = [{"method": "full", "rank": r, "clusters": k} for r in (16, 8, 32, 4) for k in (1, 4, 8, 16, 32)]
+    """The large collection's grid: per-adapter SVD, the byte budget, JD-Full over K up to 32 and r up
+    to 32, JD-Diag; the settings that say most first (a run cut short still compares them)."""
+    full = [{"method": "full", "rank": r, "clusters": k} for r in (16, 8, 32, 4) for k in (1, 4, 16, 32)]
     diag = [{"method": "diag", "rank": r, "clusters": k} for r in (16, 32) for k in (4, 16)]
     svd = [{"method": "svd", "rank": r, "clusters": 1} for r in (1, 2, 4)]
-    return svd + full + diag
+    budget = [{"method": "budget", "ratio": x} for x in BUDGET_RATIOS]
+    return svd + budget + full[:8] + diag + full[8:]
 
 
 def aware_settings(stats: str) -> list[dict]:
@@ -91,6 +96,8 @@ def aware_settings(stats: str) -> list[dict]:
 def label(s: dict) -> str:
     if s["method"] in ("base", "lora"):
         return s["method"]
+    if s["method"] == "budget":
+        return f"budget x{s['ratio']:g}"
     name = f"svd r={s['rank']}" if s["method"] == "svd" else f"JD-{s['method'].capitalize()} r={s['rank']} K={s['clusters']}"
     if s.get("max_rel_error") is not None:
         name += f" E={s['max_rel_error']:g}"
@@ -171,8 +178,9 @@ def run_setting(col: Collection, s: dict, work: str) -> dict:
     else:
         store, exported = os.path.join(work, "store"), os.path.join(work, "exported")
         shutil.rmtree(work, ignore_errors=True)
-        cmd = ["compress", ADAPTERS, "--rank", s["rank"], "--clusters", s["clusters"], "--method", s["method"],
-               "--out", store, "--threads", 1, "--quiet", "--seed", 0]
+        cmd = (["compress", ADAPTERS, "--target-ratio", s["ratio"]] if s["method"] == "budget" else
+               ["compress", ADAPTERS, "--rank", s["rank"], "--clusters", s["clusters"], "--method", s["method"]])
+        cmd += ["--out", store, "--threads", 1, "--quiet", "--seed", 0]
         if s.get("max_rel_error") is not None:
             cmd += ["--max-rel-error", s["max_rel_error"]]
         if s.get("calibration"):
@@ -222,7 +230,13 @@ def cmd_run(args) -> None:
         for k, s in enumerate(settings):
             if k % n_shard != i:
                 continue
-            row = run_setting(col, s, os.path.join(work, "setting"))
+            try:
+                row = run_setting(col, s, os.path.join(work, "setting"))
+            except RuntimeError as exc:
+                if s["method"] != "budget":
+                    raise
+                print(f"skip {label(s)}: {exc}", flush=True)  # a budget below the smallest store this collection has
+                continue
             row["group"] = args.group
             fh.write(json.dumps(row) + "\n")
             fh.flush()
@@ -314,7 +328,7 @@ def plot(rows: list[dict], path: str, title: str, groups) -> None:
     plt.close(fig)
 
 
-LARGE_MANIFEST = os.path.join(HERE, "real_collection", "collection_large.json")
+LARGE_MANIFEST = os.environ.get("JDLORA_REAL_MANIFEST") or os.path.join(HERE, "real_collection", "collection_large.json")
 SPLITS = ("tune", "heldout")
 
 
@@ -337,6 +351,30 @@ def frontier(rows: list[dict], split: str) -> set[str]:
     return {name for b, q, name in pts if not any(b2 <= b and q2 > q for b2, q2, _ in pts)}
 
 
+def envelope_at(rows: list[dict], bytes_ratio: float, split: str) -> float | None:
+    """The best pooled retained loss of a baseline setting (JD-Full, JD-Diag, per-adapter SVD) within these bytes."""
+    vals = [r["loss"][split]["pooled"] for r in rows
+            if r["method"] in ("full", "diag", "svd") and r["bytes_ratio"] <= bytes_ratio * (1 + 1e-9)]
+    return max(vals) if vals else None
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Rank correlation (ties averaged)."""
+    import numpy as np
+
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for val in np.unique(v):
+            tie = v == val
+            r[tie] = r[tie].mean()
+        return r
+
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
 def fmt_ci(m: dict) -> str:
     return f"{m['pooled']:.3f} [{m['ci_sentences'][0]:.3f}, {m['ci_sentences'][1]:.3f}] " \
            f"[{m['ci_adapters'][0]:.3f}, {m['ci_adapters'][1]:.3f}]"
@@ -351,11 +389,17 @@ def report_large(args) -> None:
         manifest = json.load(fh)
     tasks = {t["name"]: t for t in manifest["tasks"]}
     large_metrics(rows, tasks)
-    order = ("base", "lora", "svd", "full", "diag")
-    rows.sort(key=lambda r: (order.index(r["method"]), r.get("clusters", 0), r.get("rank", 0)))
+    order = ("base", "lora", "budget", "svd", "full", "diag")
+    rows.sort(key=lambda r: (order.index(r["method"]), r.get("ratio", 0), r.get("clusters", 0), r.get("rank", 0)))
     front = frontier(rows, "tune")
     reach = sorted((r for r in rows if r["method"] in ("full", "diag", "svd") and r["loss"]["tune"]["pooled"] >= 0.95),
                    key=lambda r: r["bytes_ratio"])
+    for r in rows:  # the baselines' upper envelope at the bytes of each setting
+        r["envelope"] = {split: None if r["method"] in ("base", "lora") else envelope_at(rows, r["bytes_ratio"], split)
+                         for split in SPLITS}
+    compressed = [r for r in rows if r["method"] not in ("base", "lora")]
+    proxy = {split: spearman([-r["mean_rel_error"] for r in compressed], [r["loss"][split]["pooled"] for r in compressed])
+             for split in SPLITS}
     ce = {k: sum(sum(v) / len(v) for v in by[k]["ce"].values()) / len(by[k]["ce"]) for k in ("base", "lora")}
     acc = {k: sum(by[k]["accuracy"].values()) / len(by[k]["accuracy"]) for k in ("base", "lora")}
     meta = {
@@ -371,21 +415,24 @@ def report_large(args) -> None:
         "collection_train_seconds": manifest["train_seconds"],
         "intervals": "95% percentile bootstrap, 1000 paired resamples: first over each adapter's eval sentences, "
                      "then over adapters",
+        "proxy_spearman": {k: round(v, 4) for k, v in proxy.items()},
         "cheapest_at_0.95_on_tune": ({"setting": reach[0]["setting"], "bytes_ratio": round(reach[0]["bytes_ratio"], 4),
                                       "heldout": round(reach[0]["loss"]["heldout"]["pooled"], 4)} if reach else None),
     }
-    keep = ("setting", "method", "rank", "clusters", "bytes", "bytes_ratio", "mean_rel_error", "max_rel_error",
+    keep = ("setting", "method", "rank", "clusters", "ratio", "envelope", "bytes", "bytes_ratio", "mean_rel_error", "max_rel_error",
             "compress_seconds", "seconds", "cli", "loss", "acc")
     stem = os.path.join(RESULTS, "real_collection_large")
     with open(stem + ".json", "w", encoding="utf-8") as fh:
         json.dump({"meta": meta, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}, fh, indent=1)
     head = ["setting", "x original", "rel. error mean", "retained loss, tune [sentences CI] [adapters CI]",
-            "held-out", "retained accuracy, tune", "held-out", "frontier"]
+            "held-out", "retained accuracy, tune", "held-out", "baselines' envelope at these bytes (tune, held-out)",
+            "frontier"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["setting"], f"{r['bytes_ratio']:.4f}", f"{r['mean_rel_error']:.3f}", fmt_ci(r["loss"]["tune"]),
             fmt_ci(r["loss"]["heldout"]), f"{r['acc']['tune']['pooled']:.3f}", f"{r['acc']['heldout']['pooled']:.3f}",
+            " / ".join("-" if r["envelope"][x] is None else f"{r['envelope'][x]:.3f}" for x in SPLITS),
             "*" if r["setting"] in front else ""]) + " |")
     table = "\n".join(lines)
     with open(stem + ".md", "w", encoding="utf-8") as fh:
@@ -407,7 +454,8 @@ def plot_large(rows: list[dict], path: str, front: set[str]) -> None:
               for k, st in ((1, "o-"), (4, "s-"), (8, "^-"), (16, "v-"), (32, "D-"))]
     curves += [(f"JD-Diag K={k}", lambda r, k=k: r["method"] == "diag" and r["clusters"] == k, st)
                for k, st in ((4, "s--"), (16, "v--"))]
-    curves += [("per-adapter SVD r=1,2,4", lambda r: r["method"] == "svd", "kx-")]
+    curves += [("per-adapter SVD r=1,2,4", lambda r: r["method"] == "svd", "kx-"),
+               ("--target-ratio (the allocator)", lambda r: r["method"] == "budget", "r*-")]
     for ax, split in zip(axes, SPLITS):
         for name, pick, style in curves:
             sel = sorted((r for r in rows if pick(r)), key=lambda r: r["bytes_ratio"])
