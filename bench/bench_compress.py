@@ -33,6 +33,7 @@ baseline and JD runs are interleaved so that both see the same conditions.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -208,7 +209,7 @@ def bench_single(ns, ranks, kinds, d, repeats, repeats_large, clusters_for, log)
 
 
 # ------------------------------------------------------------------ stream
-def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, warmup_rounds, log) -> dict:
+def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, warmup_rounds, log, allocate_ratio=None) -> dict:
     mods = llama_like_modules(layers, 4096, 1024)
     col = SyntheticCollection(SyntheticSpec(n, mods, ranks=(16,), num_families=K, num_seeds=4, seed=2))
     params = sum(16 * (m.d_out + m.d_in) for m in mods) * n
@@ -219,6 +220,8 @@ def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, warmup_rounds, log)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    # Before the projection below adds an adapter; on a copy, since it moves adapters out of the tables.
+    allocation = None if allocate_ratio is None else bench_allocation(col, copy.deepcopy(res), allocate_ratio, wall)
     rel = res.rel_errors()
     by_kind = {}
     for j, m in enumerate(res.modules.values()):
@@ -237,6 +240,7 @@ def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, warmup_rounds, log)
     fam = torch.tensor(col.metadata["families"])
     pairs = set(zip(fam.tolist(), res.assignment.tolist()))
     return {
+        "byte_budget": allocation,
         "n_adapters": n, "layers": layers, "modules": len(mods), "r_i": 16, "r": r, "clusters": K,
         "adapter_params": params, "adapter_bytes_bf16": 2 * params,
         "max_iter": max_iter, "tol": tol, "max_rounds": max_rounds, "warmup_rounds": warmup_rounds,
@@ -250,6 +254,28 @@ def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, warmup_rounds, log)
                                 "mean_rel_error": float(rep.rel_errors.mean()),
                                 "true_family": int(extra.metadata["families"][n])},
     }
+
+
+def bench_allocation(col, res, ratio: float, compress_wall: float) -> dict:
+    """What ``--target-ratio`` adds to a plain compression at the given rank and K: the spectra pass,
+    the allocation and the chosen adapters' own factors, timed step by step (bf16 store bytes)."""
+    from jdlora_ops.compress.allocation import allocate, apply_allocation, joint_option, original_bytes, spectrum_options
+
+    t = {}
+    opts, t["spectra"] = timed(spectrum_options, col)
+    (jd, cores), t["joint_errors"] = timed(joint_option, res, 2)
+    budget = ratio * original_bytes(opts, 2)
+    alloc, t["allocate"] = timed(allocate, opts, budget, jd=jd, cores_values=cores, itemsize=2)
+    moved = 0
+    if alloc is not None:
+        names, t["individual_factors"] = timed(apply_allocation, res, col, alloc)
+        moved = len(names)
+    total = sum(t.values())
+    return {"target_ratio": ratio, "seconds": t, "total_seconds": total, "compress_wall_seconds": compress_wall,
+            "added_share": total / compress_wall, "fits": alloc is not None,
+            "representations": alloc.counts() if alloc else None, "moved_out": moved,
+            "predicted_mean_rel_error": alloc.mean_error if alloc else None,
+            "plain_mean_rel_error": float(jd[0].mean())}
 
 
 def main(argv=None) -> int:
@@ -271,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-rounds", type=int, default=3)
     p.add_argument("--warmup-rounds", type=int, default=5)
     p.add_argument("--tag", default=None, help="store the result under this key instead of the part name")
+    p.add_argument("--allocate", type=float, default=None, metavar="RATIO",
+                   help="stream: also time the byte budget's allocation at this fraction of the original bytes")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -281,7 +309,7 @@ def main(argv=None) -> int:
         payload = {**head, "rows": rows}
     else:
         payload = {**head, **bench_stream(args.n, args.layers, args.clusters, args.rank, args.max_iter, args.tol,
-                                          args.max_rounds, args.warmup_rounds, log)}
+                                          args.max_rounds, args.warmup_rounds, log, args.allocate)}
     payload["load_average_at_end"] = os.getloadavg()
     save(args.tag or args.part, payload)
     print(json.dumps(payload, indent=1, default=str)[:4000])

@@ -119,13 +119,16 @@ def test_given_rank_and_clusters_are_kept(tmp_path, col):
     out = str(tmp_path / "store")
     compress_to_store(col, 4, out, num_clusters=3, target_ratio=0.5, dtype=F64, seed=0)
     m = read_manifest(out)
-    assert m["metadata"]["byte_budget"]["candidates"].keys() == {"per-adapter", "r=4 K=3"}
+    assert m["metadata"]["byte_budget"]["candidates"].keys() == {"r=4 K=3"}  # no store without these tables
 
 
 def test_budget_below_the_bases_is_refused_and_nothing_is_written(tmp_path, col):
     out = tmp_path / "store"
-    with pytest.raises(ValueError, match=r"byte budget \(target_bytes\) allows 1,000 table bytes"):
+    with pytest.raises(ValueError, match=r"target_bytes, --target-bytes\) allows 1,000 table bytes; the bases of "
+                                         r"rank 16 and 3 clusters \(--rank, --clusters\) alone take 50,688"):
         compress_to_store(col, 16, str(out), num_clusters=3, target_bytes=1000, dtype=F64)
+    with pytest.raises(ValueError, match=r"the byte budget \(target_ratio\) allows 50 table bytes; the smallest "):
+        compress_to_store(col, 16, str(out), target_ratio=0.001, dtype=F64)
     assert not out.exists()
 
 
@@ -153,3 +156,19 @@ def test_cli_refuses_bad_budgets_before_any_work(tmp_path, capsys, argv, needle)
     err = capsys.readouterr().err
     assert rc == 2 and needle in err, err
     assert not out.exists()
+
+
+def test_inspect_shows_each_adapter_s_representation_and_bytes(tmp_path, capsys, col):
+    import json
+
+    out = str(tmp_path / "store")
+    compress_to_store(col, 4, out, num_clusters=3, target_ratio=0.6, dtype=F64, store_dtype=torch.float32, seed=0)
+    assert main(["inspect", out, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    m = read_manifest(out)
+    bases = sum(m["num_clusters"] * md["rank"] * (md["d_in"] + md["d_out"]) for md in m["modules"]) * 4
+    assert bases + sum(a["bytes"] for a in shown["adapters"]) == m["metadata"]["byte_budget"]["predicted_table_bytes"]
+    assert {a["path"] for a in shown["adapters"]} >= {"jd", "full"}
+    assert main(["inspect", out]) == 0
+    text = capsys.readouterr().out
+    assert "budget " in text and "chose r=4 K=3" in text and " bytes " in text

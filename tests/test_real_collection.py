@@ -65,3 +65,28 @@ def test_collection_compresses(paths, one_thread):
     s = result.summary()
     assert math.isfinite(s["mean_rel_error"]) and math.isfinite(s["max_rel_error"])
     assert 0 < s["mean_rel_error"] <= s["max_rel_error"] < 1
+
+
+def test_large_collection_manifest_is_the_generator_s_task_list():
+    """collection_large.json (the 220 adapters built outside the repository) names exactly the tasks the
+    generator draws, with the hash-decided held-out split, and a SHA-256 for every file it built."""
+    import sys
+
+    sys.path.insert(0, ROOT)
+    import make_collection
+
+    with open(os.path.join(ROOT, "collection_large.json"), encoding="utf-8") as fh:
+        manifest = json.load(fh)
+    settings = manifest["settings"]
+    tasks = make_collection.make_tasks_large(make_collection.load_text(), settings["count"], settings["min_train"],
+                                             settings["seed"])
+    assert [t["name"] for t in manifest["tasks"]] == [t["name"] for t in tasks]
+    assert len(tasks) >= 200
+    for row in manifest["tasks"]:
+        assert row["split"] == ("heldout" if make_collection.heldout(row["name"], settings["heldout"]) else "tune")
+        assert set(row["sha256"]) == set(make_collection.HASHED)
+        assert all(len(d) == 64 for d in row["sha256"].values())
+    held = sum(r["split"] == "heldout" for r in manifest["tasks"])
+    assert 0.1 * len(tasks) < held < 0.4 * len(tasks)
+    gains = [r["lora_acc"] - r["base_acc"] for r in manifest["tasks"]]
+    assert sum(gains) / len(gains) > 0.02

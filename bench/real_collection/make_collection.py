@@ -44,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import minilm  # noqa: E402
 import text_source  # noqa: E402
+from jdlora_ops.store import file_sha256  # noqa: E402
 
 TEXT = os.path.join(HERE, "text", "sentences.jsonl")
 CALIB = os.path.join(HERE, "text", "calibration.txt")
@@ -291,14 +292,6 @@ def cmd_train(args) -> None:
 HASHED = ("adapter_config.json", "adapter_model.safetensors", minilm.HEAD_FILE, "task.json")
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(tasks: list[dict], args, folder: str, path: str, seconds: float) -> None:
     """The manifest from every task's task.json, once all tasks are trained (by any shard)."""
     rows = []
@@ -312,7 +305,7 @@ def write_manifest(tasks: list[dict], args, folder: str, path: str, seconds: flo
         if args.large:
             with open(os.path.join(tdir, "timing.json"), encoding="utf-8") as fh:
                 row["seconds"] = json.load(fh)["seconds"]
-            row["sha256"] = {f: sha256(os.path.join(tdir, f)) for f in HASHED}
+            row["sha256"] = {f: file_sha256(os.path.join(tdir, f)) for f in HASHED}
         rows.append(row)
     manifest = {
         "base_model": minilm.BASE_MODEL, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -333,12 +326,15 @@ def cmd_verify(args) -> None:
     folder, path = collection_paths(args)
     with open(path, encoding="utf-8") as fh:
         manifest = json.load(fh)
-    bad = [f"{t['name']}/{f}" for t in manifest["tasks"] for f, digest in t["sha256"].items()
+    tasks = [t for t in manifest["tasks"] if not args.only or t["name"] in args.only]
+    if args.only and len(tasks) != len(set(args.only)):
+        raise SystemExit(f"--only: not in {path}: {sorted(set(args.only) - {t['name'] for t in tasks})}")
+    bad = [f"{t['name']}/{f}" for t in tasks for f, digest in t["sha256"].items()
            if not os.path.isfile(os.path.join(folder, t["name"], f))
-           or sha256(os.path.join(folder, t["name"], f)) != digest]
+           or file_sha256(os.path.join(folder, t["name"], f)) != digest]
     if bad:
         raise SystemExit(f"{len(bad)} files differ from {path} (or are missing), e.g. {bad[:3]}")
-    print(f"{len(manifest['tasks'])} adapters in {folder} match {path}")
+    print(f"{len(tasks)} adapters in {folder} match {path}")
 
 
 def main(argv=None) -> None:
@@ -370,6 +366,7 @@ def main(argv=None) -> None:
     t.set_defaults(func=cmd_train)
     v = sub.add_parser("verify", help="check a built large collection against collection_large.json")
     v.add_argument("--out", default=None)
+    v.add_argument("--only", nargs="+", default=None, help="check these tasks only (a partial rebuild)")
     v.set_defaults(func=cmd_verify, large=True)
     args = p.parse_args(argv)
     if args.cmd == "train" and args.large:  # shorter training for the large collection unless given

@@ -435,6 +435,8 @@ def cmd_inspect(args) -> int:
     mem = m.get("memory_bf16") or {}
     on_disk = _store_bytes(args.store, m)
     per_value = _BYTES_PER_VALUE.get(str(m.get("dtype")), 2)
+    for a in entries:
+        a["bytes"] = _adapter_table_bytes(a, mods, per_value)
     original = mem.get("params_before", 0) * per_value
     aw = _activation_weighted(m.get("metadata"))
     if aw:
@@ -449,8 +451,9 @@ def cmd_inspect(args) -> int:
         out["store_bytes"] = on_disk
         out["original_bytes_in_store_dtype"] = original
         out["max_rel_error"] = (m.get("metadata") or {}).get("max_rel_error")
-        out["adapters"] = [{k: a[k] for k in ("name", "path", "cluster", "mean_error", "max_error",
+        out["adapters"] = [{k: a[k] for k in ("name", "path", "cluster", "bytes", "mean_error", "max_error",
                                               "activation_weighted_mean_error") if k in a} for a in entries]
+        out["byte_budget"] = (m.get("metadata") or {}).get("byte_budget")
         out["calibration"] = (m.get("metadata") or {}).get("calibration")
         print(json.dumps(out, indent=1))
         return 0
@@ -462,6 +465,10 @@ def cmd_inspect(args) -> int:
     print(f"adapters   {len(entries)}  clusters {m.get('num_clusters')}  modules {len(mods)}"
           + (f"  error budget {budget:g}: " + ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths)))
              if budget is not None else ""))
+    bb = (m.get("metadata") or {}).get("byte_budget")
+    if bb:
+        print(f"budget     {_bytes(bb['budget'])} of tables ({bb['budget'] / max(bb['original_bytes'], 1):.4f} of the "
+              f"original): chose {bb['chosen']}, " + ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths))))
     if mem:
         print(
             f"memory     {_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} in bf16 "
@@ -479,12 +486,13 @@ def cmd_inspect(args) -> int:
         print(f"           activation-weighted mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} (calibrated on "
               f"{cal.get('token_count')} tokens, damping {cal.get('damping')})")
     print()
-    rows = [[a["name"], a["path"], str(a["cluster"]), f"{a['mean_error']:.4f}", f"{a['max_error']:.4f}"]
+    rows = [[a["name"], a["path"], str(a["cluster"]), _bytes(a["bytes"]), f"{a['mean_error']:.4f}",
+             f"{a['max_error']:.4f}"]
             + ([f"{a['activation_weighted_mean_error']:.4f}" if "activation_weighted_mean_error" in a else "-"]
                if aw else [])
             + [mods[max(range(len(mods)), key=lambda j: a["errors"][j])]["name"] if a["errors"] else "-"]
             for a in entries]
-    print(_table(rows, ["adapter", "path", "cluster", "mean err", "max err"] + (["act. err"] if aw else [])
+    print(_table(rows, ["adapter", "path", "cluster", "bytes", "mean err", "max err"] + (["act. err"] if aw else [])
                  + ["worst module"]))
     if not args.modules and len(mods) > 12:
         print(f"\n({len(mods)} modules: pass --modules for the per-module table)")
@@ -497,6 +505,15 @@ def cmd_inspect(args) -> int:
                           f"{(sum(col) / len(col)) if col else 0:.4f}", f"{max(col) if col else 0:.4f}"])
         print(_table(mrows, ["module", "shape", "rank", "mean err", "max err"]))
     return 0
+
+
+def _adapter_table_bytes(a: dict, mods: list[dict], per_value: int) -> int:
+    """Bytes of one adapter's own tables: its cores (``jd``; the shared bases not counted) or its factors."""
+    if a["path"] == "jd":
+        return sum((md["rank"] ** 2 if md.get("sigma") == "full" else md["rank"]) for md in mods) * per_value
+    ranks = a.get("ranks") or [0] * len(mods)
+    k = a.get("rank", 0) if a["path"].startswith("svd") else max(ranks, default=0)
+    return sum(min(k, r) * (md["d_in"] + md["d_out"]) for md, r in zip(mods, ranks)) * per_value
 
 
 def cmd_export(args) -> int:

@@ -216,10 +216,18 @@ def _compress_for_budget(collection, rank, args, target_bytes, target_ratio, flo
     def fit(r: int, k: int) -> CompressedCollection:
         return compress(collection, r, num_clusters=k, **fit_args)
 
+    # Both given: the user asked for these joint tables, so the store without any is not a candidate.
+    joint_fixed = rank is not None and clusters is not None
+    if joint_fixed and target_bytes is not None:
+        bases = clusters * rank * sum(s.d_in + s.d_out for s in collection.modules) * itemsize
+        if bases > target_bytes:
+            raise ValueError(f"the byte budget (target_bytes, --target-bytes) allows {int(target_bytes):,} table bytes; "
+                             f"the bases of rank {rank} and {clusters} clusters (--rank, --clusters) alone take "
+                             f"{bases:,}")
     (_, label, result, alloc), _, curve = compress_for_budget(
         collection, target_bytes, target_ratio, rank=rank, clusters=clusters, itemsize=itemsize, floor=floor,
         fit=fit, dtype=args.get("dtype", torch.float32), device=args.get("device", "cpu"), team=team,
-        log=args.get("log"))
+        per_adapter=not joint_fixed, log=args.get("log"))
     if result is None:  # every adapter on its own: a joint fit of one rank-1 cluster that they all leave
         result = fit(1, 1)
     if list(result.adapter_names) != list(collection.adapter_names):
