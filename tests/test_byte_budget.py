@@ -172,3 +172,20 @@ def test_inspect_shows_each_adapter_s_representation_and_bytes(tmp_path, capsys,
     assert main(["inspect", out]) == 0
     text = capsys.readouterr().out
     assert "budget " in text and "chose r=4 K=3" in text and " bytes " in text
+
+
+@pytest.mark.parametrize("ratio, rank, clusters", [(0.6, 4, 3), (0.3, None, None)])
+def test_budget_stores_are_served_every_representation_in_one_batch(tmp_path, col, ratio, rank, clusters):
+    """Joint cores, own SVDs and original factors side by side; with no joint tables at all too."""
+    from jdlora_ops.serving import AdapterCache, BatchPlanner
+    from serving_data import serve_and_check
+
+    out = str(tmp_path / "store")
+    res = compress_to_store(col, rank, out, num_clusters=clusters, target_ratio=ratio, dtype=F64, seed=0)
+    paths = {e["name"]: e.get("path", "jd") for e in read_manifest(out)["adapters"] + read_manifest(out)["individual"]}
+    assert len(set(paths.values())) >= 2 or ratio == 0.3
+    names = list(paths)
+    cache = AdapterCache(out, device="cpu", dtype=torch.float32)
+    planner = BatchPlanner(cache, 64)
+    adapters = [names[0], None, names[-1], "flat", "steep", names[len(names) // 2]]
+    serve_and_check(planner, res, {}, adapters, [3, 2, 1, 4, 1, 2])
