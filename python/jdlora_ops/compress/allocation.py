@@ -141,10 +141,12 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
 @dataclass
 class Allocation:
     """Each adapter's representation: ``choice[i]`` is -1 (``jd``), ``k`` >= 1 (``svd-k``) or its full rank
-    with ``full[i]`` set (original factors); the predicted mean error and the table bytes."""
+    with ``full[i]`` set (original factors); ``full_rank``: each adapter's largest rank over modules;
+    the predicted mean error and the table bytes."""
 
     choice: torch.Tensor
     full: torch.Tensor
+    full_rank: torch.Tensor
     mean_error: float
     table_bytes: int
     bases_bytes: int
@@ -235,7 +237,8 @@ def _as_allocation(t: _Table, cols: torch.Tensor, opts: SpectrumOptions) -> Allo
     kmax = opts.svd_error.shape[1] - 1
     full = cols == kmax + 1
     choice = torch.where(cols == 0, torch.full_like(cols, -1), torch.where(full, opts.full_rank, cols))
-    return Allocation(choice, full, float(t.error[ar, cols].mean()), int(t.bytes[ar, cols].sum()) + t.bases, t.bases)
+    return Allocation(choice, full, opts.full_rank, float(t.error[ar, cols].mean()), int(t.bytes[ar, cols].sum()) + t.bases,
+                      t.bases)
 
 
 def allocate(opts: SpectrumOptions, budget: float, *, jd: tuple[torch.Tensor, torch.Tensor, int] | None = None,
@@ -281,9 +284,8 @@ def apply_allocation(result: CompressedCollection, collection: AdapterCollection
         rel, mods = all_rel_errors(result, team)
     jd = ({x: {m: float(rel[i, j]) for j, m in enumerate(mods)}
            for i, x in enumerate(result.adapter_names) if leave[i]} if rel is not None else None)
-    ks = alloc.choice[leave]
-    result.individual.update(individual_at_ranks(collection, names, ks, jd_errors=jd, dtype=dtype, device=device,
-                                                 team=team))
+    result.individual.update(individual_at_ranks(collection, names, alloc.choice[leave], alloc.full_rank[leave],
+                                                 jd_errors=jd, dtype=dtype, device=device, team=team))
     drop_from_tables(result, leave)
     return names
 

@@ -95,6 +95,7 @@ def individual_at_ranks(
     collection: AdapterCollection,
     names: list[str],
     ks: torch.Tensor,
+    full_rank: torch.Tensor,
     *,
     jd_errors: dict[str, dict[str, float]] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -102,24 +103,13 @@ def individual_at_ranks(
     team: ModuleTeam = SOLO,
 ) -> dict[str, IndividualAdapter]:
     """The adapters ``names`` as their own truncated SVD at rank ``ks[i]``, or their original factors
-    where ``ks[i]`` reaches their rank (the byte budget's choice, :mod:`.allocation`)."""
+    where ``ks[i]`` reaches ``full_rank[i]`` (their largest rank over modules): the byte budget's
+    choice (:mod:`.allocation`), in one pass over this process's modules."""
     all_names = list(collection.adapter_names)
     idx = torch.tensor([all_names.index(x) for x in names], dtype=torch.long)
     specs = [collection.modules[i] for i in team.local(collection.modules, len(all_names))]
-
-    def ranks():
-        full_rank = torch.zeros(len(names), dtype=torch.long)
-        spectra = []
-        for spec in specs:
-            r = collection.load_module(spec, dtype=dtype, device=device).select(idx).ranks()
-            full_rank = torch.maximum(full_rank, r)
-            spectra.append(r)
-        return full_rank, spectra
-
-    full_rank, spectra = team.run(ranks)
-    full_rank = team.maximum(full_rank)
-    return team.run(_individual_factors, collection, specs, spectra, names, idx, torch.as_tensor(ks, dtype=torch.long),
-                    full_rank, jd_errors, dtype, device)
+    return team.run(_individual_factors, collection, specs, None, names, idx, torch.as_tensor(ks, dtype=torch.long),
+                    torch.as_tensor(full_rank, dtype=torch.long), jd_errors, dtype, device)
 
 
 def _individual_factors(collection, specs, spectra, names, idx, need, full_rank, jd_errors, dtype, device):
@@ -130,8 +120,9 @@ def _individual_factors(collection, specs, spectra, names, idx, need, full_rank,
     factors: list[dict] = [{} for _ in range(m)]
     errors: list[dict] = [{} for _ in range(m)]
     orig: list[dict] = [{} for _ in range(m)]
-    for spec, ranks in zip(specs, spectra):
+    for j_spec, spec in enumerate(specs):
         f = collection.load_module(spec, dtype=dtype, device=device).select(idx)
+        ranks = spectra[j_spec] if spectra is not None else f.ranks()  # None: read here, one pass
         for j in range(m):
             orig[j][spec.name] = int(ranks[j])
         k_here = int(ks.max()) if m else 1
