@@ -189,3 +189,14 @@ def test_budget_stores_are_served_every_representation_in_one_batch(tmp_path, co
     planner = BatchPlanner(cache, 64)
     adapters = [names[0], None, names[-1], "flat", "steep", names[len(names) // 2]]
     serve_and_check(planner, res, {}, adapters, [3, 2, 1, 4, 1, 2])
+
+
+def test_singular_values_are_those_of_the_dense_updates(col):
+    from jdlora_ops.compress.baselines import singular_values
+
+    for spec in col.modules:
+        f = col.load_module(spec, dtype=F64)
+        s = singular_values(f)
+        for i in range(f.num_adapters):
+            dense = torch.linalg.svdvals(f.dense(i))[:s.shape[1]]
+            torch.testing.assert_close(s[i], dense, rtol=1e-9, atol=1e-12)

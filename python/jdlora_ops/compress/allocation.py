@@ -31,7 +31,7 @@ import torch
 
 from ._linalg import F64
 from ._team import SOLO, ModuleTeam
-from .baselines import truncated_svd
+from .baselines import singular_values
 from .collection import AdapterCollection
 from .error_budget import drop_from_tables, individual_at_ranks
 from .result import CompressedCollection
@@ -95,16 +95,8 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
         parts = []
         for spec in specs:
             f = collection.load_module(spec, dtype=dtype, device=device)
-            ranks = f.ranks()
-            k = max([0] + [g.rank for g in f.groups])
-            if k:
-                _, s, _, err, norms = truncated_svd(f, k)
-                s2 = s.to(F64).cpu().square()
-                norms = norms.to(F64).cpu()
-                err = err.to(F64).cpu()
-            else:
-                s2, norms, err = torch.zeros(n, 0, dtype=F64), torch.zeros(n, dtype=F64), torch.zeros(n, dtype=F64)
-            parts.append((spec.d_in + spec.d_out, ranks, s2, norms, err))
+            s2 = singular_values(f).square()
+            parts.append((spec.d_in + spec.d_out, f.ranks(), s2, s2.sum(1)))
             del f
         return parts
 
@@ -116,10 +108,10 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
     full = torch.zeros(n, dtype=torch.long)
     full_rank = torch.zeros(n, dtype=torch.long)
     rels = []
-    for width, ranks, s2, norms, err in parts:
+    for width, ranks, s2, norms in parts:
         s2 = torch.nn.functional.pad(s2, (0, kmax - s2.shape[1]))
         # tail[:, k]: what rank k leaves out, divided by the update's norm (0 for an absent module).
-        tail = torch.cat([s2.flip(1).cumsum(1).flip(1), torch.zeros(n, 1, dtype=F64)], dim=1) + err[:, None]
+        tail = torch.cat([s2.flip(1).cumsum(1).flip(1), torch.zeros(n, 1, dtype=F64)], dim=1)
         rel = torch.where(norms[:, None] > 0, tail / norms.clamp_min(torch.finfo(F64).tiny)[:, None],
                           torch.zeros_like(tail))
         rels.append(rel)

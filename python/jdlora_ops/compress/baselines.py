@@ -16,7 +16,7 @@ from .collection import AdapterCollection, ModuleFactors
 from .jd import check_rank
 from .result import CompressedCollection, CompressedModule, ProjectionReport, check_nonzero, merge_metadata, relative
 
-__all__ = ["truncated_svd", "compress_svd", "compress_none", "append_individual"]
+__all__ = ["truncated_svd", "singular_values", "compress_svd", "compress_none", "append_individual"]
 
 
 def truncated_svd(factors: ModuleFactors, rank: int):
@@ -48,6 +48,18 @@ def truncated_svd(factors: ModuleFactors, rank: int):
         norms[g.index] = S64.sum(1)
         errors[g.index] = S64[:, k:].sum(1)
     return U, s, V, errors, norms
+
+
+def singular_values(factors: ModuleFactors) -> torch.Tensor:
+    """float64 ``[n, rho]`` singular values of every ``dW_i`` (descending; zero past an adapter's rank),
+    ``rho`` the largest rank: the triangular factors of the two QRs only, none of the vectors."""
+    rho = max([0] + [g.rank for g in factors.groups])
+    s = torch.zeros(factors.num_adapters, rho, dtype=F64)
+    for g in factors.groups:
+        RB = torch.linalg.qr(g.Bt.transpose(1, 2), mode="r").R
+        RA = torch.linalg.qr(g.A.transpose(1, 2), mode="r").R
+        s[g.index.cpu(), :g.rank] = torch.linalg.svdvals(torch.bmm(RB, RA.transpose(1, 2))).to(F64).cpu()
+    return s
 
 
 def _svd_module(f: ModuleFactors, rank: int) -> CompressedModule:
