@@ -204,12 +204,21 @@ def save_adapter(model, head, out: str, info: dict) -> None:
     with open(cpath, encoding="utf-8") as fh:
         cfg = json.load(fh)
     cfg["base_model_name_or_path"] = minilm.BASE_MODEL  # not this machine's folder
+    normalise_config(cfg)
     with open(cpath, "w", encoding="utf-8") as fh:
         json.dump(cfg, fh, indent=2, sort_keys=True)
     save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
               os.path.join(out, minilm.HEAD_FILE))
     with open(os.path.join(out, "task.json"), "w", encoding="utf-8") as fh:
         json.dump(info, fh, indent=2)
+
+
+def normalise_config(cfg: dict) -> dict:
+    """PEFT keeps target_modules as a set, written in the order of this process's string hashing:
+    sorted here, so that the file is the same in every run."""
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    return cfg
 
 
 def reload_factors(path: str) -> dict:
