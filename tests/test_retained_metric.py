@@ -64,3 +64,19 @@ def test_mismatched_sentences_are_refused_by_name():
         retained({"b": [1.0, 2.0]}, {"b": [0.5, 1.0]}, {"b": [1.0]}, ["b"], loss=True)
     with pytest.raises(ValueError, match="names: expected at least one adapter"):
         retained({}, {}, {}, [], loss=True)
+
+
+def test_gainers_pool_ignores_adapters_without_a_benefit():
+    names, base, lora = _collection(5, n=20)
+    flat = {f"z{i}": base["a0"] * 0 + 1.0 for i in range(5)}  # LoRA = base: no benefit to keep
+    base.update(flat)
+    lora.update({k: v - 0.001 for k, v in flat.items()})
+    half = {k: (base[k] + lora[k]) / 2 for k in base}
+    for k in flat:  # the compressed ones happen to do better than the LoRA there
+        half[k] = flat[k] - 0.2
+    out = retained(base, lora, half, sorted(base), loss=True, n_boot=300)
+    assert out["pooled"] > 0.6  # the flat adapters move the pool off 0.5
+    assert out["adapters_with_gain"] == 20
+    assert out["pooled_gainers"] == pytest.approx(0.5, abs=1e-9)
+    lo, hi = out["ci_adapters_gainers"]
+    assert lo <= 0.5 <= hi

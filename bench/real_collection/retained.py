@@ -11,6 +11,11 @@ for the loss (signs flipped for accuracy): every adapter weighs the same,
 whatever its number of eval sentences. 1 means the compressed adapters do
 what the originals do; 0 means they do what no adapter does.
 
+The same figures over the adapters whose LoRA improves the metric by a margin
+(``*_gainers``; selected on the LoRA against the base, the same for every
+setting) are the ones to read when the LoRA's pooled gain is small: a pool
+with a denominator near zero says nothing.
+
 Two percentile intervals, from paired resamples (the base, LoRA and
 compressed scores of a sentence or an adapter are drawn together):
 
@@ -49,27 +54,37 @@ def retained(base: dict, lora: dict, comp: dict, names: list[str], *, loss: bool
                              f"got {len(x)}, {len(y)}, {len(z)}")
     gain_l = np.array([sign * (y.mean() - x.mean()) for x, y in zip(b, l)])
     gain_c = np.array([sign * (z.mean() - x.mean()) for x, z in zip(b, c)])
-    out = {"pooled": float(gain_c.sum() / gain_l.sum()), "adapters": len(names),
-           "lora_gain_mean": float(gain_l.mean()), "comp_gain_mean": float(gain_c.mean())}
+    out = {"adapters": len(names), "lora_gain_mean": float(gain_l.mean()), "comp_gain_mean": float(gain_c.mean())}
+    out.update(_pooled(b, l, c, np.arange(len(names)), gain_l, gain_c, sign, n_boot, seed))
 
-    rng = np.random.default_rng(seed)
-    num, den = np.zeros(n_boot), np.zeros(n_boot)
-    for x, y, z in zip(b, l, c):  # paired: one index draw per adapter serves base, lora and comp
-        idx = rng.integers(0, len(x), size=(n_boot, len(x)))
-        num += sign * (z[idx] - x[idx]).mean(1)
-        den += sign * (y[idx] - x[idx]).mean(1)
-    out["ci_sentences"] = _interval(num / den)
-    pick = rng.integers(0, len(names), size=(n_boot, len(names)))
-    out["ci_adapters"] = _interval(gain_c[pick].sum(1) / gain_l[pick].sum(1))
-
+    # An adapter whose LoRA barely moves the metric carries no benefit to keep, and a pool of them
+    # has a denominator near zero: the same figures over the adapters that gain (chosen by the
+    # LoRA against the base only, never by a compressed setting).
     threshold = MIN_LOSS_GAIN if loss else 0.05
-    keep = gain_l >= threshold
-    ratios = gain_c[keep] / gain_l[keep]
-    out["adapters_with_gain"] = int(keep.sum())
-    if keep.any():
+    keep = np.flatnonzero(gain_l >= threshold)
+    out["adapters_with_gain"] = int(len(keep))
+    if len(keep):
+        sel = _pooled(b, l, c, keep, gain_l, gain_c, sign, n_boot, seed)
+        out.update({f"{k}_gainers": v for k, v in sel.items()})
+        ratios = gain_c[keep] / gain_l[keep]
         out.update(per_adapter_mean=float(ratios.mean()), per_adapter_p10=float(np.percentile(ratios, 10)),
                    per_adapter_min=float(ratios.min()))
     return out
+
+
+def _pooled(b, l, c, idx: np.ndarray, gain_l: np.ndarray, gain_c: np.ndarray, sign: float, n_boot: int,
+            seed: int) -> dict:
+    """Pooled ratio over the adapters ``idx`` and its two intervals (the adapters themselves kept fixed)."""
+    rng = np.random.default_rng(seed)
+    num, den = np.zeros(n_boot), np.zeros(n_boot)
+    for j in idx:  # paired: one index draw per adapter serves base, lora and comp
+        x, y, z = b[j], l[j], c[j]
+        draw = rng.integers(0, len(x), size=(n_boot, len(x)))
+        num += sign * (z[draw] - x[draw]).mean(1)
+        den += sign * (y[draw] - x[draw]).mean(1)
+    pick = idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]
+    return {"pooled": float(gain_c[idx].sum() / gain_l[idx].sum()), "ci_sentences": _interval(num / den),
+            "ci_adapters": _interval(gain_c[pick].sum(1) / gain_l[pick].sum(1))}
 
 
 def _interval(samples: np.ndarray) -> list[float]:
