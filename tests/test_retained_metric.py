@@ -80,3 +80,16 @@ def test_gainers_pool_ignores_adapters_without_a_benefit():
     assert out["pooled_gainers"] == pytest.approx(0.5, abs=1e-9)
     lo, hi = out["ci_adapters_gainers"]
     assert lo <= 0.5 <= hi
+
+
+def test_paired_difference_resolves_a_small_consistent_edge():
+    from retained import difference
+
+    names, base, lora = _collection(6)
+    rng = np.random.default_rng(7)
+    a = {k: (base[k] + lora[k]) / 2 + 0.05 * rng.standard_normal(len(base[k])) for k in names}
+    b = {k: v + 0.01 for k, v in a.items()}  # a little worse everywhere
+    d = difference(base, lora, a, b, names, loss=True, n_boot=400)
+    assert d["difference"] == pytest.approx(0.01 / 0.3, rel=0.05)
+    lo, hi = d["ci_sentences"]
+    assert 0 < lo < d["difference"] < hi  # a consistent small edge is resolved
