@@ -420,10 +420,9 @@ def report_large(args) -> None:
                 env = envelope_row(rows, r["bytes_ratio"], split)
                 if env is None:
                     continue
-                names = sorted(n for n in by["base"]["ce"] if tasks[n]["split"] == split
-                               and -(sum(by["lora"]["ce"][n]) / len(by["lora"]["ce"][n])
-                                     - sum(by["base"]["ce"][n]) / len(by["base"]["ce"][n]))
-                               >= retained_metric.MIN_LOSS_GAIN)
+                names = retained_metric.gainers(by["base"]["ce"], by["lora"]["ce"],
+                                                sorted(n for n in by["base"]["ce"] if tasks[n]["split"] == split),
+                                                loss=True)
                 r["vs_envelope"][split] = {"baseline": env["setting"], **retained_metric.difference(
                     by["base"]["ce"], by["lora"]["ce"], r["ce"], env["ce"], names, loss=True)}
     compressed = [r for r in rows if r["method"] not in ("base", "lora")]

@@ -37,6 +37,12 @@ def _arrays(scores: dict, names: list[str]) -> list[np.ndarray]:
     return [np.asarray(scores[n], dtype=np.float64) for n in names]
 
 
+def gainers(base: dict, lora: dict, names: list[str], *, loss: bool) -> list[str]:
+    """The adapters whose LoRA improves the metric by the margin (``MIN_LOSS_GAIN`` nats, or 5 accuracy points)."""
+    sign, threshold = (-1.0, MIN_LOSS_GAIN) if loss else (1.0, 0.05)
+    return [n for n in names if sign * (np.mean(lora[n]) - np.mean(base[n])) >= threshold]
+
+
 def retained(base: dict, lora: dict, comp: dict, names: list[str], *, loss: bool, n_boot: int = 1000,
              seed: int = 0) -> dict:
     """Pooled retained benefit and its two 95% intervals; per-adapter ratios for the adapters that gain.
@@ -60,8 +66,8 @@ def retained(base: dict, lora: dict, comp: dict, names: list[str], *, loss: bool
     # An adapter whose LoRA barely moves the metric carries no benefit to keep, and a pool of them
     # has a denominator near zero: the same figures over the adapters that gain (chosen by the
     # LoRA against the base only, never by a compressed setting).
-    threshold = MIN_LOSS_GAIN if loss else 0.05
-    keep = np.flatnonzero(gain_l >= threshold)
+    chosen = set(gainers(base, lora, names, loss=loss))
+    keep = np.array([i for i, n in enumerate(names) if n in chosen], dtype=np.int64)
     out["adapters_with_gain"] = int(len(keep))
     if len(keep):
         sel = _pooled(b, l, c, keep, gain_l, gain_c, sign, n_boot, seed)

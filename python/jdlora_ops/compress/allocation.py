@@ -33,11 +33,11 @@ from ._linalg import F64
 from ._team import SOLO, ModuleTeam
 from .baselines import singular_values
 from .collection import AdapterCollection
-from .error_budget import drop_from_tables, individual_at_ranks
+from .error_budget import all_rel_errors, drop_from_tables, individual_at_ranks
 from .result import CompressedCollection
 
 __all__ = ["BudgetCurve", "Allocation", "SpectrumOptions", "check_target", "original_bytes", "spectrum_options",
-           "allocate", "joint_option", "apply_allocation", "compress_for_budget", "CURVE_RATIOS"]
+           "allocate", "joint_option", "bases_bytes", "apply_allocation", "compress_for_budget", "CURVE_RATIOS"]
 
 #: Budgets (fractions of the original bytes) at which the searched curve is reported.
 CURVE_RATIOS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -249,8 +249,6 @@ def joint_option(result: CompressedCollection, itemsize: int, team: ModuleTeam =
     """``(jd, cores_values)`` of a joint fit for :func:`allocate`: per-adapter mean and max relative error
     over the modules, the bases' bytes, and one adapter's core values. ``width``: the sum of
     ``d_in + d_out`` over all modules (needed with several processes, each holding some)."""
-    from .error_budget import all_rel_errors
-
     rel, _ = all_rel_errors(result, team)
     if width is None:
         width = sum(cm.spec.d_in + cm.spec.d_out for cm in result.modules.values())
@@ -269,13 +267,11 @@ def apply_allocation(result: CompressedCollection, collection: AdapterCollection
     names = [x for x, o in zip(result.adapter_names, leave.tolist()) if o]
     if not names:
         return []
-    rel, mods = (None, None)
+    jd = None
     if result.method in ("full", "diag") and result.num_clusters:
-        from .error_budget import all_rel_errors
-
         rel, mods = all_rel_errors(result, team)
-    jd = ({x: {m: float(rel[i, j]) for j, m in enumerate(mods)}
-           for i, x in enumerate(result.adapter_names) if leave[i]} if rel is not None else None)
+        jd = {x: {m: float(rel[i, j]) for j, m in enumerate(mods)}
+              for i, x in enumerate(result.adapter_names) if leave[i]}
     result.individual.update(individual_at_ranks(collection, names, alloc.choice[leave], alloc.full_rank[leave],
                                                  jd_errors=jd, dtype=dtype, device=device, team=team))
     drop_from_tables(result, leave)
@@ -317,7 +313,12 @@ class BudgetCurve:
         return rows
 
 
-def candidates(n: int, rank: int | None, clusters, floor_ok: bool = True) -> list[tuple[int, int]]:
+def bases_bytes(collection: AdapterCollection, rank: int, clusters: int, itemsize: int) -> int:
+    """Bytes of the shared bases of ``clusters`` clusters at ``rank`` over every module."""
+    return clusters * rank * sum(s.d_in + s.d_out for s in collection.modules) * itemsize
+
+
+def candidates(n: int, rank: int | None, clusters) -> list[tuple[int, int]]:
     """Joint candidates ``(r, K)``: the given rank and count, else a small grid, K at most ``n``."""
     ranks = [rank] if rank is not None else list(_RANKS)
     ks = [clusters] if isinstance(clusters, int) else list(_CLUSTERS)
@@ -327,7 +328,9 @@ def candidates(n: int, rank: int | None, clusters, floor_ok: bool = True) -> lis
 def compress_for_budget(collection: AdapterCollection, budget_bytes: float | None, budget_ratio: float | None, *,
                         rank: int | None, clusters, itemsize: int, floor: float | None, fit, dtype=torch.float32,
                         device="cpu", team: ModuleTeam = SOLO, per_adapter: bool = True, log=None):
-    """Fit the joint candidates, allocate each within the budget, keep the best; returns ``(result, curve)``.
+    """Fit the joint candidates, allocate each within the budget, keep the best.
+
+    Returns ``(result, allocation, curve)``; ``result`` is None when the best store has no joint tables.
 
     ``fit(rank, clusters)`` returns a joint fit (:class:`CompressedCollection`). ``per_adapter``: also try
     the store without joint tables (every adapter its own SVD or factors). Raises ``ValueError`` naming
@@ -346,14 +349,14 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
         label = f"r={r} K={k}"
         fits.append((label, r, k))
     smallest = math.inf
-    width = sum(s.d_in + s.d_out for s in collection.modules)
+    width = bases_bytes(collection, 1, 1, 1)
     for label, r, k in fits:
         t0 = time.perf_counter()
         if r is None:
             result, jd, cores = None, None, 0
         else:
             # The bases alone: skip the fit when they cannot fit in the budget.
-            bases = k * r * width * itemsize
+            bases = bases_bytes(collection, r, k, itemsize)
             smallest = min(smallest, bases)
             if bases > budget:
                 if log:
@@ -381,4 +384,4 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
                          f"these settings needs more (its smallest joint bases or every adapter at rank 1: "
                          f"{need:,} bytes, {need / max(orig, 1):.4f} of the original {orig:,})")
     curve.chosen = best[1]
-    return best, opts, curve
+    return best[2], best[3], curve

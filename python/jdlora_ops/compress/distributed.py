@@ -49,7 +49,7 @@ import time
 import torch
 
 from ._team import SOLO, ModuleTeam, RankFailed
-from .allocation import apply_allocation, check_target, compress_for_budget
+from .allocation import apply_allocation, bases_bytes, check_target, compress_for_budget
 from .collection import AdapterCollection
 from .result import CompressedCollection, CompressedModule, IndividualAdapter
 
@@ -219,12 +219,12 @@ def _compress_for_budget(collection, rank, args, target_bytes, target_ratio, flo
     # Both given: the user asked for these joint tables, so the store without any is not a candidate.
     joint_fixed = rank is not None and clusters is not None
     if joint_fixed and target_bytes is not None:
-        bases = clusters * rank * sum(s.d_in + s.d_out for s in collection.modules) * itemsize
+        bases = bases_bytes(collection, rank, clusters, itemsize)
         if bases > target_bytes:
             raise ValueError(f"the byte budget (target_bytes, --target-bytes) allows {int(target_bytes):,} table bytes; "
                              f"the bases of rank {rank} and {clusters} clusters (--rank, --clusters) alone take "
                              f"{bases:,}")
-    (_, label, result, alloc), _, curve = compress_for_budget(
+    result, alloc, curve = compress_for_budget(
         collection, target_bytes, target_ratio, rank=rank, clusters=clusters, itemsize=itemsize, floor=floor,
         fit=fit, dtype=args.get("dtype", torch.float32), device=args.get("device", "cpu"), team=team,
         per_adapter=not joint_fixed, log=args.get("log"))
