@@ -86,7 +86,8 @@ def large_settings() -> list[dict]:
     diag = [{"method": "diag", "rank": r, "clusters": k} for r in (16, 32) for k in (4, 16)]
     svd = [{"method": "svd", "rank": r, "clusters": 1} for r in (1, 2, 4)]
     budget = [{"method": "budget", "ratio": x} for x in BUDGET_RATIOS]
-    return svd + budget + full[:8] + diag + full[8:]
+    residual = [{"method": "budget", "ratio": x, "residual": True} for x in BUDGET_RATIOS]
+    return svd + budget + full[:8] + diag + full[8:] + residual
 
 
 def aware_settings(stats: str) -> list[dict]:
@@ -96,8 +97,8 @@ def aware_settings(stats: str) -> list[dict]:
 def label(s: dict) -> str:
     if s["method"] in ("base", "lora"):
         return s["method"]
-    if s["method"] == "budget":
-        return f"budget x{s['ratio']:g}"
+    if s["method"] == "budget":  # without residuals (--no-residual), or with them (the default since they came)
+        return f"budget x{s['ratio']:g}" + (" +res" if s.get("residual") else "")
     name = f"svd r={s['rank']}" if s["method"] == "svd" else f"JD-{s['method'].capitalize()} r={s['rank']} K={s['clusters']}"
     if s.get("max_rel_error") is not None:
         name += f" E={s['max_rel_error']:g}"
@@ -180,6 +181,8 @@ def run_setting(col: Collection, s: dict, work: str) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         cmd = (["compress", ADAPTERS, "--target-ratio", s["ratio"]] if s["method"] == "budget" else
                ["compress", ADAPTERS, "--rank", s["rank"], "--clusters", s["clusters"], "--method", s["method"]])
+        if s["method"] == "budget" and not s.get("residual"):
+            cmd += ["--no-residual"]
         cmd += ["--out", store, "--threads", 1, "--quiet", "--seed", 0]
         if s.get("max_rel_error") is not None:
             cmd += ["--max-rel-error", s["max_rel_error"]]
@@ -405,7 +408,8 @@ def report_large(args) -> None:
     tasks = {t["name"]: t for t in manifest["tasks"]}
     large_metrics(rows, tasks)
     order = ("base", "lora", "budget", "svd", "full", "diag")
-    rows.sort(key=lambda r: (order.index(r["method"]), r.get("ratio", 0), r.get("clusters", 0), r.get("rank", 0)))
+    rows.sort(key=lambda r: (order.index(r["method"]), bool(r.get("residual")), r.get("ratio", 0), r.get("clusters", 0),
+                             r.get("rank", 0)))
     front = frontier(rows, "tune")
     reach = sorted((r for r in rows if r["method"] not in ("base", "lora") and loss_kept(r, "tune") >= 0.95),
                    key=lambda r: r["bytes_ratio"])
@@ -425,6 +429,11 @@ def report_large(args) -> None:
                                                 loss=True)
                 r["vs_envelope"][split] = {"baseline": env["setting"], **retained_metric.difference(
                     by["base"]["ce"], by["lora"]["ce"], r["ce"], env["ce"], names, loss=True)}
+                # What the residual representation adds: against the same budget without it.
+                plain = by.get(label({"method": "budget", "ratio": r["ratio"]}))
+                if r.get("residual") and plain is not None:
+                    r.setdefault("vs_no_residual", {})[split] = retained_metric.difference(
+                        by["base"]["ce"], by["lora"]["ce"], r["ce"], plain["ce"], names, loss=True)
     compressed = [r for r in rows if r["method"] not in ("base", "lora")]
     proxy = {split: spearman([-r["mean_rel_error"] for r in compressed], [loss_kept(r, split) for r in compressed])
              for split in SPLITS}
@@ -450,7 +459,8 @@ def report_large(args) -> None:
         "lora_loss_gain_nats": {s: round(by["lora"]["loss"][s]["lora_gain_mean"], 4) for s in SPLITS},
         "lora_accuracy_gain": {s: round(by["lora"]["acc"][s]["lora_gain_mean"], 4) for s in SPLITS},
     }
-    keep = ("setting", "method", "rank", "clusters", "ratio", "envelope", "vs_envelope", "bytes", "bytes_ratio", "mean_rel_error", "max_rel_error",
+    keep = ("setting", "method", "rank", "clusters", "ratio", "residual", "envelope", "vs_envelope", "vs_no_residual",
+            "bytes", "bytes_ratio", "mean_rel_error", "max_rel_error",
             "compress_seconds", "seconds", "cli", "loss", "acc")
     stem = os.path.join(RESULTS, "real_collection_large")
     with open(stem + ".json", "w", encoding="utf-8") as fh:
@@ -476,6 +486,16 @@ def report_large(args) -> None:
                       f"{d['difference']:+.3f} [{d['ci_sentences'][0]:+.3f}, {d['ci_sentences'][1]:+.3f}] |")
     table += "\n\nThe byte budget against the best baseline within its bytes (retained loss reduction over the " \
              "adapters that gain):\n\n" + "\n".join(vs)
+    res = ["| budget | bytes with / without residuals | split | difference [95% CI, paired over sentences] |",
+           "|---|---|---|---|"]
+    for r in rows:
+        for split, d in (r.get("vs_no_residual") or {}).items():
+            plain = by[label({"method": "budget", "ratio": r["ratio"]})]
+            res.append(f"| x{r['ratio']:g} | {r['bytes_ratio']:.4f} / {plain['bytes_ratio']:.4f} | {split} | "
+                       f"{d['difference']:+.3f} [{d['ci_sentences'][0]:+.3f}, {d['ci_sentences'][1]:+.3f}] |")
+    if len(res) > 2:
+        table += "\n\nThe byte budget with the residual representation against the same budget without it " \
+                 "(`--no-residual`):\n\n" + "\n".join(res)
     with open(stem + ".md", "w", encoding="utf-8") as fh:
         fh.write("# real_collection_large\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
                  + table + "\n")
@@ -496,7 +516,9 @@ def plot_large(rows: list[dict], path: str, front: set[str]) -> None:
     curves += [(f"JD-Diag K={k}", lambda r, k=k: r["method"] == "diag" and r["clusters"] == k, st)
                for k, st in ((4, "s--"), (16, "v--"))]
     curves += [("per-adapter SVD r=1,2,4", lambda r: r["method"] == "svd", "kx-"),
-               ("--target-ratio (the allocator)", lambda r: r["method"] == "budget", "r*-")]
+               ("--target-ratio --no-residual", lambda r: r["method"] == "budget" and not r.get("residual"), "r*-"),
+               ("--target-ratio (with residuals)", lambda r: r["method"] == "budget" and bool(r.get("residual")),
+                "mP-")]
     for ax, split in zip(axes, SPLITS):
         for name, pick, style in curves:
             sel = sorted((r for r in rows if pick(r)), key=lambda r: r["bytes_ratio"])

@@ -32,3 +32,25 @@ def budget_collection(extra: bool = True) -> InMemoryCollection:
         adapters["flat"] = outlier(4, [1.0, 1.0, 1.0, 1.0], seed=1)
         adapters["steep"] = outlier(8, [1.0, 0.5, 0.05, 0.01, 0.01, 0.01, 0.01, 0.01], seed=2)
     return InMemoryCollection(adapters, modules=MODULES, metadata={"base_model": "test/base"})
+
+
+def near_collection() -> InMemoryCollection:
+    """The planted clusters of :func:`budget_collection` plus ``near0``..``near3``: copies of planted adapters
+    (rank 4, inside their cluster's subspaces) with one private direction added on every module, carrying
+    about a fifth of the update's energy. The joint tables miss exactly that direction, so a rank-1
+    residual makes them exact at a fraction of the bytes of their own factors."""
+    col = budget_collection(extra=False)
+    adapters = {name: col._adapters[name] for name in col.adapter_names}
+    gen = torch.Generator().manual_seed(5)
+    full_rank = [x for x in col.adapter_names if all(a[0].shape[0] == 4 for a in adapters[x].values())]
+    for j, src in enumerate(full_rank[:4]):
+        out = {}
+        for spec in MODULES:
+            A, B, s = adapters[src][spec.name]
+            energy = float((s * B @ A).square().sum())
+            u = torch.randn(spec.d_out, 1, generator=gen, dtype=F64)
+            v = torch.randn(1, spec.d_in, generator=gen, dtype=F64)
+            c = (0.25 * energy) ** 0.5 / float(u.norm() * v.norm())
+            out[spec.name] = (torch.cat([A, v], 0), torch.cat([B, u * c / s], 1), s)
+        adapters[f"near{j}"] = out
+    return InMemoryCollection(adapters, modules=MODULES, metadata={"base_model": "test/base"})

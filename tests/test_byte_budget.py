@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -51,39 +49,39 @@ def _table_bytes(store: str) -> int:
 @pytest.mark.parametrize("ratio", [0.35, 0.45, 0.6, 0.8])
 def test_allocation_fits_and_beats_every_uniform_store(col, opts, ratio):
     fit = compress(col, 4, num_clusters=3, dtype=F64, seed=0)
-    jd, cores = joint_option(fit, 2)
+    jd = joint_option(fit, 2)
     orig = original_bytes(opts, 2)
     budget = ratio * orig
-    a = allocate(opts, budget, jd=jd, cores_values=cores, itemsize=2)
+    a = allocate(opts, budget, jd=jd, itemsize=2)
     assert a is not None and a.table_bytes <= budget
     n = len(opts.names)
-    if jd[2] + n * cores * 2 <= budget:  # every adapter in the joint tables
-        assert a.mean_error <= float(jd[0].mean()) + 1e-12
+    if jd.bases + n * jd.cores_values * 2 <= budget:  # every adapter in the joint tables
+        assert a.mean_error <= float(jd.mean.mean()) + 1e-12
     for k in range(1, opts.svd_error.shape[1]):  # every adapter its own SVD at one rank
         if int(opts.svd_values[:, k].sum()) * 2 <= budget:
             assert a.mean_error <= float(opts.svd_error[:, k].mean()) + 1e-12
-    bigger = allocate(opts, budget * 1.5, jd=jd, cores_values=cores, itemsize=2)
+    bigger = allocate(opts, budget * 1.5, jd=jd, itemsize=2)
     assert bigger.mean_error <= a.mean_error + 1e-12
 
 
 def test_planted_adapters_stay_joint_and_the_outliers_leave(col, opts):
     fit = compress(col, 4, num_clusters=3, dtype=F64, seed=0)
-    jd, cores = joint_option(fit, 2)
-    a = allocate(opts, 0.6 * original_bytes(opts, 2), jd=jd, cores_values=cores, itemsize=2)
+    jd = joint_option(fit, 2)
+    a = allocate(opts, 0.6 * original_bytes(opts, 2), jd=jd, itemsize=2)
     labels = {name: a.label(i) for i, name in enumerate(opts.names)}
-    exact = [x for i, x in enumerate(opts.names) if float(jd[0][i]) < 1e-9]
+    exact = [x for i, x in enumerate(opts.names) if float(jd.mean[i]) < 1e-9]
     assert exact and all(labels[x] == "jd" for x in exact), labels  # no error at the fewest bytes
     assert labels["flat"] == "full" and labels["steep"] != "jd", labels
 
 
 def test_floor_removes_options_over_it(col, opts):
     fit = compress(col, 4, num_clusters=3, dtype=F64, seed=0)
-    jd, cores = joint_option(fit, 2)
-    a = allocate(opts, original_bytes(opts, 2) + jd[2], jd=jd, cores_values=cores, itemsize=2, floor=1e-6)
-    assert allocate(opts, 0.6 * original_bytes(opts, 2), jd=jd, cores_values=cores, itemsize=2, floor=1e-9) is None
+    jd = joint_option(fit, 2)
+    a = allocate(opts, original_bytes(opts, 2) + jd.bases, jd=jd, itemsize=2, floor=1e-6)
+    assert allocate(opts, 0.6 * original_bytes(opts, 2), jd=jd, itemsize=2, floor=1e-9) is None
     for i, name in enumerate(opts.names):
         if a.label(i) == "jd":
-            assert float(jd[1][i]) <= 1e-6
+            assert float(jd.max[i]) <= 1e-6
         elif a.label(i).startswith("svd-"):
             assert float(opts.svd_max[i, int(a.choice[i])]) <= 1e-6
 
@@ -192,11 +190,11 @@ def test_budget_stores_are_served_every_representation_in_one_batch(tmp_path, co
 
 
 def test_singular_values_are_those_of_the_dense_updates(col):
-    from jdlora_ops.compress.baselines import singular_values
+    from jdlora_ops.compress.baselines import squared_singular_values
 
     for spec in col.modules:
         f = col.load_module(spec, dtype=F64)
-        s = singular_values(f)
+        s2 = squared_singular_values(f)
         for i in range(f.num_adapters):
-            dense = torch.linalg.svdvals(f.dense(i))[:s.shape[1]]
-            torch.testing.assert_close(s[i], dense, rtol=1e-9, atol=1e-12)
+            dense = torch.linalg.svdvals(f.dense(i))[:s2.shape[1]].square()
+            torch.testing.assert_close(s2[i], dense, rtol=1e-9, atol=1e-12 * float(dense[0]))

@@ -97,7 +97,10 @@ def test_processes_write_the_one_process_store(nproc, tmp_path, one_thread):
     if "full-target" in ref:
         target = ref["full-target"][0]
         assert set(target["metadata"]["byte_budget"]["candidates"]) == {"r=4 K=3"}
-        assert target["individual"] and target["num_adapters"], "both representations, for the test to see them"
+        # Residual factors, computed per module by each process and assembled by the first (own factors
+        # leaving the tables: the error-budget cases).
+        paths = {e["path"] for e in target["individual"]}
+        assert "residual" in paths and target["num_adapters"], f"joint cores with residuals expected; got {paths}"
     cases = [dict(c, out=str(tmp_path / f"dist-{c['name']}")) for c in todo]
     proc = launch(nproc, cases, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -95,6 +95,29 @@ def test_lossless_matches_peft_mixed_batch(setup):
         served.unwrap()
 
 
+def test_cores_with_full_residuals_match_peft(setup):
+    """A rank-2 joint fit misses most of these adapters; residuals wide enough to hold what it misses make
+    the sum of both paths, on the same tokens, the adapters themselves."""
+    from jdlora_ops.compress.residual import residual_adapters
+
+    ours, pm, root = setup
+    col = PeftCollection([os.path.join(root, n) for n in NAMES])
+    c = compress(col, 2, num_clusters=2, dtype=torch.float64)
+    assert c.summary()["max_rel_error"] > 0.1
+    c.individual.update(residual_adapters(c, col, NAMES, torch.full((len(NAMES),), 6), dtype=torch.float64))
+    assert c.summary()["max_rel_error"] < 1e-10
+    cache = AdapterCache(c, dtype=torch.float32, device="cpu", max_uncompressed=len(NAMES) + 1, uncompressed_rank=6)
+    cache.register_peft(os.path.join(root, "fresh"))
+    served = wrap_model(ours, cache)
+    try:
+        ids = torch.randint(0, 97, (6, 9), generator=torch.Generator().manual_seed(3))
+        adapters = ["task1", "fresh", None, "task1", "task4", "task2"]
+        torch.testing.assert_close(served(ids, adapters).logits, peft_logits(pm, ids, adapters).logits,
+                                   atol=2e-5, rtol=2e-5)
+    finally:
+        served.unwrap()
+
+
 def test_kv_cache_decode_matches_peft(setup):
     ours, pm, root = setup
     _, cache = served_cache(root, rank=sum(RANKS))

@@ -115,11 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of clusters K (default 1), or 'auto': picked from --clusters-range by --tradeoff")
     c.add_argument("--target-bytes", type=_byte_count, default=None, metavar="B",
                    help="byte budget of the store's tables (e.g. 64M, 2G): each adapter's representation (its core "
-                        "in the shared bases, its own truncated SVD at some rank, or its factors) and, unless given, "
+                        "in the shared bases, with or without a private residual, its own truncated SVD at some rank, "
+                        "or its factors) and, unless given, "
                         "--rank and --clusters are chosen for the least total relative error; prints the curve "
                         "searched")
     c.add_argument("--target-ratio", type=float, default=None, metavar="R",
                    help="byte budget as a fraction in (0, 1] of the adapters' own bytes (as --target-bytes)")
+    c.add_argument("--no-residual", action="store_true",
+                   help="with a byte budget: no core-plus-residual adapters (for servers that serve the joint "
+                        "tables and adapters' own factors only)")
     c.add_argument("--clusters-range", type=_range, default=None, metavar="LOW:HIGH",
                    help="with --clusters auto: the cluster counts to consider (default 1:min(n, 64))")
     c.add_argument("--tradeoff", type=float, default=1.0, metavar="T",
@@ -271,6 +275,9 @@ def _compress(args, team) -> int:
                            "budget weighs plain relative errors")
     elif args.rank is None:
         raise CLIError("--rank is required (or give --target-bytes/--target-ratio to choose it)")
+    if args.no_residual and not budgeted:
+        raise CLIError("--no-residual needs a byte budget (--target-bytes/--target-ratio): only the budget stores "
+                       "residuals")
     if args.clusters is None and not budgeted:
         args.clusters = 1
     if not (args.tradeoff >= 0 and args.tradeoff != float("inf")):
@@ -312,7 +319,7 @@ def _compress(args, team) -> int:
         collection, rank, out, team=team, calibration=stats,
         calibration_path=None if stats is None else os.path.abspath(args.calibration), damping=args.damping,
         max_rel_error=args.max_rel_error, store_dtype=store_dtype, overwrite=args.overwrite,
-        target_bytes=args.target_bytes, target_ratio=args.target_ratio,
+        target_bytes=args.target_bytes, target_ratio=args.target_ratio, residual=not args.no_residual,
         log_curve=(lambda lines: print("byte budget: predicted mean relative squared error per candidate\n"
                                        + "\n".join(lines))) if budgeted else None, **common)
     seconds = time.perf_counter() - t0
@@ -343,7 +350,7 @@ def _report_compress(args, result, collection, rank, out, store_dtype, seconds, 
         print(f"error budget {args.max_rel_error:g}: {len(paths)} adapter(s) kept outside the joint tables ("
               + ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths))) + ")")
     print(
-        f"compressed {result.num_adapters + len(result.individual)} adapters x {len(result.modules)} modules "
+        f"compressed {len(result.all_names)} adapters x {len(result.modules)} modules "
         f"({args.method}, r={result.rank}, "
         f"{'per adapter' if args.method in ('svd', 'none') or not result.num_adapters else f'{result.num_clusters} clusters'})"
         f" in {seconds:.1f} s"
@@ -379,11 +386,13 @@ def cmd_add(args) -> int:
                        calibration=args.calibration, device=args.device, progress=not args.quiet,
                        compressed=compressed)
     report, paths, budget, compressed = res.report, res.paths, res.budget, res.collection
+    byte_rule = "multiplier" in ((compressed.metadata or {}).get("byte_budget") or {})
     for j, name in enumerate(report.names):
         if paths[j] != "jd":
             e = compressed.individual[name].rel_errors.values()
-            print(f"added {name}: {paths[j]} (joint error max {float(report.rel_errors[j].max()):.4f} > budget "
-                  f"{budget:g}), relative squared error max {max(e, default=0.0):.4f}")
+            why = (f"the store's byte budget rule; joint error mean {float(report.rel_errors[j].mean()):.4f}"
+                   if byte_rule else f"joint error max {float(report.rel_errors[j].max()):.4f} > budget {budget:g}")
+            print(f"added {name}: {paths[j]} ({why}), relative squared error max {max(e, default=0.0):.4f}")
             continue
         e = report.rel_errors[j]
         print(
@@ -430,17 +439,20 @@ def cmd_inspect(args) -> int:
     m = read_manifest(args.store)
     mods = m["modules"]
     entries = [dict(a, path=a.get("path", "jd")) for a in m["adapters"]]
+    own = m.get("individual") or []
+    residual = {a["name"]: a for a in own if a["path"] == "residual"}
     entries += [dict(a, cluster="-", path=f"svd-{a['rank']}" if a["path"] == "svd" else a["path"])
-                for a in m.get("individual") or []]
+                for a in own if a["path"] != "residual"]
     mem = m.get("memory_bf16") or {}
     on_disk = _store_bytes(args.store, m)
     per_value = _BYTES_PER_VALUE.get(str(m.get("dtype")), 2)
     for a in entries:
-        a["bytes"] = _adapter_table_bytes(a, mods, per_value)
+        a["bytes"] = _adapter_table_bytes(a, mods, per_value, residual.get(a["name"]) if "cluster" in a and
+                                          a["cluster"] != "-" else None)
     original = mem.get("params_before", 0) * per_value
     aw = _activation_weighted(m.get("metadata"))
     if aw:
-        jd = [a for a in entries if a["path"] == "jd"]
+        jd = [a for a in entries if a["cluster"] != "-"]
         for i, a in enumerate(jd):
             vals = [per[i] for per in aw.values() if i < len(per)]
             a["activation_weighted_mean_error"] = sum(vals) / len(vals) if vals else 0.0
@@ -507,10 +519,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _adapter_table_bytes(a: dict, mods: list[dict], per_value: int) -> int:
-    """Bytes of one adapter's own tables: its cores (``jd``; the shared bases not counted) or its factors."""
+def _adapter_table_bytes(a: dict, mods: list[dict], per_value: int, residual: dict | None = None) -> int:
+    """Bytes of one adapter's own tables: its cores (the shared bases not counted) and its residual's
+    factors, or its own factors."""
+    if residual is not None:
+        return _adapter_table_bytes(dict(a, path="jd"), mods, per_value) + _adapter_table_bytes(residual, mods,
+                                                                                              per_value)
     if a["path"] == "jd":
         return sum((md["rank"] ** 2 if md.get("sigma") == "full" else md["rank"]) for md in mods) * per_value
+    if "factor_ranks" in a:
+        return sum(k * (md["d_in"] + md["d_out"]) for md, k in zip(mods, a["factor_ranks"])) * per_value
     ranks = a.get("ranks") or [0] * len(mods)
     k = a.get("rank", 0) if a["path"].startswith("svd") else max(ranks, default=0)
     return sum(min(k, r) * (md["d_in"] + md["d_out"]) for md, r in zip(mods, ranks)) * per_value

@@ -425,7 +425,9 @@ def export_peft_adapter(
     Every module the adapter had (per the collection's recorded ranks; all
     modules when unknown) gets rank-``r`` factors whose product is the
     reconstruction ``U_k Sigma V_k^T`` (see
-    :meth:`CompressedCollection.lora_factors`). The config is the adapter's
+    :meth:`CompressedCollection.lora_factors`), plus its residual's factors
+    beside them for an adapter with a residual (rank ``r + k``: the sum that
+    serving computes, as one adapter). The config is the adapter's
     original one with ``r = lora_alpha = r`` (scaling 1, the original scaling
     being inside ``Sigma``), ``use_rslora`` off, no rank/alpha patterns, and
     ``target_modules`` listing the exported module paths, so PEFT loads it onto
@@ -433,9 +435,10 @@ def export_peft_adapter(
     """
     factors = {}
     rank_pattern = {}
-    if name in compressed.individual:
-        # Kept outside the joint tables (error budget): its own truncated SVD or original factors.
-        for mod, (A, B) in compressed.individual[name].factors.items():
+    own = compressed.individual.get(name)
+    if own is not None and not own.is_residual:
+        # Kept outside the joint tables (error or byte budget): its own truncated SVD or original factors.
+        for mod, (A, B) in own.factors.items():
             factors[mod] = (B.to(dtype), A.to(dtype))
             rank_pattern[mod] = int(A.shape[0])
     else:
@@ -445,8 +448,9 @@ def export_peft_adapter(
             per = ranks.get(mod)
             if per is not None and i < len(per) and int(per[i]) == 0:
                 continue
-            B, A = compressed.lora_factors(i, mod)
-            if per is not None and i < len(per) and 0 < int(per[i]) < cm.rank:
+            B, A = compressed.lora_factors(name, mod)
+            with_residual = own is not None and mod in own.factors
+            if per is not None and i < len(per) and 0 < int(per[i]) < cm.rank and not with_residual:
                 B, A = compact_factors(B, A, int(per[i]))
             factors[mod] = (B.to(dtype), A.to(dtype))
             rank_pattern[mod] = int(A.shape[0])

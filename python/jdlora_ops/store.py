@@ -10,12 +10,12 @@ A store is a directory::
                                       "<module>::sigma" [n, r, r] or [n, r],
                                       "<module>::norms_sq", "::errors",
                                       "::rel_errors" [n]
-      individual-<id>.safetensors     only when some adapters exceeded the
-                                      error budget: "<j>::<module>::A" [k, d_in],
+      individual-<id>.safetensors     only when some adapters have their own
+                                      factors: "<j>::<module>::A" [k, d_in],
                                       "<j>::<module>::B" [d_out, k] of the j-th
                                       entry of the manifest's "individual"
 
-``manifest.json`` (format ``jdlora-store``, ``format_version`` 2) records the
+``manifest.json`` (format ``jdlora-store``, ``format_version`` 2 or 3) records the
 base model, the method, the rank, the weights, the modules with their shapes and
 rank, the clusters, every adapter's name, cluster, per-module relative error,
 original ranks and PEFT config, how the PEFT scaling was folded, the memory
@@ -28,7 +28,13 @@ Adapters kept outside the joint tables (``jdlora compress --max-rel-error``)
 are listed under ``individual`` with their path (``svd`` at a rank, or
 ``full``), per-module errors, original ranks and config. ``format_version`` 2
 added that list (a version-1 reader would silently miss those adapters, so it
-refuses version 2); version-1 stores read as before.
+refuses version 2); version-1 stores read as before. Adapters of the joint
+tables may also have a residual (``jdlora compress --target-bytes``): an
+``individual`` entry with path ``residual`` and the adapter's own name, whose
+factors are added to the core's update; the adapter's entry then has path
+``jd+res-<k>``, its served ``errors`` and the core's ``jd_errors``. A store with
+residuals is written as ``format_version`` 3 (a version-2 reader would serve
+the cores alone), any other as version 2.
 
 Writes are atomic. A new store is assembled in a temporary sibling directory
 and renamed into place. An existing store is updated by writing tensor files
@@ -61,7 +67,7 @@ __all__ = ["StoreError", "NonFiniteStoreError", "save_store", "load_store", "rea
            "file_sha256", "check_target", "new_staging_dir", "CollectionReader", "StoreReader", "tensor_bytes", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "jdlora-store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 _OWNED = re.compile(
     r"^(bases|cores|individual)-[0-9a-f]{16}\.safetensors$|^\.(manifest|bases|cores|individual)\..*\.tmp$"
@@ -335,6 +341,15 @@ def _manifest(c: CompressedCollection, files: dict, dtype: torch.dtype) -> dict:
                 "sigma": "diag" if cm.sigma.dim() == 2 else "full",
             }
         )
+    residuals = c.residuals
+    for entry in adapters:
+        res = residuals.get(entry["name"])
+        if res is not None:
+            entry["path"] = res.label
+            entry["jd_errors"] = entry["errors"]
+            errs = [float(res.rel_errors.get(m, 0.0)) for m in names]
+            entry.update(errors=errs, mean_error=(sum(errs) / len(errs)) if errs else 0.0,
+                         max_error=max(errs) if errs else 0.0)
     individual = []
     for ind in c.individual.values():
         errs = [float(ind.rel_errors.get(m, 0.0)) for m in names]
@@ -347,6 +362,7 @@ def _manifest(c: CompressedCollection, files: dict, dtype: torch.dtype) -> dict:
             "max_error": max(errs) if errs else 0.0,
             "ranks": [int(ind.ranks.get(m, 0)) for m in names],
             "modules": [m for m in names if m in ind.factors],
+            "factor_ranks": [int(ind.factors[m][0].shape[0]) if m in ind.factors else 0 for m in names],
         }
         if ind.jd_rel_errors:
             entry["jd_errors"] = [float(ind.jd_rel_errors.get(m, 0.0)) for m in names]
@@ -356,7 +372,7 @@ def _manifest(c: CompressedCollection, files: dict, dtype: torch.dtype) -> dict:
     extra = {k: v for k, v in c.metadata.items() if k not in ("ranks", "configs", "base_model")}
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if residuals else 2,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "base_model": c.metadata.get("base_model"),
         "method": c.method,

@@ -2,7 +2,10 @@
 
 New adapters are projected into the store's bases (no recompression), in the
 metric the store was compressed with (activation-aware stores need their
-calibration stats), under the store's error budget (or the one given), and
+calibration stats), under the store's error budget (or the one given) and,
+for a store written for a byte budget, its rule for a new adapter's
+representation (the least error plus the store's recorded price of a byte;
+see :func:`~jdlora_ops.compress.allocation.allocate_new_adapters`), and
 written with :func:`~jdlora_ops.store.save_store` ``update=True``: new files
 under new names, the manifest switched last, so a writer killed at any step
 leaves the old or the new store.
@@ -22,7 +25,7 @@ __all__ = ["add_to_store", "StoreAddResult"]
 
 class StoreAddResult:
     """``report`` (:class:`~jdlora_ops.compress.ProjectionReport`), ``paths`` (per new adapter:
-    ``"jd"``, ``"svd-k"`` or ``"full"``), ``budget`` and the updated ``collection``."""
+    ``"jd"``, ``"jd+res-k"``, ``"svd-k"`` or ``"full"``), ``budget`` and the updated ``collection``."""
 
     def __init__(self, report, paths, budget, collection):
         self.report, self.paths, self.budget, self.collection = report, paths, budget, collection
@@ -64,8 +67,14 @@ def add_to_store(
         if calibration:
             raise ValueError(f"--calibration: {store} was not compressed activation-aware")
         report = project_adapters(compressed, new, cluster=cluster, device=device, progress=progress)
-        paths = (budget_new_adapters(compressed, new, report, budget, device=device)
-                 if budget is not None else ["jd"] * len(report.names))
+        if "multiplier" in ((compressed.metadata or {}).get("byte_budget") or {}):
+            from .compress.allocation import allocate_new_adapters
+
+            paths = allocate_new_adapters(compressed, new, report, device=device, floor=budget)
+        elif budget is not None:
+            paths = budget_new_adapters(compressed, new, report, budget, device=device)
+        else:
+            paths = ["jd"] * len(report.names)
     save_store(store, compressed, update=True, reuse_bases=compressed.method in ("full", "diag"),
                dtype=next(iter(compressed.modules.values())).U.dtype)
     return StoreAddResult(report, paths, budget, compressed)

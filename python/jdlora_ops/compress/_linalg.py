@@ -80,6 +80,16 @@ def psd_sqrt(G: torch.Tensor) -> torch.Tensor:
     return L.to(G.dtype)
 
 
+def product_spectrum(GL: torch.Tensor, GR: torch.Tensor) -> torch.Tensor:
+    """Squared singular values (float64, descending, clamped at 0) of ``X Y^T`` from the Gram matrices
+    ``GL = X^T X`` and ``GR = Y^T Y`` (``[..., p, p]``): the eigenvalues of ``L^T GR L`` with ``L L^T = GL``.
+
+    Thin products instead of QRs of the tall factors; the squares carry an absolute error of about the
+    Grams' float resolution times ``||X Y^T||^2``."""
+    L = psd_sqrt(GL.to(F64))
+    return torch.linalg.eigvalsh(L.transpose(-1, -2) @ GR.to(F64) @ L).flip(-1).clamp_min(0)
+
+
 def orth_complement(Y: torch.Tensor, X: torch.Tensor | None, rtol: float) -> torch.Tensor:
     """Orthonormal basis of the part of ``span(Y)`` orthogonal to ``span(X)``.
 

@@ -3,6 +3,9 @@
 Given a joint fit (the bases of ``K`` clusters at rank ``r``), each adapter can be stored
 
 - as its core in its cluster's bases (``jd``: ``r^2`` or ``r`` values per module; the joint fit's error),
+- as its core plus a private rank-``k`` residual (``jd+res-k``: the core's values plus ``k (d_in + d_out)`` per
+  module, capped at the residual's rank; the error is what rank ``k`` leaves of ``dW - U Sigma Vt``, see
+  :mod:`.residual`),
 - as its own truncated SVD at rank ``k`` (``svd-k``: ``k (d_in + d_out)`` values per module, capped at the
   adapter's rank there; the error is the tail of its spectrum),
 - as its original factors (``full``: error 0).
@@ -31,13 +34,14 @@ import torch
 
 from ._linalg import F64
 from ._team import SOLO, ModuleTeam
-from .baselines import singular_values
+from .baselines import squared_singular_values
 from .collection import AdapterCollection
 from .error_budget import all_rel_errors, drop_from_tables, individual_at_ranks
+from .residual import residual_adapters, residual_spectra
 from .result import CompressedCollection
 
 __all__ = ["BudgetCurve", "Allocation", "SpectrumOptions", "check_target", "original_bytes", "spectrum_options",
-           "allocate", "joint_option", "bases_bytes", "apply_allocation", "compress_for_budget", "CURVE_RATIOS"]
+           "allocate", "choose_at_multiplier", "allocate_new_adapters", "JointOption", "joint_option", "bases_bytes", "apply_allocation", "compress_for_budget", "CURVE_RATIOS"]
 
 #: Budgets (fractions of the original bytes) at which the searched curve is reported.
 CURVE_RATIOS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -95,7 +99,7 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
         parts = []
         for spec in specs:
             f = collection.load_module(spec, dtype=dtype, device=device)
-            s2 = singular_values(f).square()
+            s2 = squared_singular_values(f)
             parts.append((spec.d_in + spec.d_out, f.ranks(), s2, s2.sum(1)))
             del f
         return parts
@@ -132,9 +136,11 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
 
 @dataclass
 class Allocation:
-    """Each adapter's representation: ``choice[i]`` is -1 (``jd``), ``k`` >= 1 (``svd-k``) or its full rank
-    with ``full[i]`` set (original factors); ``full_rank``: each adapter's largest rank over modules;
-    the predicted mean error and the table bytes."""
+    """Each adapter's representation: ``choice[i]`` is -1 (in the joint tables), ``k`` >= 1 (``svd-k``) or
+    its full rank with ``full[i]`` set (original factors); ``residual[i]``: ``k`` >= 1 for a joint-table
+    adapter with a rank-``k`` residual (``jd+res-k``), else 0; ``full_rank``: each adapter's largest rank
+    over modules; the predicted mean error and the table bytes; ``multiplier``: the error per byte the
+    allocation ended at (the price :func:`choose_at_multiplier` charges adapters added later)."""
 
     choice: torch.Tensor
     full: torch.Tensor
@@ -142,46 +148,78 @@ class Allocation:
     mean_error: float
     table_bytes: int
     bases_bytes: int
+    residual: torch.Tensor
+    multiplier: float = 0.0
 
     def label(self, i: int) -> str:
-        return "full" if bool(self.full[i]) else "jd" if int(self.choice[i]) < 0 else f"svd-{int(self.choice[i])}"
+        if bool(self.full[i]):
+            return "full"
+        if int(self.choice[i]) >= 0:
+            return f"svd-{int(self.choice[i])}"
+        return f"jd+res-{int(self.residual[i])}" if int(self.residual[i]) else "jd"
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for i in range(len(self.choice)):
-            key = self.label(i) if not self.label(i).startswith("svd-") else "svd"
+            key = self.label(i).split("-")[0]
             out[key] = out.get(key, 0) + 1
         return out
 
 
 @dataclass
 class _Table:
-    """Options as one matrix: column 0 ``jd``, columns ``1..kmax`` ``svd-k``, the last ``full``."""
+    """Options as one matrix: column 0 ``jd``, columns ``1..kmax`` ``svd-k``, ``kmax + 1`` ``full``, then
+    ``kmax + 1 + k`` ``jd+res-k`` for ``k = 1..kmax`` (when the joint fit's residual spectra are known)."""
 
     error: torch.Tensor  # float64 [n, P]
     bytes: torch.Tensor  # float64 [n, P], inf where not allowed
     bases: int
 
 
-def _table(opts: SpectrumOptions, jd: tuple[torch.Tensor, torch.Tensor, int] | None, cores_values: int,
-           itemsize: int, floor: float | None) -> _Table:
+@dataclass
+class JointOption:
+    """What a joint fit offers each adapter (see :func:`joint_option`): ``mean``/``max`` float64 ``[n]`` its
+    relative error over the modules under the joint tables, ``bases`` the bases' bytes, ``cores_values``
+    one adapter's core values; ``residual``: ``(mean, max, values)``, each ``[n, kmax + 1]``, of the core
+    plus a rank-``k`` residual (:func:`~.residual.residual_spectra`), or None (no residual options)."""
+
+    mean: torch.Tensor
+    max: torch.Tensor
+    bases: int
+    cores_values: int
+    residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _table(opts: SpectrumOptions, jd: JointOption | None, itemsize: int, floor: float | None) -> _Table:
     n, kmax = opts.svd_error.shape[0], opts.svd_error.shape[1] - 1
     error = torch.cat([torch.full((n, 1), math.inf, dtype=F64), opts.svd_error[:, 1:],
-                       torch.zeros(n, 1, dtype=F64)], dim=1)
+                       torch.zeros(n, 1, dtype=F64), torch.full((n, kmax), math.inf, dtype=F64)], dim=1)
     size = torch.cat([torch.full((n, 1), math.inf, dtype=F64), opts.svd_values[:, 1:].to(F64) * itemsize,
-                      opts.full_values[:, None].to(F64) * itemsize], dim=1)
+                      opts.full_values[:, None].to(F64) * itemsize, torch.full((n, kmax), math.inf, dtype=F64)],
+                     dim=1)
     # svd-k at or above an adapter's own rank stores as much as its factors: "full" is that option.
     ks = torch.arange(1, kmax + 1)
     size[:, 1:kmax + 1][ks[None, :] >= opts.full_rank[:, None]] = math.inf
-    bases = 0
-    if jd is not None:
-        jd_mean, jd_max, bases = jd
-        error[:, 0] = jd_mean
-        size[:, 0] = float(cores_values * itemsize)
-        if floor is not None:
-            size[:, 0][jd_max > floor * (1 + 1e-12)] = math.inf
     if floor is not None:
         size[:, 1:kmax + 1][opts.svd_max[:, 1:] > floor * (1 + 1e-12)] = math.inf
+    bases = 0
+    if jd is not None:
+        bases = jd.bases
+        cores = float(jd.cores_values * itemsize)
+        error[:, 0] = jd.mean
+        size[:, 0] = cores
+        if floor is not None:
+            size[:, 0][jd.max > floor * (1 + 1e-12)] = math.inf
+        if jd.residual is not None:
+            r_mean, r_max, r_values = (t[:, :kmax + 1] for t in jd.residual)
+            res = slice(kmax + 2, 2 * kmax + 2)
+            error[:, res] = r_mean[:, 1:]
+            size[:, res] = cores + r_values[:, 1:].to(F64) * itemsize
+            # A residual as wide as the adapter itself costs more than its factors; one that stops growing
+            # (the residual's rank reached) repeats the smaller k: neither is an option.
+            size[:, res][(ks[None, :] >= opts.full_rank[:, None]) | (r_values[:, 1:] == r_values[:, :-1])] = math.inf
+            if floor is not None:
+                size[:, res][r_max[:, 1:] > floor * (1 + 1e-12)] = math.inf
     return _Table(error, size, bases)
 
 
@@ -190,8 +228,9 @@ def _pick(t: _Table, lam: float) -> torch.Tensor:
     return cost.argmin(dim=1)
 
 
-def _solve(t: _Table, budget: float) -> torch.Tensor | None:
-    """Column per adapter of least summed error with ``sum bytes <= budget - bases``; None when impossible."""
+def _solve(t: _Table, budget: float) -> tuple[torch.Tensor, float] | None:
+    """Column per adapter of least summed error with ``sum bytes <= budget - bases``, and the multiplier
+    (the error a byte is worth at that budget); None when impossible."""
     room = budget - t.bases
     ar = torch.arange(t.error.shape[0])
     smallest = _pick(t, 1e30)
@@ -212,7 +251,8 @@ def _solve(t: _Table, budget: float) -> torch.Tensor | None:
         cur_e, cur_b = t.error[ar, best], t.bytes[ar, best]
         d_e = cur_e[:, None] - t.error
         d_b = t.bytes - cur_b[:, None]
-        ok = torch.isfinite(t.bytes) & (d_e > 0) & (d_b <= room - used)
+        # An upgrade must remove error beyond round-off (errors are relative, O(1)), or it spends bytes on nothing.
+        ok = torch.isfinite(t.bytes) & (d_e > 1e-12) & (d_b <= room - used)
         if not bool(ok.any()):
             break
         gain = torch.where(ok, d_e / d_b.clamp_min(1.0), torch.full_like(d_e, -1.0))
@@ -221,61 +261,113 @@ def _solve(t: _Table, budget: float) -> torch.Tensor | None:
         used += float(d_b[i, c])
         best = best.clone()
         best[i] = c
-    return best
+    return best, 10.0 ** hi
 
 
-def _as_allocation(t: _Table, cols: torch.Tensor, opts: SpectrumOptions) -> Allocation:
+def _as_allocation(t: _Table, cols: torch.Tensor, opts: SpectrumOptions, multiplier: float) -> Allocation:
     ar = torch.arange(len(cols))
     kmax = opts.svd_error.shape[1] - 1
     full = cols == kmax + 1
-    choice = torch.where(cols == 0, torch.full_like(cols, -1), torch.where(full, opts.full_rank, cols))
+    in_tables = (cols == 0) | (cols > kmax + 1)
+    choice = torch.where(in_tables, torch.full_like(cols, -1), torch.where(full, opts.full_rank, cols))
+    residual = torch.where(cols > kmax + 1, cols - (kmax + 1), torch.zeros_like(cols))
     return Allocation(choice, full, opts.full_rank, float(t.error[ar, cols].mean()), int(t.bytes[ar, cols].sum()) + t.bases,
-                      t.bases)
+                      t.bases, residual, multiplier)
 
 
-def allocate(opts: SpectrumOptions, budget: float, *, jd: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-             cores_values: int = 0, itemsize: int = 2, floor: float | None = None) -> Allocation | None:
+def allocate(opts: SpectrumOptions, budget: float, *, jd: JointOption | None = None, itemsize: int = 2,
+             floor: float | None = None) -> Allocation | None:
     """The allocation of least predicted mean error within ``budget`` table bytes, or None when none fits.
 
-    ``jd``: the joint fit's per-adapter mean and max relative error over modules and its bases' bytes
-    (None: no joint tables); ``cores_values``: values of one adapter's cores; ``floor``: ``--max-rel-error``.
+    ``jd``: what the joint fit offers (:func:`joint_option`; None: no joint tables); ``floor``:
+    ``--max-rel-error``.
     """
-    t = _table(opts, jd, cores_values, itemsize, floor)
-    cols = _solve(t, budget)
-    return None if cols is None else _as_allocation(t, cols, opts)
+    t = _table(opts, jd, itemsize, floor)
+    solved = _solve(t, budget)
+    return None if solved is None else _as_allocation(t, solved[0], opts, solved[1])
 
 
-def joint_option(result: CompressedCollection, itemsize: int, team: ModuleTeam = SOLO, width: int | None = None):
-    """``(jd, cores_values)`` of a joint fit for :func:`allocate`: per-adapter mean and max relative error
-    over the modules, the bases' bytes, and one adapter's core values. ``width``: the sum of
-    ``d_in + d_out`` over all modules (needed with several processes, each holding some)."""
+def choose_at_multiplier(opts: SpectrumOptions, jd: JointOption, multiplier: float, *, itemsize: int = 2,
+                         floor: float | None = None) -> Allocation:
+    """Each adapter's option of least ``error + multiplier * bytes``, the bases already paid for: the rule
+    for adapters added to a byte-budget store (``multiplier``: the one its allocation ended at, the error
+    a byte was worth there). An adapter with no option within ``floor`` keeps its original factors."""
+    t = _table(opts, jd, itemsize, floor)
+    t.bases = 0
+    return _as_allocation(t, _pick(t, multiplier), opts, multiplier)
+
+
+def joint_option(result: CompressedCollection, itemsize: int, team: ModuleTeam = SOLO, width: int | None = None, *,
+                 collection: AdapterCollection | None = None, kmax: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> JointOption:
+    """What a joint fit offers for :func:`allocate`. ``width``: the sum of ``d_in + d_out`` over all
+    modules (needed with several processes, each holding some). With ``collection`` and ``kmax`` >= 1,
+    also the residual options up to rank ``kmax`` (one more pass over the modules)."""
     rel, _ = all_rel_errors(result, team)
     if width is None:
         width = sum(cm.spec.d_in + cm.spec.d_out for cm in result.modules.values())
     count = rel.shape[1] if rel.numel() else 1
     per_core = result.rank * result.rank if result.method == "full" else result.rank
     bases = result.num_clusters * result.rank * width * itemsize
-    return (rel.sum(1) / max(count, 1), rel.max(1).values if rel.numel() else torch.zeros(rel.shape[0], dtype=F64),
-            bases), per_core * count
+    residual = None
+    if collection is not None and kmax >= 1:
+        residual = residual_spectra(result, collection, kmax, dtype=dtype, device=device, team=team)
+    return JointOption(rel.sum(1) / max(count, 1),
+                       rel.max(1).values if rel.numel() else torch.zeros(rel.shape[0], dtype=F64),
+                       bases, per_core * count, residual)
 
 
 def apply_allocation(result: CompressedCollection, collection: AdapterCollection, alloc: Allocation, *,
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                      team: ModuleTeam = SOLO) -> list[str]:
-    """Move the adapters the allocation keeps on their own out of the joint tables (in place); their names."""
+    """Apply the allocation of ``collection``'s adapters (all in ``result``'s joint tables) to ``result``, in
+    place: the adapters it keeps on their own leave the joint tables, those with a residual get it
+    (:func:`~.residual.residual_adapters`); returns the names that left."""
+    ours = list(collection.adapter_names)
+    with_res = alloc.residual > 0
+    if bool(with_res.any()):
+        res_names = [x for x, o in zip(ours, with_res.tolist()) if o]
+        result.individual.update(residual_adapters(result, collection, res_names, alloc.residual[with_res],
+                                                   dtype=dtype, device=device, team=team))
     leave = alloc.choice >= 0
-    names = [x for x, o in zip(result.adapter_names, leave.tolist()) if o]
+    names = [x for x, o in zip(ours, leave.tolist()) if o]
     if not names:
         return []
     jd = None
     if result.method in ("full", "diag") and result.num_clusters:
         rel, mods = all_rel_errors(result, team)
-        jd = {x: {m: float(rel[i, j]) for j, m in enumerate(mods)}
-              for i, x in enumerate(result.adapter_names) if leave[i]}
+        jd = {x: {m: float(rel[result.index(x), j]) for j, m in enumerate(mods)} for x in names}
     result.individual.update(individual_at_ranks(collection, names, alloc.choice[leave], alloc.full_rank[leave],
                                                  jd_errors=jd, dtype=dtype, device=device, team=team))
-    drop_from_tables(result, leave)
+    gone = set(names)
+    drop_from_tables(result, torch.tensor([x in gone for x in result.adapter_names], dtype=torch.bool))
     return names
+
+
+def allocate_new_adapters(compressed: CompressedCollection, new: AdapterCollection, report, *,
+                          device: torch.device | str = "cpu", floor: float | None = None) -> list[str]:
+    """After :func:`~.projection.project_adapters` added ``new``'s adapters (``report``) to a byte-budget
+    store, give each the representation of least ``error + multiplier * bytes`` at the store's recorded
+    multiplier (:func:`choose_at_multiplier`; the bases are paid for), in place. ``floor``: the
+    ``--max-rel-error`` to respect (default: the store's). Returns every new adapter's label."""
+    bb = compressed.metadata["byte_budget"]
+    floor = floor if floor is not None else compressed.metadata.get("max_rel_error")
+    opts = spectrum_options(new, dtype=F64, device=device)
+    kmax = opts.svd_error.shape[1] - 1
+    rel = report.rel_errors.to(F64)
+    per_core = compressed.rank * compressed.rank if compressed.method == "full" else compressed.rank
+    residual = None
+    if bb.get("residual", False) and kmax >= 1:
+        residual = residual_spectra(compressed, new, kmax, dtype=F64, device=device)
+    jd = JointOption(rel.mean(1), rel.max(1).values, 0, per_core * rel.shape[1], residual)
+    alloc = choose_at_multiplier(opts, jd, float(bb["multiplier"]), itemsize=int(bb["itemsize"]), floor=floor)
+    before = set(compressed.individual)
+    apply_allocation(compressed, new, alloc, dtype=F64, device=device)
+    store_dtype = next(iter(compressed.modules.values())).U.dtype
+    for name in set(compressed.individual) - before:
+        ind = compressed.individual[name]
+        ind.factors = {m: (A.to(store_dtype), B.to(store_dtype)) for m, (A, B) in ind.factors.items()}
+    return [compressed.path_of(x) for x in new.adapter_names]
 
 
 @dataclass
@@ -327,13 +419,15 @@ def candidates(n: int, rank: int | None, clusters) -> list[tuple[int, int]]:
 
 def compress_for_budget(collection: AdapterCollection, budget_bytes: float | None, budget_ratio: float | None, *,
                         rank: int | None, clusters, itemsize: int, floor: float | None, fit, dtype=torch.float32,
-                        device="cpu", team: ModuleTeam = SOLO, per_adapter: bool = True, log=None):
+                        device="cpu", team: ModuleTeam = SOLO, per_adapter: bool = True, residual: bool = True,
+                        log=None):
     """Fit the joint candidates, allocate each within the budget, keep the best.
 
     Returns ``(result, allocation, curve)``; ``result`` is None when the best store has no joint tables.
 
     ``fit(rank, clusters)`` returns a joint fit (:class:`CompressedCollection`). ``per_adapter``: also try
-    the store without joint tables (every adapter its own SVD or factors). Raises ``ValueError`` naming
+    the store without joint tables (every adapter its own SVD or factors); ``residual``: offer the joint
+    adapters a private residual (:mod:`.residual`). Raises ``ValueError`` naming
     the budget when no candidate fits in it (below the smallest possible store).
     """
     opts = spectrum_options(collection, dtype=dtype, device=device, team=team)
@@ -353,7 +447,7 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
     for label, r, k in fits:
         t0 = time.perf_counter()
         if r is None:
-            result, jd, cores = None, None, 0
+            result, jd = None, None
         else:
             # The bases alone: skip the fit when they cannot fit in the budget.
             bases = bases_bytes(collection, r, k, itemsize)
@@ -363,13 +457,14 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
                     log(f"budget: {label} skipped, its bases alone take {bases:,} bytes")
                 continue
             result = fit(r, k)
-            jd, cores = joint_option(result, itemsize, team, width)
+            jd = joint_option(result, itemsize, team, width, collection=collection,
+                              kmax=opts.svd_error.shape[1] - 1 if residual else 0, dtype=dtype, device=device)
         curve.candidates.append(label)
         curve.points[label] = {}
         for ratio in CURVE_RATIOS:
-            a = allocate(opts, ratio * orig, jd=jd, cores_values=cores, itemsize=itemsize, floor=floor)
+            a = allocate(opts, ratio * orig, jd=jd, itemsize=itemsize, floor=floor)
             curve.points[label][ratio] = (a.table_bytes, a.mean_error) if a else None
-        a = allocate(opts, budget, jd=jd, cores_values=cores, itemsize=itemsize, floor=floor)
+        a = allocate(opts, budget, jd=jd, itemsize=itemsize, floor=floor)
         curve.at_budget[label] = a.mean_error if a else None
         curve.seconds[label] = time.perf_counter() - t0
         if log:

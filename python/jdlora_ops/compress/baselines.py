@@ -11,12 +11,12 @@ import time
 
 import torch
 
-from ._linalg import F64
+from ._linalg import F64, product_spectrum
 from .collection import AdapterCollection, ModuleFactors
 from .jd import check_rank
 from .result import CompressedCollection, CompressedModule, ProjectionReport, check_nonzero, merge_metadata, relative
 
-__all__ = ["truncated_svd", "singular_values", "compress_svd", "compress_none", "append_individual"]
+__all__ = ["truncated_svd", "squared_singular_values", "compress_svd", "compress_none", "append_individual"]
 
 
 def truncated_svd(factors: ModuleFactors, rank: int):
@@ -50,16 +50,15 @@ def truncated_svd(factors: ModuleFactors, rank: int):
     return U, s, V, errors, norms
 
 
-def singular_values(factors: ModuleFactors) -> torch.Tensor:
-    """float64 ``[n, rho]`` singular values of every ``dW_i`` (descending; zero past an adapter's rank),
-    ``rho`` the largest rank: the triangular factors of the two QRs only, none of the vectors."""
+def squared_singular_values(factors: ModuleFactors) -> torch.Tensor:
+    """float64 ``[n, rho]`` squared singular values of every ``dW_i`` (descending; zero past an adapter's
+    rank), ``rho`` the largest rank, from the ``r_i x r_i`` Grams of the two factors
+    (:func:`~._linalg.product_spectrum`)."""
     rho = max([0] + [g.rank for g in factors.groups])
-    s = torch.zeros(factors.num_adapters, rho, dtype=F64)
+    s2 = torch.zeros(factors.num_adapters, rho, dtype=F64)
     for g in factors.groups:
-        RB = torch.linalg.qr(g.Bt.transpose(1, 2), mode="r").R
-        RA = torch.linalg.qr(g.A.transpose(1, 2), mode="r").R
-        s[g.index.cpu(), :g.rank] = torch.linalg.svdvals(torch.bmm(RB, RA.transpose(1, 2))).to(F64).cpu()
-    return s
+        s2[g.index.cpu(), :g.rank] = product_spectrum(g.Bt @ g.Bt.transpose(1, 2), g.A @ g.A.transpose(1, 2)).cpu()
+    return s2
 
 
 def _svd_module(f: ModuleFactors, rank: int) -> CompressedModule:

@@ -130,6 +130,7 @@ def compress_to_store(
     overwrite: bool = False,
     target_bytes: float | None = None,
     target_ratio: float | None = None,
+    residual: bool = True,
     log_curve=None,
     **compress_args,
 ) -> CompressedCollection:
@@ -141,8 +142,10 @@ def compress_to_store(
     ``target_bytes`` or ``target_ratio`` (of the original bytes) choose each
     adapter's representation within a byte budget (:mod:`.allocation`; then
     ``rank`` may be None and ``num_clusters`` None or ``"auto"`` to search
-    them, and ``max_rel_error`` is each adapter's floor); ``log_curve(lines)``
-    receives the searched curve;
+    them, and ``max_rel_error`` is each adapter's floor; ``residual=False``
+    leaves out the core-plus-residual representation, for servers that serve
+    the joint tables and own factors only); ``log_curve(lines)`` receives the
+    searched curve;
     ``store_dtype``/``overwrite`` go to :func:`~jdlora_ops.store.save_store`.
     ``group``: a process group (default: the default group when initialised,
     else this process alone); ``team``: a :class:`ModuleTeam` instead (it
@@ -163,7 +166,8 @@ def compress_to_store(
     team = team or team_of(group)
     method = compress_args.get("method", "full")
     options = {k: v for k, v in compress_args.items() if k not in ("log", "progress", "team")}
-    options.update(max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio, damping=damping, store_dtype=store_dtype, overwrite=overwrite,
+    options.update(max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio,
+                   residual=residual, damping=damping, store_dtype=store_dtype, overwrite=overwrite,
                    out=os.path.basename(os.path.abspath(os.fspath(out))),
                    calibration=None if calibration is None else (calibration.model, calibration.token_count,
                                                                  len(calibration.second_moments)))
@@ -194,7 +198,7 @@ def compress_to_store(
                                            max_rel_error=max_rel_error, stats_path=calibration_path, **args)
     elif budgeted:
         result = _compress_for_budget(collection, rank, args, target_bytes, target_ratio, max_rel_error, store_dtype,
-                                      team, log_curve)
+                                      team, log_curve, residual)
     else:
         result = compress(collection, rank, **args)
         if max_rel_error is not None:
@@ -204,7 +208,8 @@ def compress_to_store(
     return write_store(team, result, collection, out, dtype=store_dtype, overwrite=overwrite)
 
 
-def _compress_for_budget(collection, rank, args, target_bytes, target_ratio, floor, store_dtype, team, log_curve):
+def _compress_for_budget(collection, rank, args, target_bytes, target_ratio, floor, store_dtype, team, log_curve,
+                         residual):
     """The byte budget's pipeline: spectra, joint candidates, allocation, the chosen representations."""
     from . import compress
 
@@ -227,7 +232,7 @@ def _compress_for_budget(collection, rank, args, target_bytes, target_ratio, flo
     result, alloc, curve = compress_for_budget(
         collection, target_bytes, target_ratio, rank=rank, clusters=clusters, itemsize=itemsize, floor=floor,
         fit=fit, dtype=args.get("dtype", torch.float32), device=args.get("device", "cpu"), team=team,
-        per_adapter=not joint_fixed, log=args.get("log"))
+        per_adapter=not joint_fixed, residual=residual, log=args.get("log"))
     if result is None:  # every adapter on its own: a joint fit of one rank-1 cluster that they all leave
         result = fit(1, 1)
     if list(result.adapter_names) != list(collection.adapter_names):
@@ -236,8 +241,10 @@ def _compress_for_budget(collection, rank, args, target_bytes, target_ratio, flo
                      device=args.get("device", "cpu"), team=team)
     if floor is not None:
         result.metadata["max_rel_error"] = floor
+    # The multiplier, item size and options are the rule for adapters added later (`jdlora add`).
     result.metadata["byte_budget"] = {**curve.as_dict(), "predicted_mean_rel_error": alloc.mean_error,
-                                      "predicted_table_bytes": alloc.table_bytes, "representations": alloc.counts()}
+                                      "predicted_table_bytes": alloc.table_bytes, "representations": alloc.counts(),
+                                      "multiplier": alloc.multiplier, "itemsize": itemsize, "residual": residual}
     if log_curve is not None and team.is_root:
         log_curve(curve.lines())
     return result
@@ -297,7 +304,8 @@ def _write_shard(result: CompressedCollection, staging: str, rank: int) -> None:
     for name, ind in result.individual.items():
         for m, (A, B) in ind.factors.items():
             tensors[f"{name}::{m}::A"], tensors[f"{name}::{m}::B"] = A, B
-        individual[name] = {"modules": list(ind.factors), "rel_errors": ind.rel_errors, "ranks": ind.ranks}
+        individual[name] = {"modules": list(ind.factors), "rel_errors": ind.rel_errors, "ranks": ind.ranks,
+                            "jd_rel_errors": ind.jd_rel_errors}
     md = result.metadata
     meta = {"modules": list(result.modules), "individual": individual, "ranks": md.get("ranks") or {},
             "activation_weighted_rel_errors": md.get("activation_weighted_rel_errors") or {}}
@@ -332,7 +340,7 @@ def _assemble(result: CompressedCollection, collection: AdapterCollection, stagi
     ranks = dict(md.get("ranks") or {})
     weighted = dict(md.get("activation_weighted_rel_errors") or {})
     individual = {name: IndividualAdapter(ind.name, ind.path, ind.rank, dict(ind.factors), dict(ind.rel_errors),
-                                          dict(ind.ranks), ind.jd_rel_errors)
+                                          dict(ind.ranks), dict(ind.jd_rel_errors))
                   for name, ind in result.individual.items()}
     for r in range(1, world):
         meta, t = _read_shard(staging, r)
@@ -345,6 +353,7 @@ def _assemble(result: CompressedCollection, collection: AdapterCollection, stagi
                 ind.factors[m] = (t[f"{name}::{m}::A"], t[f"{name}::{m}::B"])
             ind.rel_errors.update(part["rel_errors"])
             ind.ranks.update(part["ranks"])
+            ind.jd_rel_errors.update(part["jd_rel_errors"])
         ranks.update(meta["ranks"])
         weighted.update(meta["activation_weighted_rel_errors"])
     order = [s.name for s in collection.modules]

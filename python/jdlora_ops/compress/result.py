@@ -59,16 +59,20 @@ class CompressedModule:
 
 @dataclass
 class IndividualAdapter:
-    """An adapter kept outside the joint tables because its joint error exceeded the budget.
+    """An adapter's own factors: all of it (kept outside the joint tables), or its residual.
 
-    * ``path``: ``"svd"`` (per-adapter truncated SVD at rank ``rank``) or
-      ``"full"`` (its own factors, uncompressed: the SVD would need full rank).
+    * ``path``: ``"svd"`` (per-adapter truncated SVD at rank ``rank``),
+      ``"full"`` (its own factors, uncompressed: the SVD would need full rank),
+      or ``"residual"``: the adapter stays in the joint tables and these
+      factors are the rank-``rank`` truncated SVD of what its core misses
+      (see :mod:`.residual`); the served update is the core's plus ``B @ A``.
     * ``factors``: module name -> ``(A [k, d_in], B [d_out, k])`` with the PEFT
-      scaling folded into ``B`` (``B @ A`` is the served update); modules the
-      adapter lacks are absent.
-    * ``rel_errors``: module name -> relative squared error of ``B @ A``
-      (0 for ``"full"``); ``jd_rel_errors``: the same under the joint tables,
-      when known; ``ranks``: module name -> the adapter's original rank.
+      scaling folded into ``B``; modules without factors are absent (for a
+      residual: modules its core already serves exactly).
+    * ``rel_errors``: module name -> relative squared error of the served
+      update (0 for ``"full"``); ``jd_rel_errors``: the same under the joint
+      tables alone, when known; ``ranks``: module name -> the adapter's
+      original rank.
     """
 
     name: str
@@ -81,7 +85,13 @@ class IndividualAdapter:
 
     @property
     def label(self) -> str:
+        if self.path == "residual":
+            return f"jd+res-{self.rank}"
         return f"svd-{self.rank}" if self.path == "svd" else self.path
+
+    @property
+    def is_residual(self) -> bool:
+        return self.path == "residual"
 
     def params(self) -> int:
         return sum(A.numel() + B.numel() for A, B in self.factors.values())
@@ -100,9 +110,10 @@ class CompressedCollection:
       else a store should carry (JSON-serialisable).
     * ``history``: one dict per round of the clustered fit (objective, number
       of reassigned adapters, seconds).
-    * ``individual``: name -> :class:`IndividualAdapter`, adapters served
-      outside the joint tables (per-adapter error budget); they are not among
-      ``adapter_names``.
+    * ``individual``: name -> :class:`IndividualAdapter`: adapters served
+      outside the joint tables (an error or byte budget; not among
+      ``adapter_names``), and the residuals of adapters inside them (path
+      ``"residual"``; among ``adapter_names``).
     """
 
     method: str
@@ -132,48 +143,73 @@ class CompressedCollection:
             raise KeyError(f"no adapter named {name!r} (have {len(self.adapter_names)} adapters)") from None
 
     def rel_errors(self) -> torch.Tensor:
-        """``[n, M]`` relative squared error per adapter and module (float64)."""
+        """``[n, M]`` relative squared error per adapter and module (float64) of the joint tables alone
+        (an adapter with a residual has less: :meth:`served_rel_errors`)."""
         if not self.modules:
             return torch.zeros(self.num_adapters, 0, dtype=torch.float64)
         return torch.stack([m.rel_errors.double().cpu() for m in self.modules.values()], dim=1)
 
+    def served_rel_errors(self) -> torch.Tensor:
+        """:meth:`rel_errors` with the rows of adapters that have a residual replaced by their served error."""
+        rel = self.rel_errors()
+        for name, ind in self.individual.items():
+            if ind.is_residual:
+                rel[self.index(name)] = torch.tensor([float(ind.rel_errors.get(m, 0.0)) for m in self.modules],
+                                                     dtype=torch.float64)
+        return rel
+
+    @property
+    def residuals(self) -> dict[str, "IndividualAdapter"]:
+        """The residuals of adapters in the joint tables, by name."""
+        return {x: ind for x, ind in self.individual.items() if ind.is_residual}
+
     @property
     def all_names(self) -> list[str]:
-        """Every adapter: those in the joint tables, then the individual ones."""
-        return list(self.adapter_names) + list(self.individual)
+        """Every adapter once: those in the joint tables, then those outside them."""
+        return list(self.adapter_names) + [x for x, ind in self.individual.items() if not ind.is_residual]
 
     def path_of(self, name: str) -> str:
-        """``"jd"``, ``"svd-k"`` or ``"full"``: how adapter ``name`` is stored."""
+        """``"jd"``, ``"jd+res-k"``, ``"svd-k"`` or ``"full"``: how adapter ``name`` is stored."""
         if name in self.individual:
             return self.individual[name].label
         self.index(name)
         return "jd"
 
     def reconstruct(self, adapter: str | int, module: str) -> torch.Tensor:
-        """Dense ``[d_out, d_in]`` reconstruction of one adapter on one module."""
-        if isinstance(adapter, str) and adapter in self.individual:
-            ind = self.individual[adapter]
-            spec = self.modules[module].spec
-            if module not in ind.factors:
-                return torch.zeros(spec.d_out, spec.d_in, dtype=torch.float64)
+        """Dense ``[d_out, d_in]`` reconstruction of one adapter on one module (what serving computes)."""
+        name = adapter if isinstance(adapter, str) else self.adapter_names[adapter]
+        ind = self.individual.get(name)
+        own = None
+        if ind is not None and module in ind.factors:
             A, B = ind.factors[module]
-            return B @ A
+            own = B @ A
+        if ind is not None and not ind.is_residual:
+            if own is None:
+                spec = self.modules[module].spec
+                return torch.zeros(spec.d_out, spec.d_in, dtype=torch.float64)
+            return own
         i = adapter if isinstance(adapter, int) else self.index(adapter)
         cm = self.modules[module]
         k = int(self.assignment[i])
-        return cm.U[k] @ cm.core(i) @ cm.Vt[k]
+        core = cm.U[k] @ cm.core(i) @ cm.Vt[k]
+        return core if own is None else core + own.to(core.dtype)
 
     def lora_factors(self, adapter: str | int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-``r`` LoRA factors ``(B [d_out, r], A [r, d_in])`` with ``B @ A`` equal
-        to the reconstruction (scaling 1); for an individual adapter its own
-        factors (``None`` when it lacks the module).
+        to the reconstruction (scaling 1); for an adapter outside the joint
+        tables its own factors (``None`` when it lacks the module); for one
+        with a residual, the core's factors and the residual's side by side
+        (rank ``r + k``), so that ``B @ A`` is the served sum.
 
         The core is split by its SVD, ``Sigma = P S Q^T``: ``B = U P S^(1/2)``,
         ``A = S^(1/2) Q^T Vt``, so both factors have comparable magnitudes.
         """
-        if isinstance(adapter, str) and adapter in self.individual:
-            ab = self.individual[adapter].factors.get(module)
-            return None if ab is None else (ab[1].to(torch.float64), ab[0].to(torch.float64))
+        name = adapter if isinstance(adapter, str) else self.adapter_names[adapter]
+        ind = self.individual.get(name)
+        own = None if ind is None or module not in ind.factors else ind.factors[module]
+        own = None if own is None else (own[1].to(torch.float64), own[0].to(torch.float64))
+        if ind is not None and not ind.is_residual:
+            return own
         i = adapter if isinstance(adapter, int) else self.index(adapter)
         cm = self.modules[module]
         k = int(self.assignment[i])
@@ -182,6 +218,8 @@ class CompressedCollection:
         root = S.sqrt()
         B = cm.U[k].to(torch.float64) @ (P * root)
         A = (root[:, None] * Qh) @ cm.Vt[k].to(torch.float64)
+        if own is not None:
+            B, A = torch.cat([B, own[0]], dim=1), torch.cat([A, own[1]], dim=0)
         return B, A
 
     def memory(self, bytes_per_value: int = 2) -> dict:
@@ -208,10 +246,11 @@ class CompressedCollection:
             else:
                 after += used * cm.rank * width + cm.sigma.numel()
         for ind in self.individual.values():
-            for name, r in ind.ranks.items():
-                cm = self.modules.get(name)
-                if cm is not None:
-                    before += int(r) * (cm.spec.d_out + cm.spec.d_in)
+            if not ind.is_residual:  # a residual's adapter is counted among the joint tables' already
+                for name, r in ind.ranks.items():
+                    cm = self.modules.get(name)
+                    if cm is not None:
+                        before += int(r) * (cm.spec.d_out + cm.spec.d_in)
             after += ind.params()
         return {
             "params_before": before,
@@ -223,9 +262,10 @@ class CompressedCollection:
 
     def summary(self) -> dict:
         """Mean and max relative error over all (adapter, module) pairs, individual adapters included."""
-        e = self.rel_errors().flatten()
-        if self.individual:
-            extra = [float(ind.rel_errors.get(m, 0.0)) for ind in self.individual.values() for m in self.modules]
+        e = self.served_rel_errors().flatten()
+        outside = [ind for ind in self.individual.values() if not ind.is_residual]
+        if outside:
+            extra = [float(ind.rel_errors.get(m, 0.0)) for ind in outside for m in self.modules]
             e = torch.cat([e, torch.tensor(extra, dtype=torch.float64)])
         if e.numel() == 0:
             return {"mean_rel_error": 0.0, "max_rel_error": 0.0}

@@ -194,8 +194,11 @@ class AdapterCache:
       larger of the collection's rank, or 16, and the ranks of the adapters it
       stores outside the joint tables) for uncompressed adapters (default: as
       many as those adapters, 0 when there are none). Adapters a store keeps
-      outside the joint tables (its error budget) are registered as
-      uncompressed adapters when the cache opens.
+      outside the joint tables (its error or byte budget) are registered as
+      uncompressed adapters when the cache opens; an adapter with a residual
+      (``jd+res-k``) is both: its core in the compressed tables and its
+      residual factors in an uncompressed slot, served on the same tokens and
+      summed.
     * ``device`` (default: CUDA when available), ``dtype`` of the tables
       (default float32 on the CPU, bfloat16 on CUDA; it must be the model's).
     * ``lazy``: read the store on demand (default: when the store is larger
@@ -289,9 +292,15 @@ class AdapterCache:
         self._ready: dict[tuple[str, int], object] = {}
         self._last_use: dict[tuple[str, int], dict[int, object]] = {}
         self._inflight: list[tuple[object, list]] = []
+        #: Adapters of the compressed tables that also have residual factors (in ``host.uncompressed``).
+        self._residual: set[str] = set()
         for name, factors, config in individual:
-            checked = self._check_factors(name, {m: (A, B, 1.0) for m, (A, B) in factors.items()}, config, None)
+            residual = name in self._comp_index
+            checked = self._check_factors(name, {m: (A, B, 1.0) for m, (A, B) in factors.items()}, config, None,
+                                          residual=residual)
             self._register_checked(name, checked, config)
+            if residual:
+                self._residual.add(name)
 
     # ================================================================ queries
     @property
@@ -310,7 +319,7 @@ class AdapterCache:
     def adapter_names(self) -> list[str]:
         """Every adapter the cache can serve: compressed, then uncompressed."""
         with self.lock:
-            return list(self.host.names) + list(self.host.uncompressed)
+            return list(self.host.names) + [x for x in self.host.uncompressed if x not in self._residual]
 
     @property
     def capacity(self) -> dict:
@@ -326,10 +335,11 @@ class AdapterCache:
             return name in self._comp_index or name in self.host.uncompressed
 
     def path_of(self, name: str) -> str:
-        """``"compressed"`` or ``"uncompressed"``: which ops serve ``name``."""
+        """``"compressed"``, ``"uncompressed"`` or ``"compressed+residual"`` (both, summed): which ops
+        serve ``name``."""
         with self.lock:
             if name in self._comp_index:
-                return "compressed"
+                return "compressed+residual" if name in self._residual else "compressed"
             if name in self.host.uncompressed:
                 return "uncompressed"
             raise self._unknown(name)
@@ -347,13 +357,14 @@ class AdapterCache:
         ``"host"`` or ``"disk"`` (for routers that send a request where its
         adapter already is)."""
         with self.lock:
-            if name in self.host.uncompressed:
+            if name in self.host.uncompressed and name not in self._residual:
                 return "device" if name in self._uncompressed else "host"
             if name not in self._comp_index:
                 raise self._unknown(name)
             i = self._comp_index[name]
             k = self.host.assignment[i]
-            if name in self._adapters:
+            residual_resident = name not in self._residual or name in self._uncompressed
+            if name in self._adapters and residual_resident:
                 return "device"
             if self.host.has_cores(i) and self.host.has_bases(k):
                 return "host"
@@ -409,10 +420,10 @@ class AdapterCache:
         self.stats.bytes_disk_to_host = self.host.bytes_read - b0
 
     def _unknown(self, name) -> UnknownAdapterError:
-        n = len(self.host.names) + len(self.host.uncompressed)
+        unc = len(self.host.uncompressed) - len(self._residual)
         return UnknownAdapterError(
-            f"unknown adapter {name!r}: the cache holds {n} adapters (compressed: {len(self.host.names)}, "
-            f"uncompressed: {len(self.host.uncompressed)}); register or add it first"
+            f"unknown adapter {name!r}: the cache holds {len(self.host.names) + unc} adapters (compressed: "
+            f"{len(self.host.names)}, uncompressed: {unc}); register or add it first"
         )
 
     # ============================================================ residency
@@ -472,9 +483,22 @@ class AdapterCache:
             return self.stats.adapter_misses + self.stats.uncompressed_misses - before
 
     def evict(self, name: str) -> bool:
-        """Free ``name``'s device slot. Returns ``False`` when it is not resident
-        or is pinned by a batch in flight (then nothing changes)."""
+        """Free ``name``'s device slot (both, for an adapter with a residual). Returns ``False`` when it
+        is not resident or is pinned by a batch in flight (then nothing changes)."""
         with self.lock:
+            if name in self._residual:
+                s, r = self._adapters.lookup(name), self._uncompressed.lookup(name)
+                if (s is None and r is None) or (s is not None and self._adapters.pinned(s)) or (
+                        r is not None and self._uncompressed.pinned(r)):
+                    return False
+                if r is not None:
+                    self._uncompressed.remove(name)
+                    self.stats.uncompressed_evictions += 1
+                if s is not None:
+                    self._adapters.remove(name)
+                    self._slot_cluster[s] = -1
+                    self.stats.adapter_evictions += 1
+                return True
             if name in self.host.uncompressed:
                 s = self._uncompressed.lookup(name)
                 if s is None or self._uncompressed.pinned(s):
@@ -520,13 +544,13 @@ class AdapterCache:
         for name in names:
             if name is None:
                 continue
+            if name not in self._comp_index and name not in self.host.uncompressed:
+                raise self._unknown(name)
             if name in self._comp_index:
                 comp.setdefault(name, self._comp_index[name])
-            elif name in self.host.uncompressed:
-                if name not in unc:
-                    unc.append(name)
-            else:
-                raise self._unknown(name)
+            # An adapter with a residual takes both: its core's slot and its residual's.
+            if name in self.host.uncompressed and name not in unc:
+                unc.append(name)
         clusters = sorted({self.host.assignment[i] for i in comp.values()})
         for what, need, pool in (
             ("compressed adapters", len(comp), self._adapters),
@@ -681,11 +705,13 @@ class AdapterCache:
                 t.lora_B[slot, :, r:].zero_()
 
     # ======================================================= registration
-    def _check_factors(self, name: str, factors: Factors, config: dict | None, base_model: str | None) -> dict:
-        """Validate an adapter's factors; returns module index -> (A, B, scale) as float32 CPU tensors."""
+    def _check_factors(self, name: str, factors: Factors, config: dict | None, base_model: str | None, *,
+                       residual: bool = False) -> dict:
+        """Validate an adapter's factors (``residual``: those of an adapter of the compressed tables);
+        returns module index -> (A, B, scale) as float32 CPU tensors."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
-        if name in self._comp_index or name in self.host.uncompressed:
+        if (name in self._comp_index and not residual) or name in self.host.uncompressed:
             raise ValueError(f"an adapter named {name!r} is already in the cache")
         bm = base_model or (config or {}).get("base_model_name_or_path")
         if bm and self.base_model and bm != self.base_model:

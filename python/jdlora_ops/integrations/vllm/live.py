@@ -86,6 +86,11 @@ class Generation:
         self.stamp = stamp
         self.number = int(reader.generation)
         self.index = {n: i for i, n in enumerate(reader.adapter_names)}
+        # Adapters with factors of their own (outside the joint tables, or a residual beside a core): the
+        # plug-in serves the joint tables only, and a core without its residual would be a wrong output.
+        self.own_factors = {str(e["name"]): ("jd+res-%d" % int(e["rank"]) if e["path"] == "residual" else
+                                             "svd-%d" % int(e["rank"]) if e["path"] == "svd" else str(e["path"]))
+                            for e in reader.manifest.get("individual") or []}
         self.digests = list(reader.adapter_digests)
         self.rank, self.diagonal = int(reader.rank), bool(reader.diagonal)
         self.modules = tuple((s.name, int(s.d_out), int(s.d_in)) for s in reader.modules)
@@ -203,6 +208,10 @@ class StoreView:
                 return f"the store cannot be served ({self._refused[1] if self._refused else 'not read yet'})"
             refused = (f"; the store's newest generation cannot be served ({self._refused[1]}), generation "
                        f"{gen.number} is served") if self._refused else ""
+            if name in gen.own_factors:
+                return (f"adapter {name!r} is stored as {gen.own_factors[name]} (factors of its own, beside or "
+                        f"outside the joint tables), which this plug-in does not serve: serve it with "
+                        f"jdlora_ops.serving.AdapterCache, or `jdlora export` it and load it as a PEFT adapter")
             if name not in gen.index:
                 if name in self._named:
                     return f"adapter {name!r} was removed from the store (generation {gen.number}){refused}"
