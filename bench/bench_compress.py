@@ -259,13 +259,15 @@ def bench_stream(n, layers, K, r, max_iter, tol, max_rounds, warmup_rounds, log,
 def bench_allocation(col, res, ratio: float, compress_wall: float) -> dict:
     """What ``--target-ratio`` adds to a plain compression at the given rank and K: the spectra pass,
     the allocation and the chosen adapters' own factors, timed step by step (bf16 store bytes)."""
-    from jdlora_ops.compress.allocation import allocate, apply_allocation, joint_option, original_bytes, spectrum_options
+    from jdlora_ops.compress.allocation import (allocate, apply_allocation, joint_option, nominal_ranks,
+                                                original_bytes, spectrum_options)
 
     t = {}
-    opts, t["spectra"] = timed(spectrum_options, col)
-    # The joint errors and, in one more pass over the modules, the residual options' spectra.
-    jd, t["joint_errors_and_residual_spectra"] = timed(joint_option, res, 2, collection=col,
-                                                       kmax=opts.svd_error.shape[1] - 1)
+    # As compress_for_budget does it: the ranks from the collection, then one pass for the spectra and the
+    # joint fit's residual options.
+    (_, kmax), t["ranks"] = timed(nominal_ranks, col)
+    opts, t["spectra_and_residual_spectra"] = timed(spectrum_options, col, joint=res, kmax=kmax)
+    jd, t["joint_errors"] = timed(joint_option, res, 2, residual=opts.residual)
     budget = ratio * original_bytes(opts, 2)
     alloc, t["allocate"] = timed(allocate, opts, budget, jd=jd, itemsize=2)
     moved = 0

@@ -71,6 +71,21 @@ def test_spectra_are_those_of_the_dense_residual(col, fit):
     assert float(mean[j, 0]) > 0.1 and float(mean[j, 1]) < 0.05 * float(mean[j, 0])
 
 
+def test_the_spectra_pass_reads_the_residuals_too(col, fit):
+    """With the joint fit, one pass gives the same spectra and residual options as two passes."""
+    from jdlora_ops.compress.allocation import nominal_ranks, spectrum_options
+
+    values, kmax = nominal_ranks(col)
+    alone = spectrum_options(col, dtype=F64)
+    both = spectrum_options(col, dtype=F64, joint=fit, kmax=kmax)
+    assert kmax == alone.kmax and values == int(alone.full_values.sum())
+    for a, b in ((alone.svd_error, both.svd_error), (alone.svd_values, both.svd_values),
+                 (alone.full_values, both.full_values)):
+        assert torch.equal(a, b)
+    for a, b in zip(residual_spectra(fit, col, kmax, dtype=F64), both.residual):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_residual_factors_are_the_truncated_svd_of_what_the_core_misses(col, fit, k):
     names = ["near1", "a000", "a005"]
@@ -235,13 +250,22 @@ def test_inspect_and_remove(store, tmp_path, capsys):
     assert "near0" not in back.all_names and "near0" not in back.individual and "near1" in back.residuals
 
 
-def test_the_vllm_plugin_refuses_adapters_with_factors_of_their_own(store):
+def test_the_vllm_front_end_admits_own_factors_where_dense_slots_hold_them(store):
+    """The plug-in serves a residual (and factors kept outside the joint tables) in vLLM's dense per-slot
+    stacks: refused in store-only mode (no stacks) and above max_lora_rank, with the reason."""
     from jdlora_ops.integrations.vllm import live
 
-    view = live.store_view(store[0])
-    assert view.problem("a001") is None
-    why = view.problem("near0")
-    assert f"stored as {store[1].path_of('near0')} " in why and "does not serve" in why and "AdapterCache" in why
+    out, result = store
+    view = live.store_view(out)
+    rank = result.individual["near0"].rank
+    assert view.problem("a001") is None and view.problem("a001", 0) is None
+    assert view.problem("near0") is None and view.problem("near0", rank) is None
+    label = result.path_of("near0")
+    why = view.problem("near0", 0)
+    assert f"stored as {label}, with factors of its own of rank {rank}" in why and "store-only mode" in why
+    if rank > 1:
+        assert f"start it with max_lora_rank >= {rank}" in view.problem("near0", rank - 1)
+    assert not view.lacks("near0") and view.lacks("no-such-adapter")
 
 
 def test_no_residual_leaves_the_representation_out(col, tmp_path, capsys):

@@ -147,6 +147,56 @@ def test_lossy_store_matches_its_exported_peft_adapters(world, reference):
     assert got["tokens"][N_ADAPTERS:] == base[N_ADAPTERS:]
 
 
+def _mixed_store(world) -> tuple[str, list[str]]:
+    """The lossy store with every representation: adapters 0 and 1 a core plus a rank-2 residual, adapter 2
+    its own rank-2 SVD, adapter 3 its original factors, 4 and 5 cores alone; and each exported."""
+    import torch
+
+    from jdlora_ops.compress.error_budget import drop_from_tables, individual_at_ranks
+    from jdlora_ops.compress.residual import residual_adapters
+    from jdlora_ops.peft_io import PeftCollection
+    from jdlora_ops.store import load_store, save_store
+
+    path = str(world["root"] / "store_mixed")
+    if not os.path.isdir(path):
+        c = load_store(world["lossy"])
+        col = PeftCollection(world["adapters"])
+        c.individual.update(residual_adapters(c, col, ["adapter_0", "adapter_1"], torch.tensor([2, 2])))
+        c.individual.update(individual_at_ranks(col, ["adapter_2", "adapter_3"], torch.tensor([2, 4]),
+                                                torch.tensor([4, 4])))
+        drop_from_tables(c, torch.tensor([x in ("adapter_2", "adapter_3") for x in c.adapter_names]))
+        save_store(path, c)
+    exported = []
+    for i in range(N_ADAPTERS):
+        out = str(world["root"] / "exported_mixed" / f"adapter_{i}")
+        if not os.path.isdir(out):
+            _jdlora("export", path, f"adapter_{i}", "--out", out)
+        exported.append(out)
+    return path, exported
+
+
+def test_store_with_residuals_and_own_factors_matches_its_exported_peft_adapters(world, reference):
+    """Cores with residuals (both paths on the same tokens), adapters kept outside the joint tables (vLLM's
+    dense slots, through the baseline ops) and cores alone, in one batch: vLLM's own tokens on the
+    adapters the store exports; store-only mode refuses the ones that need dense slots."""
+    _, base = reference
+    path, exported = _mixed_store(world)
+    store = [(f"adapter_{i}", 500 + i, path) for i in range(N_ADAPTERS)] + [None, None]
+    own = [(f"adapter_{i}", i + 1, exported[i]) for i in range(N_ADAPTERS)] + [None, None]
+    got = run_engine(world, "jd_mixed", requests=_requests(world, store), store=path, max_loras=N_ADAPTERS)
+    want = run_engine(world, "vllm_exported_mixed", requests=_requests(world, own), max_loras=N_ADAPTERS + 1)
+    assert got["errors"] == [None] * len(PROMPTS)
+    assert got["tokens"] == want["tokens"]
+    assert got["tokens"][N_ADAPTERS:] == base[N_ADAPTERS:]
+    assert got["plugin"]["lora_shrink_calls"] > 0
+    refused = run_engine(world, "jd_mixed_store_only", requests=_requests(world, store), store=path,
+                         max_loras=N_ADAPTERS, store_only=True)
+    for i in range(4):
+        assert "store-only mode" in refused["errors"][i], refused["errors"][i]
+    assert refused["errors"][4:] == [None] * (len(PROMPTS) - 4)
+    assert refused["tokens"][4:6] == got["tokens"][4:6]
+
+
 def test_store_only_mode_drops_dense_stacks_and_refuses_peft(world, reference):
     """Store adapters in vLLM's slots without vLLM's dense per-slot stacks: same tokens; PEFT refused."""
     want, base = reference

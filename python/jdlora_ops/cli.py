@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-ratio", type=float, default=None, metavar="R",
                    help="byte budget as a fraction in (0, 1] of the adapters' own bytes (as --target-bytes)")
     c.add_argument("--no-residual", action="store_true",
-                   help="with a byte budget: no core-plus-residual adapters (for servers that serve the joint "
-                        "tables and adapters' own factors only)")
+                   help="with a byte budget: no core-plus-residual adapters (e.g. for the vLLM plug-in's "
+                        "store-only mode, which has no dense slots for residuals)")
     c.add_argument("--clusters-range", type=_range, default=None, metavar="LOW:HIGH",
                    help="with --clusters auto: the cluster counts to consider (default 1:min(n, 64))")
     c.add_argument("--tradeoff", type=float, default=1.0, metavar="T",

@@ -339,6 +339,10 @@ class PeftCollection(AdapterCollection):
         for a in self.adapters:
             a.require_finite(names)
 
+    def module_ranks(self, module: ModuleSpec) -> torch.Tensor:
+        return torch.tensor([a.modules[module.name].rank if module.name in a.modules else 0
+                             for a in self.adapters], dtype=torch.long)
+
     def load_module(self, module, *, dtype=torch.float32, device="cpu") -> ModuleFactors:
         spec = module if isinstance(module, ModuleSpec) else self.module(module)
         A, B, S = [], [], []

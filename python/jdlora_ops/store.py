@@ -896,6 +896,25 @@ class StoreReader(CollectionReader):
     def read_module_cores(self, m):
         return self._read("cores", f"{self.modules[m].name}::sigma")
 
+    def read_own_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The factors ``{module: (A [k, d_in], B [d_out, k])}`` the store keeps for adapter ``name`` (outside
+        the joint tables, or its residual), checked like :meth:`individual_adapters`; ``KeyError`` when it
+        has none."""
+        from safetensors import safe_open
+
+        entries = self.manifest.get("individual") or []
+        j = next((j for j, e in enumerate(entries) if e["name"] == name), None)
+        if j is None:
+            raise KeyError(f"adapter {name!r} has no factors of its own in {self.path}")
+        self._verify("individual")
+        f = os.path.join(self.path, str(self.manifest["files"]["individual"]))
+        try:
+            with safe_open(f, framework="pt") as fh:
+                return {mod: (fh.get_tensor(f"{j}::{mod}::A"), fh.get_tensor(f"{j}::{mod}::B"))
+                        for mod in entries[j]["modules"]}
+        except Exception as exc:
+            raise StoreError(f"{f}: cannot read the factors of adapter {name!r} ({exc})") from exc
+
     def individual_adapters(self):
         entries = self.manifest.get("individual") or []
         if not entries:

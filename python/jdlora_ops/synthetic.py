@@ -156,6 +156,9 @@ class SyntheticCollection(AdapterCollection):
     def rank_of(self, i: int) -> int:
         return self._adapters[i].rank
 
+    def module_ranks(self, module: ModuleSpec) -> torch.Tensor:
+        return torch.tensor([a.rank for a in self._adapters], dtype=torch.long)  # every adapter has every module
+
     def scale_of(self, i: int) -> float:
         a = self._adapters[i]
         return a.alpha / a.rank

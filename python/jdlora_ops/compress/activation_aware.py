@@ -54,6 +54,9 @@ class WhitenedCollection(AdapterCollection):
     def metadata(self) -> dict:
         return dict(getattr(self.base, "metadata", {}) or {})
 
+    def module_ranks(self, module):
+        return self.base.module_ranks(module)
+
     def load_module(self, module, *, dtype=torch.float32, device="cpu") -> ModuleFactors:
         f = self.base.load_module(module, dtype=dtype, device=device)
         S = self.factors[f.spec.name].to(device=f.device, dtype=f.dtype)

@@ -37,11 +37,11 @@ from ._team import SOLO, ModuleTeam
 from .baselines import squared_singular_values
 from .collection import AdapterCollection
 from .error_budget import all_rel_errors, drop_from_tables, individual_at_ranks
-from .residual import residual_adapters, residual_spectra
+from .residual import combine_residual, module_residual, residual_adapters, residual_rows, residual_spectra
 from .result import CompressedCollection
 
 __all__ = ["BudgetCurve", "Allocation", "SpectrumOptions", "check_target", "original_bytes", "spectrum_options",
-           "allocate", "choose_at_multiplier", "allocate_new_adapters", "JointOption", "joint_option", "bases_bytes", "apply_allocation", "compress_for_budget", "CURVE_RATIOS"]
+           "allocate", "nominal_ranks", "choose_at_multiplier", "allocate_new_adapters", "JointOption", "joint_option", "bases_bytes", "apply_allocation", "compress_for_budget", "CURVE_RATIOS"]
 
 #: Budgets (fractions of the original bytes) at which the searched curve is reported.
 CURVE_RATIOS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -71,7 +71,9 @@ class SpectrumOptions:
     ``svd_error``/``svd_max``: float64 ``[n, kmax + 1]``, column ``k`` the mean resp. max over modules of
     the relative squared error of the rank-``k`` truncated SVD (column 0: no update at all);
     ``svd_values``: int64 ``[n, kmax + 1]`` the values stored at rank ``k``; ``full_values``: int64 ``[n]``
-    the values of the original factors; ``full_rank``: int64 ``[n]`` the largest rank over modules.
+    the values of the original factors; ``full_rank``: int64 ``[n]`` the largest rank over modules;
+    ``residual``: a joint fit's residual options read in the same pass (:func:`~.residual.residual_spectra`),
+    or None.
     """
 
     names: list[str]
@@ -81,6 +83,11 @@ class SpectrumOptions:
     full_values: torch.Tensor
     full_rank: torch.Tensor
     modules: int
+    residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def kmax(self) -> int:
+        return self.svd_error.shape[1] - 1
 
 
 def original_bytes(options: SpectrumOptions, itemsize: int) -> int:
@@ -88,24 +95,46 @@ def original_bytes(options: SpectrumOptions, itemsize: int) -> int:
     return int(options.full_values.sum()) * itemsize
 
 
+def nominal_ranks(collection: AdapterCollection, team: ModuleTeam = SOLO) -> tuple[int, int] | None:
+    """``(values of every adapter's factors, largest rank)`` from ranks the collection knows without
+    reading factors (:meth:`~.collection.AdapterCollection.module_ranks`), or None when it does not."""
+    values, top = 0, 0
+    for spec in collection.modules:
+        ranks = collection.module_ranks(spec)
+        if ranks is None:
+            return None
+        values += int(ranks.sum()) * (spec.d_in + spec.d_out)
+        top = max(top, int(ranks.max()) if ranks.numel() else 0)
+    return values, top
+
+
 def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu", team: ModuleTeam = SOLO) -> SpectrumOptions:
-    """One pass over the modules (each process its own): every adapter's spectrum, errors and sizes per rank."""
+                     device: torch.device | str = "cpu", team: ModuleTeam = SOLO,
+                     joint: CompressedCollection | None = None, kmax: int | None = None) -> SpectrumOptions:
+    """One pass over the modules (each process its own): every adapter's spectrum, errors and sizes per rank;
+    with ``joint`` (and ``kmax``, the largest rank, :func:`nominal_ranks`) also the joint fit's residual
+    options, from the same reads."""
     names = list(collection.adapter_names)
     n = len(names)
     specs = [collection.modules[i] for i in team.local(collection.modules, n)]
+    rows = residual_rows(joint, collection) if joint is not None else None
 
     def local():
-        parts = []
+        parts, res = [], []
         for spec in specs:
             f = collection.load_module(spec, dtype=dtype, device=device)
             s2 = squared_singular_values(f)
             parts.append((spec.d_in + spec.d_out, f.ranks(), s2, s2.sum(1)))
+            if joint is not None:
+                res.append(module_residual(f, joint, rows, kmax))
             del f
-        return parts
+        return parts, res
 
-    parts = team.run(local)
-    kmax = int(team.maximum(torch.tensor(max([0] + [p[2].shape[1] for p in parts]))))
+    parts, res = team.run(local)
+    kmax_seen = int(team.maximum(torch.tensor(max([0] + [p[2].shape[1] for p in parts]))))
+    if kmax is not None and kmax_seen > kmax:
+        raise ValueError(f"the collection's factors have rank {kmax_seen}, above the {kmax} it reported")
+    kmax = kmax_seen if kmax is None else kmax
     ks = torch.arange(kmax + 1)
     err_max = torch.zeros(n, kmax + 1, dtype=F64)
     values = torch.zeros(n, kmax + 1, dtype=torch.long)
@@ -130,8 +159,10 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
     values = team.ordered_sum(iter([values]), n * (kmax + 1), holders, dtype=torch.long).view(n, kmax + 1)
     full = team.ordered_sum(iter([full]), n, holders, dtype=torch.long)
     err_max, full_rank = team.maximum(err_max), team.maximum(full_rank)
+    residual = (combine_residual(res, n, kmax, len(collection.modules), holders, team) if joint is not None
+                else None)
     return SpectrumOptions(names, err_sum / max(len(collection.modules), 1), err_max, values, full, full_rank,
-                           len(collection.modules))
+                           len(collection.modules), residual)
 
 
 @dataclass
@@ -298,20 +329,16 @@ def choose_at_multiplier(opts: SpectrumOptions, jd: JointOption, multiplier: flo
 
 
 def joint_option(result: CompressedCollection, itemsize: int, team: ModuleTeam = SOLO, width: int | None = None, *,
-                 collection: AdapterCollection | None = None, kmax: int = 0, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> JointOption:
+                 residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> JointOption:
     """What a joint fit offers for :func:`allocate`. ``width``: the sum of ``d_in + d_out`` over all
-    modules (needed with several processes, each holding some). With ``collection`` and ``kmax`` >= 1,
-    also the residual options up to rank ``kmax`` (one more pass over the modules)."""
+    modules (needed with several processes, each holding some); ``residual``: its residual options
+    (:func:`~.residual.residual_spectra`, or read with the spectra by :func:`spectrum_options`)."""
     rel, _ = all_rel_errors(result, team)
     if width is None:
         width = sum(cm.spec.d_in + cm.spec.d_out for cm in result.modules.values())
     count = rel.shape[1] if rel.numel() else 1
     per_core = result.rank * result.rank if result.method == "full" else result.rank
     bases = result.num_clusters * result.rank * width * itemsize
-    residual = None
-    if collection is not None and kmax >= 1:
-        residual = residual_spectra(result, collection, kmax, dtype=dtype, device=device, team=team)
     return JointOption(rel.sum(1) / max(count, 1),
                        rel.max(1).values if rel.numel() else torch.zeros(rel.shape[0], dtype=F64),
                        bases, per_core * count, residual)
@@ -430,24 +457,27 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
     adapters a private residual (:mod:`.residual`). Raises ``ValueError`` naming
     the budget when no candidate fits in it (below the smallest possible store).
     """
-    opts = spectrum_options(collection, dtype=dtype, device=device, team=team)
-    orig = original_bytes(opts, itemsize)
+    # The original bytes come from the ranks when the collection knows them without reading factors; then
+    # the spectra are read in the same pass as the first joint fit's residuals, not in one of their own.
+    nominal = nominal_ranks(collection, team)
+    opts = None if nominal is not None else spectrum_options(collection, dtype=dtype, device=device, team=team)
+    orig = nominal[0] * itemsize if nominal is not None else original_bytes(opts, itemsize)
+    kmax = nominal[1] if nominal is not None else opts.kmax
     budget = float(budget_bytes) if budget_bytes is not None else budget_ratio * orig
     curve = BudgetCurve(orig, int(budget))
     best = None  # (error, label, result or None, allocation)
-    n = len(opts.names)
-    fits: list[tuple[str, object, object]] = []
+    n = len(collection.adapter_names)
+    fits: list[tuple[str, object, object]] = [(f"r={r} K={k}", r, k) for r, k in candidates(n, rank, clusters)]
     if per_adapter:
         fits.append(("per-adapter", None, None))
-    for r, k in candidates(n, rank, clusters):
-        label = f"r={r} K={k}"
-        fits.append((label, r, k))
     smallest = math.inf
     width = bases_bytes(collection, 1, 1, 1)
     for label, r, k in fits:
         t0 = time.perf_counter()
         if r is None:
             result, jd = None, None
+            if opts is None:
+                opts = spectrum_options(collection, dtype=dtype, device=device, team=team)
         else:
             # The bases alone: skip the fit when they cannot fit in the budget.
             bases = bases_bytes(collection, r, k, itemsize)
@@ -457,8 +487,14 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
                     log(f"budget: {label} skipped, its bases alone take {bases:,} bytes")
                 continue
             result = fit(r, k)
-            jd = joint_option(result, itemsize, team, width, collection=collection,
-                              kmax=opts.svd_error.shape[1] - 1 if residual else 0, dtype=dtype, device=device)
+            res = None
+            if opts is None:
+                opts = spectrum_options(collection, dtype=dtype, device=device, team=team,
+                                        joint=result if residual and kmax >= 1 else None, kmax=kmax)
+                res = opts.residual
+            elif residual and kmax >= 1:
+                res = residual_spectra(result, collection, kmax, dtype=dtype, device=device, team=team)
+            jd = joint_option(result, itemsize, team, width, residual=res)
         curve.candidates.append(label)
         curve.points[label] = {}
         for ratio in CURVE_RATIOS:
@@ -473,7 +509,9 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
         if a is not None and (best is None or a.mean_error < best[0]):
             best = (a.mean_error, label, result, a)
     if best is None:
-        need = min(smallest, int(opts.svd_values[:, 1].sum()) * itemsize if opts.svd_values.shape[1] > 1 else math.inf)
+        if opts is None:  # every joint candidate was skipped before any pass
+            opts = spectrum_options(collection, dtype=dtype, device=device, team=team)
+        need = min(smallest, int(opts.svd_values[:, 1].sum()) * itemsize if opts.kmax >= 1 else math.inf)
         raise ValueError(f"the byte budget ({'target_bytes' if budget_bytes is not None else 'target_ratio'}) "
                          f"allows {int(budget):,} table bytes; the smallest store this collection can have under "
                          f"these settings needs more (its smallest joint bases or every adapter at rank 1: "

@@ -342,6 +342,11 @@ class AdapterCollection(abc.ABC):
     ) -> ModuleFactors:
         """The factors of every adapter on ``module`` (scaling folded in)."""
 
+    def module_ranks(self, module: ModuleSpec) -> torch.Tensor | None:
+        """int64 ``[n]`` every adapter's rank on ``module`` (0 where it has none) when known without reading
+        the factors (file headers, shapes in memory), else ``None``: the byte budget then needs a pass."""
+        return None
+
     def __len__(self) -> int:
         return len(self.adapter_names)
 
@@ -427,6 +432,10 @@ class InMemoryCollection(AdapterCollection):
                 require_finite(torch.as_tensor(b), adapter=name, module=mod, tensor_name="lora_B")
                 require_finite(torch.as_tensor(float(s), dtype=torch.float64), adapter=name, module=mod,
                                tensor_name="scale")
+
+    def module_ranks(self, module: ModuleSpec) -> torch.Tensor:
+        return torch.tensor([int(m[module.name][0].shape[0]) if module.name in m else 0
+                             for m in self._adapters.values()], dtype=torch.long)
 
     def load_module(self, module, *, dtype=torch.float32, device="cpu") -> ModuleFactors:
         spec = module if isinstance(module, ModuleSpec) else self.module(module)

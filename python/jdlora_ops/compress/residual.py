@@ -26,7 +26,7 @@ from ._team import SOLO, ModuleTeam
 from .collection import AdapterCollection, ModuleFactors
 from .result import CompressedCollection, IndividualAdapter
 
-__all__ = ["residual_spectra", "residual_adapters"]
+__all__ = ["residual_spectra", "residual_adapters", "module_residual", "residual_rows", "combine_residual"]
 
 class _Block:
     """The adapters of one rank group of a module in one cluster: their positions in the module's factors,
@@ -90,53 +90,60 @@ def _rows(result: CompressedCollection, collection: AdapterCollection, names: li
     return torch.tensor([where[x] for x in names], dtype=torch.long)
 
 
-def residual_spectra(result: CompressedCollection, collection: AdapterCollection, kmax: int, *,
-                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                     team: ModuleTeam = SOLO) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean_error, max_error, values)``, each ``[n, kmax + 1]``: column ``k`` the mean and max over modules of
-    the relative squared error of the joint core plus a rank-``k`` residual (column 0: the core alone), and
-    the residual factors' values at rank ``k`` (capped at ``rank(R_i)`` per module). One pass over this
-    process's modules; the sums run in module order, whatever the number of processes."""
-    names = list(collection.adapter_names)
-    n = len(names)
-    rows = _rows(result, collection, names)
-    specs = [collection.modules[i] for i in team.local(collection.modules, n)]
-    ks = torch.arange(kmax + 1)
+def module_residual(f: ModuleFactors, result: CompressedCollection, rows: torch.Tensor,
+                    kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's part of :func:`residual_spectra` from its loaded factors ``f`` (adapter ``i`` of ``f`` is
+    row ``rows[i]`` of the joint tables): ``(rel, values)``, each ``[n, kmax + 1]``."""
+    n = f.num_adapters
+    cm = result.modules[f.spec.name]
+    s2 = torch.zeros(n, kmax + 1, dtype=F64)
+    rank = torch.zeros(n, dtype=torch.long)
+    norms = cm.norms_sq[rows].to(F64).cpu()
+    for b in _blocks(f, result, rows):
+        p = b.pos.cpu()
+        S2 = product_spectrum(b.GL, b.GR).cpu()
+        take = min(kmax + 1, S2.shape[1])
+        s2[p, :take] = S2[:, :take]
+        s2[p, kmax] += S2[:, take:].sum(1)  # beyond kmax: counted in the last column's suffix sums
+        rank[p] = _numerical_rank(S2, norms[p], f.dtype)
+    tail = s2.flip(1).cumsum(1).flip(1)  # column k: what keeping k directions of R leaves
+    rel = torch.where(norms[:, None] > 0, tail / norms.clamp_min(torch.finfo(F64).tiny)[:, None],
+                      torch.zeros_like(tail))
+    values = torch.minimum(torch.arange(kmax + 1)[None, :], rank[:, None]) * (f.spec.d_in + f.spec.d_out)
+    return rel, values
 
-    def local():
-        parts = []
-        for spec in specs:
-            f = collection.load_module(spec, dtype=dtype, device=device)
-            cm = result.modules[spec.name]
-            s2 = torch.zeros(n, kmax + 1, dtype=F64)
-            rank = torch.zeros(n, dtype=torch.long)
-            norms = cm.norms_sq[rows].to(F64).cpu()
-            for b in _blocks(f, result, rows):
-                p = b.pos.cpu()
-                S2 = product_spectrum(b.GL, b.GR).cpu()
-                take = min(kmax + 1, S2.shape[1])
-                s2[p, :take] = S2[:, :take]
-                s2[p, kmax] += S2[:, take:].sum(1)  # beyond kmax: counted in the last column's suffix sums
-                rank[p] = _numerical_rank(S2, norms[p], f.dtype)
-            width = spec.d_in + spec.d_out
-            tail = s2.flip(1).cumsum(1).flip(1)  # column k: what keeping k directions of R leaves
-            rel = torch.where(norms[:, None] > 0, tail / norms.clamp_min(torch.finfo(F64).tiny)[:, None],
-                              torch.zeros_like(tail))
-            values = torch.minimum(ks[None, :], rank[:, None]) * width
-            parts.append((rel, values))
-            del f
-        return parts
 
-    parts = team.run(local)
-    holders = team.holders(collection.modules, n)
-    m = max(len(collection.modules), 1)
+def residual_rows(result: CompressedCollection, collection: AdapterCollection) -> torch.Tensor:
+    """The joint-table row of each of the collection's adapters."""
+    return _rows(result, collection, list(collection.adapter_names))
+
+
+def combine_residual(parts: list[tuple[torch.Tensor, torch.Tensor]], n: int, kmax: int, modules: int,
+                     holders: list[int], team: ModuleTeam = SOLO) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean_error, max_error, values)`` over all modules from this process's :func:`module_residual` parts,
+    summed in module order whatever the number of processes (``holders``: :meth:`ModuleTeam.holders`)."""
     err_sum = team.ordered_sum(iter([p[0].flatten() for p in parts]), n * (kmax + 1), holders).view(n, kmax + 1)
     values = team.ordered_sum(iter([p[1].flatten() for p in parts]), n * (kmax + 1), holders,
                               dtype=torch.long).view(n, kmax + 1)
     err_max = torch.zeros(n, kmax + 1, dtype=F64)
     for rel, _ in parts:
         err_max = torch.maximum(err_max, rel)
-    return err_sum / m, team.maximum(err_max), values
+    return err_sum / max(modules, 1), team.maximum(err_max), values
+
+
+def residual_spectra(result: CompressedCollection, collection: AdapterCollection, kmax: int, *,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                     team: ModuleTeam = SOLO) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean_error, max_error, values)``, each ``[n, kmax + 1]``: column ``k`` the mean and max over modules of
+    the relative squared error of the joint core plus a rank-``k`` residual (column 0: the core alone), and
+    the residual factors' values at rank ``k`` (capped at ``rank(R_i)`` per module). One pass over this
+    process's modules (:func:`~.allocation.spectrum_options` can share its pass)."""
+    n = len(collection.adapter_names)
+    rows = residual_rows(result, collection)
+    specs = [collection.modules[i] for i in team.local(collection.modules, n)]
+    parts = team.run(lambda: [module_residual(collection.load_module(spec, dtype=dtype, device=device), result,
+                                              rows, kmax) for spec in specs])
+    return combine_residual(parts, n, kmax, len(collection.modules), team.holders(collection.modules, n), team)
 
 
 def _numerical_rank(s2: torch.Tensor, norms_sq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -169,7 +176,9 @@ def _residual_factors(result, collection, specs, names, idx, rows, ks, dtype, de
     core_errors: list[dict] = [{} for _ in range(m)]
     orig: list[dict] = [{} for _ in range(m)]
     for spec in specs:
-        f = collection.load_module(spec, dtype=dtype, device=device).select(idx)
+        f = collection.load_module(spec, dtype=dtype, device=device)
+        if m < f.num_adapters or not torch.equal(idx, torch.arange(m)):  # a copy only for a subset
+            f = f.select(idx)
         ranks = f.ranks()
         cm = result.modules[spec.name]
         for j in range(m):

@@ -141,7 +141,8 @@ SURFACE: tuple[Expect, ...] = (
            why="patched: store requests are checked in the front end"),
     Expect(_IP, "InputProcessor.process_inputs", calls=("self._validate_lora",),
            why="reaches the patched _validate_lora"),
-    Expect(_IP, "InputProcessor", attrs=("vllm_config",), why="its additional_config is read"),
+    Expect(_IP, "InputProcessor", attrs=("vllm_config", "lora_config"),
+           why="its additional_config and max_lora_rank are read"),
     # patched: the platform's get_punica_wrapper, resolved by the selector through current_platform
     Expect("vllm.platforms.interface", "Platform.get_punica_wrapper", "@classmethod cls",
            why="patched on the current platform's class"),
@@ -201,9 +202,14 @@ SURFACE: tuple[Expect, ...] = (
     # the placeholder LoRAModel of a store adapter, and the error of an unknown one
     Expect("vllm.lora.lora_model", "LoRAModel.__init__",
            "self, lora_model_id, rank, loras, is_3d_lora_weight=, *, modules_to_save=",
-           why="a store adapter's placeholder model"),
+           why="a store adapter's model: a placeholder, or its own factors"),
     Expect("vllm.lora.lora_weights", "LoRALayerWeights.__init__",
-           "self, module_name, rank, lora_alpha, lora_a, lora_b, scaling=", why="the placeholder's one entry"),
+           "self, module_name, rank, lora_alpha, lora_a, lora_b, scaling=",
+           why="the placeholder's one entry, and a store adapter's own factors"),
+    Expect(_MM, "LoRAModelManager._add_adapter", "self, lora", calls=("self._create_merged_loras_inplace",),
+           why="packs a store adapter's own q/k/v and gate/up factors like a PEFT adapter's"),
+    Expect(_MM, "LoRAModelManager.activate_adapter", "self, lora_id", calls=("module.set_lora",),
+           why="copies a store adapter's own factors into its slot's dense stacks"),
     Expect("vllm.lora.lora_model", "LoRAModel", attrs=("loras",),
            why="a PEFT adapter vLLM loaded is checked for NaN and infinities"),
     Expect("vllm.lora.lora_weights", "LoRALayerWeights", attrs=("lora_a", "lora_b"),
@@ -435,8 +441,8 @@ def install_hooks(
       vLLM created its LoRA layers (``modules``: name -> layer);
     * ``load_store_adapter(worker_manager, lora_request)`` returns a ``LoRAModel``
       for store adapters and ``None`` for anything else (vLLM then loads it);
-    * ``validate_request(lora_request, additional_config)`` raises ``ValueError``
-      for a store request that cannot be served;
+    * ``validate_request(lora_request, additional_config, max_lora_rank)`` raises
+      ``ValueError`` for a store request that cannot be served;
     * ``wrapper_qualname`` is returned by the platform's ``get_punica_wrapper``;
     * ``check_loaded_adapter(lora_request, lora_model)`` runs on every adapter
       vLLM itself loaded (PEFT), before it can be put in a slot; it raises to
@@ -499,8 +505,9 @@ def install_hooks(
         validate(self, lora_request)
         if lora_request is not None:
             extra = getattr(self.vllm_config, "additional_config", None) or {}
+            max_rank = getattr(getattr(self, "lora_config", None), "max_lora_rank", None)
             try:
-                validate_request(lora_request, dict(extra) if isinstance(extra, dict) else {})
+                validate_request(lora_request, dict(extra) if isinstance(extra, dict) else {}, max_rank)
             except ValueError as exc:
                 raise request_refused(str(exc), bool(getattr(exc, "not_found", False))) from exc
 
@@ -591,6 +598,18 @@ def lora_model_factors(model):
 
 #: Name of the one placeholder entry of a store adapter's ``LoRAModel``; no layer has it.
 MARKER_MODULE = "jdlora_store_adapter"
+
+
+def lora_model(lora_int_id: int, factors: dict):
+    """A vLLM ``LoRAModel`` with the given dense factors, ``{module: (A [k, d_in], B [d_out, k])}`` with the
+    scaling folded into ``B`` (vLLM packs fused modules and copies them into its per-slot stacks when it
+    activates the adapter)."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights
+
+    loras = {m: LoRALayerWeights(m, int(A.shape[0]), int(A.shape[0]), A, B, scaling=1.0)
+             for m, (A, B) in factors.items()}
+    return LoRAModel(lora_int_id, max(int(A.shape[0]) for A, _ in factors.values()), loras)
 
 
 def empty_lora_model(lora_int_id: int, rank: int):

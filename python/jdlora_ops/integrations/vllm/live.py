@@ -86,11 +86,9 @@ class Generation:
         self.stamp = stamp
         self.number = int(reader.generation)
         self.index = {n: i for i, n in enumerate(reader.adapter_names)}
-        # Adapters with factors of their own (outside the joint tables, or a residual beside a core): the
-        # plug-in serves the joint tables only, and a core without its residual would be a wrong output.
-        self.own_factors = {str(e["name"]): ("jd+res-%d" % int(e["rank"]) if e["path"] == "residual" else
-                                             "svd-%d" % int(e["rank"]) if e["path"] == "svd" else str(e["path"]))
-                            for e in reader.manifest.get("individual") or []}
+        # Adapters with factors of their own: kept outside the joint tables (served in vLLM's dense per-slot
+        # stacks, like a PEFT adapter), or a residual beside a core (both, on the same tokens).
+        self.own_factors = {str(e["name"]): OwnFactors(e) for e in reader.manifest.get("individual") or []}
         self.digests = list(reader.adapter_digests)
         self.rank, self.diagonal = int(reader.rank), bool(reader.diagonal)
         self.modules = tuple((s.name, int(s.d_out), int(s.d_in)) for s in reader.modules)
@@ -109,6 +107,18 @@ class Generation:
     def release(self) -> None:
         """Close the tensor files (a file removed by a later update is freed once no one holds it)."""
         self.reader = None
+
+
+class OwnFactors:
+    """What a generation's manifest says of an adapter's own factors: ``label`` (``jd+res-k``, ``svd-k``,
+    ``full``), ``residual`` (beside a core) and ``rank`` (the widest module's, what a dense slot needs)."""
+
+    def __init__(self, entry: dict):
+        path, k = str(entry["path"]), int(entry.get("rank", 0))
+        self.residual = path == "residual"
+        self.label = f"jd+res-{k}" if self.residual else f"svd-{k}" if path == "svd" else path
+        widths = entry.get("factor_ranks") or ([k] if path != "full" else entry.get("ranks") or [k])
+        self.rank = max([0] + [int(x) for x in widths])
 
 
 def _incompatibility(gen: Generation, served: Generation) -> str | None:
@@ -194,25 +204,33 @@ class StoreView:
                          gen.number, len(gen.index), cur.number)
             self.current, self._refused = gen, None
             self._named.update(gen.index)
+            self._named.update(gen.own_factors)
             return gen
 
     def lacks(self, name: str) -> bool:
         """Whether the served generation holds no adapter ``name``."""
-        return self.current is None or name not in self.current.index
+        return self.current is None or (name not in self.current.index and name not in self.current.own_factors)
 
-    def problem(self, name: str) -> str | None:
-        """Why a request naming adapter ``name`` cannot be served now, or ``None``."""
+    def problem(self, name: str, dense_rank: int | None = None) -> str | None:
+        """Why a request naming adapter ``name`` cannot be served now, or ``None``.
+
+        ``dense_rank``: the rank of vLLM's dense per-slot stacks (``max_lora_rank``; 0 in store-only mode,
+        which drops them), where the factors an adapter has of its own are served; ``None``: not checked.
+        """
         gen = self.refresh()
         with self._lock:
             if gen is None:
                 return f"the store cannot be served ({self._refused[1] if self._refused else 'not read yet'})"
             refused = (f"; the store's newest generation cannot be served ({self._refused[1]}), generation "
                        f"{gen.number} is served") if self._refused else ""
-            if name in gen.own_factors:
-                return (f"adapter {name!r} is stored as {gen.own_factors[name]} (factors of its own, beside or "
-                        f"outside the joint tables), which this plug-in does not serve: serve it with "
-                        f"jdlora_ops.serving.AdapterCache, or `jdlora export` it and load it as a PEFT adapter")
-            if name not in gen.index:
+            own = gen.own_factors.get(name)
+            if own is not None and dense_rank is not None and own.rank > dense_rank:
+                where = ("this server runs in store-only mode, without vLLM's dense per-slot stacks they need"
+                         if dense_rank == 0 else f"vLLM's dense per-slot stacks hold rank {dense_rank} "
+                         f"(max_lora_rank); start it with max_lora_rank >= {own.rank}")
+                return (f"adapter {name!r} is stored as {own.label}, with factors of its own of rank {own.rank}; "
+                        f"{where}")
+            if name not in gen.index and own is None:
                 if name in self._named:
                     return f"adapter {name!r} was removed from the store (generation {gen.number}){refused}"
                 return f"the store holds no adapter named {name!r}{refused}"
@@ -353,6 +371,17 @@ class WorkerGenerations:
         if any(name in g.index for g in self.kept):
             return f"adapter {name!r} was removed from the store (generation {gen.number})"
         return f"the store holds no adapter named {name!r} (generation {gen.number})"
+
+    def own_factors(self, name: str) -> tuple[OwnFactors, dict] | None:
+        """The factors adapter ``name`` has of its own in the newest generation :meth:`find` would search
+        that has any (``(what, {module: (A, B)})``), or ``None``."""
+        for gen in self.kept if in_engine_step() else [self.current]:
+            own = gen.own_factors.get(name)
+            if own is not None:
+                return own, gen.reader.read_own_factors(name)
+            if name in gen.index:
+                return None
+        return None
 
     def load(self, name: str) -> tuple[dict, int]:
         """Adapter ``name``'s cores (store module name -> core) and its cluster's table slot.

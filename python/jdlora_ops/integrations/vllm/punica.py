@@ -7,7 +7,8 @@ keep vLLM's code. For every LoRA linear layer, ``add_lora_linear`` adds
   resident in the layer's :class:`~.tables.LayerTables`, the adapters' cores
   in vLLM's slots), and
 * ordinary PEFT adapters' update through the baseline ``lora_shrink`` /
-  ``lora_expand`` ops on vLLM's own dense stacks,
+  ``lora_expand`` ops on vLLM's own dense stacks (also where a store adapter
+  kept outside the joint tables, or the residual of one inside them, sits),
 
 each with a :class:`~jdlora_ops.BatchMeta` built once per step in
 :meth:`update_metadata` (vLLM calls it when the token-to-slot mapping or the
@@ -26,7 +27,7 @@ import torch
 from ...meta import BatchMeta
 from ...ops import jd_fused, lora_expand, lora_shrink
 from . import _vllm_private as vp
-from .state import SLOT_JD, SLOT_PEFT, STATE
+from .state import SLOT_BOTH, SLOT_JD, SLOT_PEFT, STATE
 
 __all__ = ["JDLoRAPunicaWrapper"]
 
@@ -61,18 +62,23 @@ class JDLoRAPunicaWrapper(_Base):
             self._lora_scales = torch.ones(slots, dtype=torch.float32, device=dev)
             self._zero_cluster = torch.zeros(slots, dtype=torch.int32, device=dev)
         # The flags come from the host-side mapping, so no device value is read.
-        kinds = {lid: (SLOT_JD if lid in STATE.store_models else SLOT_PEFT) for lid in set(mapping.index_mapping)
-                 if lid is not None and lid > 0}
-        self._has_jd = SLOT_JD in kinds.values()
+        kinds = set()
+        for lid in set(mapping.index_mapping):
+            if lid is not None and lid > 0:
+                model = STATE.store_models.get(lid)
+                kinds.add(SLOT_PEFT if model is None else SLOT_BOTH if model.jdlora_residual else SLOT_JD)
+        self._has_jd = bool(kinds & {SLOT_JD, SLOT_BOTH})
         # Store-only layers have rank-0 dense stacks: vLLM's warm-up dummies add nothing there.
-        self._has_peft = SLOT_PEFT in kinds.values() and not STATE.store_only
+        self._has_peft = bool(kinds & {SLOT_PEFT, SLOT_BOTH}) and not STATE.store_only
         m = self.token_lora_indices.to(torch.int32)
         kind = STATE.slot_kind[m.long().remainder(slots + 1)]  # slot -1 reads the trailing "empty" entry
         none = torch.full_like(m, -1)
-        self._jd_slots = torch.where(kind == SLOT_JD, m, none)
+        # A core with a residual is on both paths: its tokens get the sum.
+        both = kind == SLOT_BOTH
+        self._jd_slots = torch.where((kind == SLOT_JD) | both, m, none)
         self._jd_clusters = -1
         self._build_jd_meta()
-        self._peft_meta.build(torch.where(kind == SLOT_PEFT, m, none), self._zero_cluster)
+        self._peft_meta.build(torch.where((kind == SLOT_PEFT) | both, m, none), self._zero_cluster)
         self._jd_tokens = int(m.shape[0])
 
     def _build_jd_meta(self) -> None:

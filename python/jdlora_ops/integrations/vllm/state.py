@@ -41,7 +41,10 @@ CONFIG_PEFT_OPS = "jdlora_peft_ops"
 #: Default packing of the model's projections into vLLM's merged layers.
 DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
-SLOT_EMPTY, SLOT_JD, SLOT_PEFT = 0, 1, 2
+#: What a vLLM slot holds: nothing, a store adapter's core (in the plugin's tables), dense factors (vLLM's
+#: per-slot stacks: a PEFT adapter, or a store adapter kept outside the joint tables), or both (a store
+#: adapter's core and its residual, summed on the same tokens).
+SLOT_EMPTY, SLOT_JD, SLOT_PEFT, SLOT_BOTH = 0, 1, 2, 3
 
 
 def store_path(extra: dict | None = None) -> str | None:
@@ -76,14 +79,16 @@ def plugin_configured(extra: dict | None = None) -> bool:
 _FINITE_CACHE: dict[tuple, str | None] = {}  # (weights file, size, mtime) -> why refused, or None
 
 
-def validate_request(lora_request, extra: dict) -> None:
+def validate_request(lora_request, extra: dict, max_lora_rank: int | None = None) -> None:
     """Front-end check of a request naming a store adapter, or (with a store configured, or PEFT adapters
     served through the plugin's ops) a local PEFT adapter whose factors must be finite (``ValueError`` when
-    it cannot be served)."""
+    it cannot be served). ``max_lora_rank``: the rank of vLLM's dense per-slot stacks, where a store
+    adapter's own factors go (none in store-only mode)."""
     from .live import store_view
 
     path = store_path(extra)
-    problem = store_request_problem(lora_request, path, lambda name: store_view(path).problem(name))
+    dense = 0 if store_only(extra) else max_lora_rank
+    problem = store_request_problem(lora_request, path, lambda name: store_view(path).problem(name, dense))
     if problem is None and path is not None and store_only(extra) and not _is_store(lora_request):
         problem = (f"this server serves the jdlora store {path} only ({ENV_STORE_ONLY} / {CONFIG_STORE_ONLY!r}); "
                    "PEFT adapters are not accepted")
@@ -213,7 +218,7 @@ class PluginState:
             for t in self.layers.values():
                 t.set_slot(slot, model.jdlora_cores)
             self.adapter_cluster[slot] = int(model.jdlora_cluster)
-            self.slot_kind[slot] = SLOT_JD
+            self.slot_kind[slot] = SLOT_BOTH if model.jdlora_residual else SLOT_JD
         else:
             for t in self.layers.values():
                 t.clear_slot(slot)
@@ -351,16 +356,24 @@ def load_store_adapter(worker_manager, lora_request):
     problem = store_request_problem(lora_request, STATE.path, lambda n: None)
     if problem is None and live is None:
         problem = "this worker has not set up the store's tables"
+    own = None
     if problem is None:
         try:
-            cores, cluster = live.load(name)
+            own = live.own_factors(name)
+            if own is None or own[0].residual:
+                cores, cluster = live.load(name)
         except LookupError as exc:
             problem = str(exc)
     if problem:
         raise vp.adapter_not_found_error(name, req_path, problem)
-    model = vp.empty_lora_model(lora_request.lora_int_id, STATE.first.rank)
+    lid = lora_request.lora_int_id
+    if own is not None and not own[0].residual:
+        return vp.lora_model(lid, own[1])  # outside the joint tables: a dense slot, like a PEFT adapter
+    # A residual goes into vLLM's dense stacks of the adapter's slot, its core into the plugin's tables.
+    model = vp.lora_model(lid, own[1]) if own is not None else vp.empty_lora_model(lid, STATE.first.rank)
     model.jdlora_cores, model.jdlora_cluster, model.jdlora_name = cores, cluster, name
-    STATE.store_models[lora_request.lora_int_id] = model
+    model.jdlora_residual = own is not None
+    STATE.store_models[lid] = model
     return model
 
 
