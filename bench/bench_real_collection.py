@@ -516,7 +516,7 @@ def plot_large(rows: list[dict], path: str, front: set[str]) -> None:
     curves += [(f"JD-Diag K={k}", lambda r, k=k: r["method"] == "diag" and r["clusters"] == k, st)
                for k, st in ((4, "s--"), (16, "v--"))]
     curves += [("per-adapter SVD r=1,2,4", lambda r: r["method"] == "svd", "kx-"),
-               ("--target-ratio --no-residual", lambda r: r["method"] == "budget" and not r.get("residual"), "r*-"),
+               ("--target-ratio --no-residual", lambda r: r["method"] == "budget" and not r.get("residual"), "c*-"),
                ("--target-ratio (with residuals)", lambda r: r["method"] == "budget" and bool(r.get("residual")),
                 "mP-")]
     for ax, split in zip(axes, SPLITS):
