@@ -227,12 +227,12 @@ def cmd_run(args) -> None:
     i, n_shard = map(int, args.shard.split("/"))
     os.makedirs(PARTS, exist_ok=True)
     done = {r["setting"] for r in load_rows() if r["group"] == args.group}
-    settings = [s for s in settings if label(s) not in done]
+    # The split is over the whole grid, the settings already run dropped after: shards started at different
+    # times (one finishing a setting while the other starts) still split the same way.
+    settings = [s for k, s in enumerate(settings) if k % n_shard == i and label(s) not in done]
     out = os.path.join(PARTS, f"{args.group}_{i}of{n_shard}.jsonl")
     with open(out, "a", encoding="utf-8") as fh, tempfile.TemporaryDirectory() as work:  # resumes a cut run
-        for k, s in enumerate(settings):
-            if k % n_shard != i:
-                continue
+        for s in settings:
             try:
                 row = run_setting(col, s, os.path.join(work, "setting"))
             except RuntimeError as exc:
