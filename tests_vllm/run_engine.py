@@ -8,6 +8,7 @@ SPEC: {"model": DIR, "store": STORE or null, "store_only": bool (default false),
        "remove_vllm_name": "module:Class.attr" (optional: deleted before the engine starts, as if it had moved),
        "bypass_platform_wrapper": bool (optional: vLLM builds its CPU punica wrapper without asking the platform),
        "block_jdlora_extension": bool (optional: jdlora_ops._C fails to import, as after a torch upgrade),
+       "count_ops": bool (optional: count the plugin's lora_shrink calls, as with "peft_ops"),
        "max_cpu_loras": int (optional), "max_tokens": int, "enable_lora": bool (default true),
        "max_num_seqs": int (default 64), "warmup": int (base-model requests run before timing, default 0),
        "tensor_parallel_size": int (default 1; above 1, vLLM's multiprocessing executor starts one worker per rank),
@@ -78,7 +79,7 @@ def main(spec_path: str, out_path: str) -> None:
     os.environ["JDLORA_STORE_ONLY"] = "1" if spec.get("store_only") else "0"
     os.environ["JDLORA_PEFT_OPS"] = "1" if spec.get("peft_ops") else "0"
     calls = {"lora_shrink": 0}
-    if spec.get("peft_ops"):
+    if spec.get("peft_ops") or spec.get("count_ops"):
         # Counted, so that a test can tell the plugin's ops ran (the tokens alone would not).
         from jdlora_ops.integrations.vllm import punica
 

@@ -183,7 +183,8 @@ def test_store_with_residuals_and_own_factors_matches_its_exported_peft_adapters
     path, exported = _mixed_store(world)
     store = [(f"adapter_{i}", 500 + i, path) for i in range(N_ADAPTERS)] + [None, None]
     own = [(f"adapter_{i}", i + 1, exported[i]) for i in range(N_ADAPTERS)] + [None, None]
-    got = run_engine(world, "jd_mixed", requests=_requests(world, store), store=path, max_loras=N_ADAPTERS)
+    got = run_engine(world, "jd_mixed", requests=_requests(world, store), store=path, max_loras=N_ADAPTERS,
+                     count_ops=True)
     want = run_engine(world, "vllm_exported_mixed", requests=_requests(world, own), max_loras=N_ADAPTERS + 1)
     assert got["errors"] == [None] * len(PROMPTS)
     assert got["tokens"] == want["tokens"]
