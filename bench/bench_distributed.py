@@ -45,7 +45,8 @@ def collection(n: int, layers: int):
 def worker(args) -> int:
     import torch
 
-    from jdlora_ops.compress.distributed import compress_to_store, init_from_env
+    from jdlora_ops.compress import compress_to_store
+    from jdlora_ops.compress.distributed import init_from_env
 
     torch.set_num_threads(1)
     team = init_from_env("cpu")

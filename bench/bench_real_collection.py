@@ -3,6 +3,8 @@
     python bench/bench_real_collection.py run --group grid [--shard I/N]    # issue 10: the settings grid
     python bench/bench_real_collection.py run --group aware --calibration STATS  # issue 11: activation-aware
     python bench/bench_real_collection.py report                            # JSON, markdown, PNG
+    python bench/bench_real_collection.py run --collection large [--shard I/N] [--calibration STATS]
+    python bench/bench_real_collection.py report --collection large
 
 Each setting goes through the CLI exactly as a user runs it (``jdlora compress
 ADAPTERS ... --out STORE``, then ``jdlora export STORE --all``); every exported
@@ -79,15 +81,20 @@ def grid_settings() -> list[dict]:
 BUDGET_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.4, 0.6)
 
 
-def large_settings() -> list[dict]:
+AWARE_BUDGET_RATIOS = (0.05, 0.1, 0.15, 0.25)
+
+
+def large_settings(stats: str | None = None) -> list[dict]:
     """The large collection's grid: per-adapter SVD, the byte budget, JD-Full over K up to 32 and r up
-    to 32, JD-Diag; the settings that say most first (a run cut short still compares them)."""
+    to 32, JD-Diag; the settings that say most first (a run cut short still compares them). With ``stats``
+    (``jdlora calibrate``) also the byte budget with ``--calibration``."""
     full = [{"method": "full", "rank": r, "clusters": k} for r in (16, 8, 32, 4) for k in (1, 4, 16, 32)]
     diag = [{"method": "diag", "rank": r, "clusters": k} for r in (16, 32) for k in (4, 16)]
     svd = [{"method": "svd", "rank": r, "clusters": 1} for r in (1, 2, 4)]
     budget = [{"method": "budget", "ratio": x} for x in BUDGET_RATIOS]
     residual = [{"method": "budget", "ratio": x, "residual": True} for x in BUDGET_RATIOS]
-    return svd + budget + full[:8] + diag + full[8:] + residual
+    aware = [{"method": "budget", "ratio": x, "residual": True, "calibration": stats} for x in AWARE_BUDGET_RATIOS]
+    return svd + budget + full[:8] + diag + full[8:] + residual + (aware if stats else [])
 
 
 def aware_settings(stats: str) -> list[dict]:
@@ -98,7 +105,8 @@ def label(s: dict) -> str:
     if s["method"] in ("base", "lora"):
         return s["method"]
     if s["method"] == "budget":  # without residuals (--no-residual), or with them (the default since they came)
-        return f"budget x{s['ratio']:g}" + (" +res" if s.get("residual") else "")
+        return f"budget x{s['ratio']:g}" + (" +res" if s.get("residual") else "") + (
+            " aware" if s.get("calibration") else "")
     name = f"svd r={s['rank']}" if s["method"] == "svd" else f"JD-{s['method'].capitalize()} r={s['rank']} K={s['clusters']}"
     if s.get("max_rel_error") is not None:
         name += f" E={s['max_rel_error']:g}"
@@ -170,8 +178,10 @@ def jdlora(*argv: str) -> str:
 def run_setting(col: Collection, s: dict, work: str) -> dict:
     from jdlora_ops.store import load_store
 
-    row = {"setting": label(s), **{k: v for k, v in s.items() if k != "max_rel_error"},
+    row = {"setting": label(s), **{k: v for k, v in s.items() if k not in ("max_rel_error", "calibration")},
            "budget": s.get("max_rel_error")}  # max_rel_error below is the measured one
+    if s.get("calibration"):
+        row["calibration"] = True  # the stats' path is this machine's; the command line shows it as STATS
     t0 = time.time()
     if s["method"] in ("base", "lora"):
         factors = {n: (read_factors(p) if s["method"] == "lora" else None) for n, p in zip(col.tasks, col.paths)}
@@ -190,7 +200,7 @@ def run_setting(col: Collection, s: dict, work: str) -> dict:
             cmd += ["--calibration", s["calibration"]]
         # Recorded as a user would type it: paths relative to the repository, the temporary store as STORE.
         shown = [os.path.relpath(str(a), os.path.dirname(HERE)) if str(a) == ADAPTERS
-                 else "STORE" if a == store else a for a in cmd]
+                 else "STATS" if a == s.get("calibration") else "STORE" if a == store else a for a in cmd]
         row["cli"] = "jdlora " + " ".join(map(str, shown))
         row["cli_output"] = jdlora(*cmd).strip()
         row["compress_seconds"] = round(time.time() - t0, 1)
@@ -214,7 +224,10 @@ def cmd_run(args) -> None:
     if args.group in ("grid", "large"):
         n = len(col.paths)
         original = sum(n * r * (d_out + d_in) for d_out, d_in, r in col.modules)
-        for s in grid_settings() if args.group == "grid" else large_settings():
+        stats = os.path.abspath(args.calibration) if args.calibration else None
+        if stats and not os.path.isdir(stats):
+            raise SystemExit(f"--calibration {args.calibration}: not a directory written by 'jdlora calibrate'")
+        for s in grid_settings() if args.group == "grid" else large_settings(stats):
             if s["method"] in ("full", "diag") and stored_values(s, n, col.modules) >= original:
                 print(f"skip {label(s)}: the store would hold {stored_values(s, n, col.modules)} values, the adapters "
                       f"{original} (no compression)")
@@ -408,8 +421,8 @@ def report_large(args) -> None:
     tasks = {t["name"]: t for t in manifest["tasks"]}
     large_metrics(rows, tasks)
     order = ("base", "lora", "budget", "svd", "full", "diag")
-    rows.sort(key=lambda r: (order.index(r["method"]), bool(r.get("residual")), r.get("ratio", 0), r.get("clusters", 0),
-                             r.get("rank", 0)))
+    rows.sort(key=lambda r: (order.index(r["method"]), bool(r.get("residual")), bool(r.get("calibration")),
+                             r.get("ratio", 0), r.get("clusters", 0), r.get("rank", 0)))
     front = frontier(rows, "tune")
     reach = sorted((r for r in rows if r["method"] not in ("base", "lora") and loss_kept(r, "tune") >= 0.95),
                    key=lambda r: r["bytes_ratio"])
@@ -431,10 +444,16 @@ def report_large(args) -> None:
                     by["base"]["ce"], by["lora"]["ce"], r["ce"], env["ce"], names, loss=True)}
                 # What the residual representation adds: against the same budget without it.
                 plain = by.get(label({"method": "budget", "ratio": r["ratio"]}))
-                if r.get("residual") and plain is not None:
+                if r.get("residual") and not r.get("calibration") and plain is not None:
                     r.setdefault("vs_no_residual", {})[split] = retained_metric.difference(
                         by["base"]["ce"], by["lora"]["ce"], r["ce"], plain["ce"], names, loss=True)
-    compressed = [r for r in rows if r["method"] not in ("base", "lora")]
+                # What calibration adds: against the same budget chosen in the plain metric.
+                plain = by.get(label({"method": "budget", "ratio": r["ratio"], "residual": True}))
+                if r.get("calibration") and plain is not None:
+                    r.setdefault("vs_plain_metric", {})[split] = retained_metric.difference(
+                        by["base"]["ce"], by["lora"]["ce"], r["ce"], plain["ce"], names, loss=True)
+    # The proxy is the plain relative error; a calibrated store's own adapters record the weighted one.
+    compressed = [r for r in rows if r["method"] not in ("base", "lora") and not r.get("calibration")]
     proxy = {split: spearman([-r["mean_rel_error"] for r in compressed], [loss_kept(r, split) for r in compressed])
              for split in SPLITS}
     ce = {k: sum(sum(v) / len(v) for v in by[k]["ce"].values()) / len(by[k]["ce"]) for k in ("base", "lora")}
@@ -443,8 +462,11 @@ def report_large(args) -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
         "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores", "threads": 1,
         "torch": torch.__version__,
-        "command": "python bench/bench_real_collection.py run --collection large [--shard I/N] && "
-                   "python bench/bench_real_collection.py report --collection large",
+        "command": "python bench/bench_real_collection.py run --collection large [--shard I/N] "
+                   "[--calibration STATS] && python bench/bench_real_collection.py report --collection large",
+        "calibration_stats": "jdlora calibrate MINILM --text bench/real_collection/text/calibration.txt "
+                             "--adapters (the first 7 adapters by name) --max-length 64 --batch-size 32 --threads 1 "
+                             "--out STATS (18 modules, 27480 tokens; the budget's rows marked 'aware')",
         "adapters": {s: sum(t["split"] == s for t in tasks.values()) for s in SPLITS},
         "eval_sentences": sum(len(v) for v in by["base"]["ce"].values()),
         "original_bytes": by["lora"]["bytes"],
@@ -459,7 +481,8 @@ def report_large(args) -> None:
         "lora_loss_gain_nats": {s: round(by["lora"]["loss"][s]["lora_gain_mean"], 4) for s in SPLITS},
         "lora_accuracy_gain": {s: round(by["lora"]["acc"][s]["lora_gain_mean"], 4) for s in SPLITS},
     }
-    keep = ("setting", "method", "rank", "clusters", "ratio", "residual", "envelope", "vs_envelope", "vs_no_residual",
+    keep = ("setting", "method", "rank", "clusters", "ratio", "residual", "calibration", "envelope", "vs_envelope",
+            "vs_no_residual", "vs_plain_metric",
             "bytes", "bytes_ratio", "mean_rel_error", "max_rel_error",
             "compress_seconds", "seconds", "cli", "loss", "acc")
     stem = os.path.join(RESULTS, "real_collection_large")
@@ -486,22 +509,33 @@ def report_large(args) -> None:
                       f"{d['difference']:+.3f} [{d['ci_sentences'][0]:+.3f}, {d['ci_sentences'][1]:+.3f}] |")
     table += "\n\nThe byte budget against the best baseline within its bytes (retained loss reduction over the " \
              "adapters that gain):\n\n" + "\n".join(vs)
-    res = ["| budget | bytes with / without residuals | split | difference [95% CI, paired over sentences] |",
-           "|---|---|---|---|"]
-    for r in rows:
-        for split, d in (r.get("vs_no_residual") or {}).items():
-            plain = by[label({"method": "budget", "ratio": r["ratio"]})]
-            res.append(f"| x{r['ratio']:g} | {r['bytes_ratio']:.4f} / {plain['bytes_ratio']:.4f} | {split} | "
-                       f"{d['difference']:+.3f} [{d['ci_sentences'][0]:+.3f}, {d['ci_sentences'][1]:+.3f}] |")
-    if len(res) > 2:
-        table += "\n\nThe byte budget with the residual representation against the same budget without it " \
-                 "(`--no-residual`):\n\n" + "\n".join(res)
+    # The same budget with and without one thing, paired over sentences: residuals, then calibration.
+    table += paired_table(rows, by, "vs_no_residual", "residuals", lambda r: {"method": "budget", "ratio": r["ratio"]},
+                          "The byte budget with the residual representation against the same budget without it "
+                          "(`--no-residual`)")
+    table += paired_table(rows, by, "vs_plain_metric", "calibration",
+                          lambda r: {"method": "budget", "ratio": r["ratio"], "residual": True},
+                          "The byte budget with `--calibration` (activation-weighted errors) against the same "
+                          "budget in the plain metric")
     with open(stem + ".md", "w", encoding="utf-8") as fh:
         fh.write("# real_collection_large\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
                  + table + "\n")
     plot_large(rows, stem + ".png", front)
     print(table)
     print(f"-> {stem}.json/.md/.png")
+
+
+def paired_table(rows: list[dict], by: dict, key: str, what: str, other, title: str) -> str:
+    """A markdown section of the paired differences ``row[key]`` against the setting ``other(row)``; empty
+    when no row has them."""
+    lines = [f"| budget | bytes with / without {what} | split | difference [95% CI, paired over sentences] |",
+             "|---|---|---|---|"]
+    for r in rows:
+        for split, d in (r.get(key) or {}).items():
+            plain = by[label(other(r))]
+            lines.append(f"| x{r['ratio']:g} | {r['bytes_ratio']:.4f} / {plain['bytes_ratio']:.4f} | {split} | "
+                         f"{d['difference']:+.3f} [{d['ci_sentences'][0]:+.3f}, {d['ci_sentences'][1]:+.3f}] |")
+    return f"\n\n{title}:\n\n" + "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot_large(rows: list[dict], path: str, front: set[str]) -> None:
@@ -517,8 +551,10 @@ def plot_large(rows: list[dict], path: str, front: set[str]) -> None:
                for k, st in ((4, "s--"), (16, "v--"))]
     curves += [("per-adapter SVD r=1,2,4", lambda r: r["method"] == "svd", "kx-"),
                ("--target-ratio --no-residual", lambda r: r["method"] == "budget" and not r.get("residual"), "c*-"),
-               ("--target-ratio (with residuals)", lambda r: r["method"] == "budget" and bool(r.get("residual")),
-                "mP-")]
+               ("--target-ratio (with residuals)", lambda r: r["method"] == "budget" and bool(r.get("residual"))
+                and not r.get("calibration"), "mP-"),
+               ("--target-ratio --calibration", lambda r: r["method"] == "budget" and bool(r.get("calibration")),
+                "yX--")]
     for ax, split in zip(axes, SPLITS):
         for name, pick, style in curves:
             sel = sorted((r for r in rows if pick(r)), key=lambda r: r["bytes_ratio"])
@@ -615,7 +651,8 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="compress, export and evaluate the settings of a group")
     r.add_argument("--group", choices=["grid", "aware"], default="grid", help="settings of the small collection")
-    r.add_argument("--calibration", default=None, metavar="STATS", help="stats of 'jdlora calibrate' (group aware)")
+    r.add_argument("--calibration", default=None, metavar="STATS",
+                   help="stats of 'jdlora calibrate' (group aware; with --collection large, the calibrated budget)")
     r.add_argument("--shard", default="0/1", help="I/N: run every N-th setting from the I-th (N processes at once)")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="merge the runs into JSON, markdown and PNG under bench/results")

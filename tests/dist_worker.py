@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jdlora_ops.compress import CallableCollection  # noqa: E402
 from jdlora_ops.compress.calibration import CalibrationStats  # noqa: E402
-from jdlora_ops.compress.distributed import compress_to_store  # noqa: E402
+from jdlora_ops.compress import compress_to_store  # noqa: E402
 from jdlora_ops.synthetic import SyntheticCollection, SyntheticSpec, llama_like_modules  # noqa: E402
 
 F64 = torch.float64

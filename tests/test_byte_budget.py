@@ -10,7 +10,7 @@ from jdlora_ops.cli import main
 from jdlora_ops.compress import compress, compress_svd
 from jdlora_ops.compress.allocation import (allocate, check_target, joint_option, original_bytes,
                                             spectrum_options)
-from jdlora_ops.compress.distributed import compress_to_store
+from jdlora_ops.compress import compress_to_store
 from jdlora_ops.store import load_store, read_manifest
 
 F64 = torch.float64

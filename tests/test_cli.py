@@ -178,12 +178,12 @@ def test_interrupted_compress_keeps_the_old_store(tmp_path, capsys, adapters, mo
     assert run(capsys, "compress", dirs[0], dirs[1], "-r", 4, "-o", store, "-q")[0] == 0
     before = {f: (store / f).read_bytes() for f in os.listdir(store)}
 
-    import jdlora_ops.compress as comp
+    import jdlora_ops.compress.pipeline as pipeline
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(comp, "compress", interrupted)
+    monkeypatch.setattr(pipeline, "compress", interrupted)
     rc, _, err = run(capsys, "compress", dirs[2], dirs[3], "-r", 4, "-o", store, "-q", "--overwrite")
     assert rc == 130 and "interrupted" in err
     assert {f: (store / f).read_bytes() for f in os.listdir(store)} == before

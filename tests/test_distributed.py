@@ -32,7 +32,10 @@ CASES = [
 # Fewer modules than processes: the last one holds none and only receives the sums.
 FEW = [{"name": "few-modules", "method": "full", "clusters": 2, "modules": 2}]
 # The byte budget: spectra and joint errors summed over modules, the chosen adapters' SVDs per module.
-TARGET = [{"name": "full-target", "method": "full", "clusters": 3, "rank": 4, "target_ratio": 0.45, "budget": 0.9}]
+TARGET = [{"name": "full-target", "method": "full", "clusters": 3, "rank": 4, "target_ratio": 0.45, "budget": 0.9},
+          # Calibrated: every process whitens and turns back its own modules (full adapters read back too).
+          {"name": "full-target-calibration", "method": "full", "clusters": 3, "rank": 4, "target_ratio": 0.45,
+           "calibration": True}]
 AUTO = [{"name": "full-auto", "method": "full", "clusters": "auto", "cluster_range": [2, 3], "max_iter": 10,
          "tol": 1e-5}]
 
@@ -93,7 +96,7 @@ def test_processes_write_the_one_process_store(nproc, tmp_path, one_thread):
     ref = one_process_stores(todo, tmp_path)
     assert ref["full-budget"][0]["individual"], "the budget case must move some adapters out of the joint tables"
     assert ref["full-calibration-budget"][0]["individual"]
-    assert all(m["num_clusters"] > 1 for name, (m, _) in ref.items() if name != "full-target")
+    assert all(m["num_clusters"] > 1 for name, (m, _) in ref.items() if not name.startswith("full-target"))
     if "full-target" in ref:
         target = ref["full-target"][0]
         assert set(target["metadata"]["byte_budget"]["candidates"]) == {"r=4 K=3"}
@@ -101,6 +104,8 @@ def test_processes_write_the_one_process_store(nproc, tmp_path, one_thread):
         # leaving the tables: the error-budget cases).
         paths = {e["path"] for e in target["individual"]}
         assert "residual" in paths and target["num_adapters"], f"joint cores with residuals expected; got {paths}"
+        calibrated = ref["full-target-calibration"][0]["metadata"]
+        assert calibrated["byte_budget"]["metric"] == "activation-weighted" and calibrated["calibration"]
     cases = [dict(c, out=str(tmp_path / f"dist-{c['name']}")) for c in todo]
     proc = launch(nproc, cases, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import jdlora_ops.store as store_mod
 from jdlora_ops import NonFiniteError
 from jdlora_ops.cli import main as cli
 from jdlora_ops.compress import CallableCollection, InMemoryCollection, ModuleSpec, compress
-from jdlora_ops.compress.distributed import compress_to_store
+from jdlora_ops.compress import compress_to_store
 from jdlora_ops.compress.error_budget import apply_error_budget
 from jdlora_ops.peft_io import PeftCollection, write_peft_adapter
 from jdlora_ops.serving import AdapterCache, AdapterMismatchError
@@ -114,7 +114,7 @@ def test_compress_refuses_before_any_work(tmp_path, capsys, monkeypatch, adapter
     def no_work(*a, **k):
         raise AssertionError("compression started on a refused collection")
 
-    monkeypatch.setattr("jdlora_ops.compress.compress", no_work)
+    monkeypatch.setattr("jdlora_ops.compress.pipeline.compress", no_work)
     rc = cli(["compress", *adapters[:2], bad, "--rank", "2", "--out", str(work / "store"), "-q"])
     _one_line_error(capsys, rc, "adapter 'tuned'", f"module {V}", f"tensor {side}", "index [1, 1]")
     assert os.listdir(work) == []  # no store, no staging directory

@@ -13,7 +13,7 @@ from budget_data import near_collection
 from jdlora_ops.cli import main
 from jdlora_ops.compress import compress
 from jdlora_ops.compress.allocation import compress_for_budget
-from jdlora_ops.compress.distributed import compress_to_store
+from jdlora_ops.compress import compress_to_store
 from jdlora_ops.compress.residual import residual_adapters, residual_spectra
 from jdlora_ops.store import FORMAT_VERSION, StoreError, load_store, read_manifest
 from serving_data import MODULES
@@ -52,7 +52,8 @@ def _core(fit, name: str, module: str) -> torch.Tensor:
 
 def test_spectra_are_those_of_the_dense_residual(col, fit):
     kmax = 5
-    mean, mx, values = residual_spectra(fit, col, kmax, dtype=F64)
+    opts = residual_spectra(fit, col, kmax, dtype=F64)
+    mean, mx, values = opts.mean, opts.max, opts.values
     torch.testing.assert_close(mean[:, 0], fit.rel_errors().mean(1), rtol=1e-9, atol=1e-12)
     for i, name in enumerate(col.adapter_names):
         per = []
@@ -82,8 +83,35 @@ def test_the_spectra_pass_reads_the_residuals_too(col, fit):
     for a, b in ((alone.svd_error, both.svd_error), (alone.svd_values, both.svd_values),
                  (alone.full_values, both.full_values)):
         assert torch.equal(a, b)
-    for a, b in zip(residual_spectra(fit, col, kmax, dtype=F64), both.residual):
-        assert torch.equal(a, b)
+    alone_res = residual_spectra(fit, col, kmax, dtype=F64)
+    for field in ("mean", "max", "values"):
+        assert torch.equal(getattr(alone_res, field), getattr(both.residual, field))
+    assert alone_res.ranks.keys() == both.residual.ranks.keys()
+    assert all(torch.equal(alone_res.ranks[m], both.residual.ranks[m]) for m in alone_res.ranks)
+
+
+def test_the_joint_fit_reads_the_spectra_and_its_residuals_as_a_pass_of_their_own_does(col):
+    """FitSpectra, riding on the fit's reads of each module (the last round's), gives what separate passes
+    over the fitted tables give: the same ranks and sizes, errors to round-off."""
+    from jdlora_ops.compress.allocation import FitSpectra, nominal_ranks, spectrum_options
+
+    _, kmax = nominal_ranks(col)
+    hook = FitSpectra(col, kmax)
+    # A poor start, so that adapters move and the hook sees more than one round: the last one counts.
+    start = torch.arange(len(col.adapter_names)) % 3
+    fitted = compress(col, 4, num_clusters=3, dtype=F64, seed=0, max_rounds=3, init_assignment=start,
+                      module_hook=hook)
+    assert len(fitted.history) >= 2
+    got, want = hook.options(), spectrum_options(col, dtype=F64)
+    for field in ("svd_values", "full_values", "full_rank"):
+        assert torch.equal(getattr(got, field), getattr(want, field))
+    torch.testing.assert_close(got.svd_error, want.svd_error, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got.svd_max, want.svd_max, rtol=1e-10, atol=1e-14)
+    got_r, want_r = hook.residual_options(), residual_spectra(fitted, col, kmax, dtype=F64)
+    assert torch.equal(got_r.values, want_r.values)
+    assert all(torch.equal(got_r.ranks[m], want_r.ranks[m]) for m in want_r.ranks)
+    torch.testing.assert_close(got_r.mean, want_r.mean, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(got_r.max, want_r.max, rtol=1e-9, atol=1e-13)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -109,8 +137,8 @@ def test_residual_factors_are_the_truncated_svd_of_what_the_core_misses(col, fit
 
 
 def test_the_budget_gives_the_near_adapters_a_residual_and_that_lowers_the_error(col):
-    def fit_at(r, k):
-        return compress(col, r, num_clusters=k, dtype=F64, seed=0)
+    def fit_at(r, k, hook=None):
+        return compress(col, r, num_clusters=k, dtype=F64, seed=0, module_hook=hook)
 
     common = dict(rank=4, clusters=3, itemsize=8, floor=None, fit=fit_at, dtype=F64, per_adapter=False)
     with_res = compress_for_budget(col, None, 0.4, residual=True, **common)

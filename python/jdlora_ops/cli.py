@@ -242,7 +242,7 @@ def cmd_compress(args) -> int:
 def _compress(args, team) -> int:
     import torch
 
-    from .compress.distributed import compress_to_store
+    from .compress import compress_to_store
     from .compress.error_budget import check_budget
     from .peft_io import PeftCollection
     from .store import StoreError, is_store
@@ -270,9 +270,6 @@ def _compress(args, team) -> int:
         if args.method not in ("full", "diag"):
             raise CLIError(f"--target-bytes/--target-ratio choose per-adapter SVD where it pays themselves: "
                            f"--method must be full or diag, got {args.method}")
-        if args.calibration is not None:
-            raise CLIError("--target-bytes/--target-ratio cannot be combined with --calibration yet: the byte "
-                           "budget weighs plain relative errors")
     elif args.rank is None:
         raise CLIError("--rank is required (or give --target-bytes/--target-ratio to choose it)")
     if args.no_residual and not budgeted:
@@ -359,9 +356,8 @@ def _report_compress(args, result, collection, rank, out, store_dtype, seconds, 
         f"store {args.out}: {_bytes(_store_bytes(out, read_manifest(out)))} written in "
         f"{str(store_dtype).replace('torch.', '')} (the adapters: {_bytes(_adapter_bytes(collection))})"
     )
-    aw = _activation_weighted(result.metadata)
-    if aw:
-        vals = [v for per in aw.values() for v in per]
+    vals = [v for per in _activation_weighted(result.metadata).values() for v in per]
+    if vals:  # none when every adapter left the joint tables (a byte budget's choice)
         print(f"activation-weighted relative squared error mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} "
               f"(inputs of {args.calibration})")
 
@@ -492,8 +488,8 @@ def cmd_inspect(args) -> int:
     all_errs = [e for a in entries for e in a["errors"]]
     if all_errs:
         print(f"error      relative squared error mean {sum(all_errs) / len(all_errs):.4f} max {max(all_errs):.4f}")
-    if aw:
-        vals = [v for per in aw.values() for v in per]
+    vals = [v for per in aw.values() for v in per]
+    if vals:
         cal = (m.get("metadata") or {}).get("calibration") or {}
         print(f"           activation-weighted mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} (calibrated on "
               f"{cal.get('token_count')} tokens, damping {cal.get('damping')})")

@@ -9,8 +9,10 @@
   budget as their own truncated SVD or factors (:class:`IndividualAdapter`).
 * :func:`search_partition`, :func:`subspace_affinities`: how the clusters are
   found; :func:`choose_num_clusters`: ``num_clusters="auto"``.
-* :mod:`~jdlora_ops.compress.distributed`: the same on several processes
-  (``torch.distributed``), module by module, bitwise equal results.
+* :func:`compress_to_store`: the whole pipeline from a collection to a store
+  (read, calibrate, partition and fit, allocate, write; :mod:`.pipeline`), on
+  one process or several (``torch.distributed``, :mod:`.distributed`), module
+  by module, bitwise equal results.
 * :class:`AdapterCollection` and its implementations produce a module's
   factors on demand (:class:`ModuleFactors`).
 """
@@ -32,6 +34,7 @@ from .collection import (
 )
 from .jd import JDResult, diag_solve, full_sigma, jd_diag, jd_full
 from .projection import ClusterEvaluation, evaluate_clusters, project_adapters
+from .pipeline import compress_to_store
 from .result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, ProjectionReport
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "RankGroup",
     "adapter_signatures",
     "compress",
+    "compress_to_store",
     "compress_none",
     "compress_svd",
     "diag_solve",

@@ -27,9 +27,8 @@ from .calibration import CalibrationStats, whitening
 from .collection import AdapterCollection, ModuleFactors, RankGroup, column_layout
 from .result import CompressedCollection
 
-__all__ = ["WhitenedCollection", "compress_activation_aware", "project_activation_aware",
-           "reconstruction_errors", "update_norms",
-           "DEFAULT_DAMPING"]
+__all__ = ["WhitenedCollection", "compress_activation_aware", "project_activation_aware", "whiten", "unwhiten",
+           "reconstruction_errors", "update_norms", "DEFAULT_DAMPING"]
 
 #: Damping of ``C`` relative to its mean eigenvalue (``lambda = damping * trace(C) / d``).
 DEFAULT_DAMPING = 1e-2
@@ -53,6 +52,10 @@ class WhitenedCollection(AdapterCollection):
     @property
     def metadata(self) -> dict:
         return dict(getattr(self.base, "metadata", {}) or {})
+
+    @property
+    def dtype(self):
+        return getattr(self.base, "dtype", None)
 
     def module_ranks(self, module):
         return self.base.module_ranks(module)
@@ -119,24 +122,47 @@ def compress_activation_aware(
     from .clustering import compress
     from .error_budget import apply_error_budget
 
-    stats.check_modules({s.name: s.d_in for s in collection.modules}, where="calibration stats")
-    S = _Whitening(stats, damping)
-    S_inv = S.inverse
-    whitened = WhitenedCollection(collection, S)
+    whitened = whiten(collection, stats, damping)
     result = compress(whitened, rank, **compress_args)
     if max_rel_error is not None:
         apply_error_budget(result, whitened, max_rel_error, dtype=compress_args.get("dtype", torch.float32),
                            device=compress_args.get("device", "cpu"), team=compress_args.get("team", SOLO))
-        for ind in result.individual.values():
+    return unwhiten(result, whitened, stats_path=stats_path, original_full=True)
+
+
+def whiten(collection: AdapterCollection, stats: CalibrationStats, damping: float = DEFAULT_DAMPING
+           ) -> "WhitenedCollection":
+    """``collection`` with every ``A_i`` whitened by the stats' ``S_m`` (computed when a module is first read):
+    any compression of it minimises the activation-weighted error; :func:`unwhiten` turns its result back.
+    Raises :class:`~.calibration.CalibrationError` when ``stats`` lack a module of the collection or have
+    another ``d_in``."""
+    stats.check_modules({s.name: s.d_in for s in collection.modules}, where="calibration stats")
+    return WhitenedCollection(collection, _Whitening(stats, damping))
+
+
+def unwhiten(result: CompressedCollection, whitened: "WhitenedCollection", *, stats_path: str | None = None,
+             original_full: bool = False) -> CompressedCollection:
+    """A compression of ``whitened`` (:func:`whiten`) turned into one of its base collection, in place: the
+    bases ``V^T S^(-1)``, every own factor ``A S^(-1)`` (truncated SVDs and residuals alike); the joint
+    tables' errors become the plain ones, the activation-weighted ones go to
+    ``metadata["activation_weighted_rel_errors"]``, and ``metadata["calibration"]`` describes the stats.
+    Own adapters keep the errors of the metric they were chosen in. ``original_full``: adapters kept as
+    their original factors (path ``"full"``) get them read back from the base collection (one more pass,
+    only when there are any), rather than un-whitened in the compute dtype."""
+    collection, S = whitened.base, whitened.factors
+    stats, damping, S_inv = S.stats, S.damping, S.inverse
+    full = [name for name, ind in result.individual.items() if ind.path == "full"] if original_full else []
+    for ind in result.individual.values():
+        if ind.path != "full" or not original_full:
             ind.factors = {m: ((A.double() @ S_inv[m]).to(A.dtype), B) for m, (A, B) in ind.factors.items()}
+    if full:
+        _read_originals(result, collection, full)
     weighted = {}
     # Adapters the error budget moved out are no longer in the joint tables.
     names = list(collection.adapter_names)
     kept = torch.tensor([names.index(x) for x in result.adapter_names], dtype=torch.long)
     for name, cm in result.modules.items():
-        f = collection.load_module(cm.spec, dtype=torch.float64)
-        if kept.numel() < len(names):
-            f = f.select(kept)
+        f = collection.load_module(cm.spec, dtype=torch.float64).select(kept)
         cm.Vt = (cm.Vt.double() @ S_inv[name]).to(cm.Vt.dtype)
         half = _sqrt_psd(stats.second_moments[name])
         norms_c = update_norms(f, half)
@@ -154,6 +180,21 @@ def compress_activation_aware(
                            "stats": stats_path}
     result.metadata = meta
     return result
+
+
+def _read_originals(result: CompressedCollection, collection: AdapterCollection, names: list[str]) -> None:
+    """The original factors of the own adapters ``names`` (path ``"full"``), for this result's modules."""
+    where = list(collection.adapter_names)
+    idx = torch.tensor([where.index(x) for x in names], dtype=torch.long)
+    specs = {s.name: s for s in collection.modules}
+    for m in {m for x in names for m in result.individual[x].factors}:
+        f = collection.load_module(specs[m], dtype=torch.float64).select(idx)
+        for g in f.groups:
+            for t, j in enumerate(g.index.tolist()):
+                ind = result.individual[names[j]]
+                if m in ind.factors:
+                    A, B = ind.factors[m]
+                    ind.factors[m] = (g.A[t].to(A.dtype).contiguous(), g.Bt[t].t().to(B.dtype).contiguous())
 
 
 class _Whitening(dict):
@@ -198,6 +239,7 @@ def project_activation_aware(
     plain ones; their activation-weighted errors are appended to
     ``metadata["activation_weighted_rel_errors"]``.
     """
+    from .allocation import allocate_new_adapters
     from .error_budget import budget_new_adapters
     from .projection import project_adapters
 
@@ -212,8 +254,13 @@ def project_activation_aware(
     whitened = WhitenedCollection(new, S)
     try:
         report = project_adapters(compressed, whitened, cluster=cluster, device=device, progress=progress)
-        paths = (budget_new_adapters(compressed, whitened, report, budget, device=device)
-                 if budget is not None else ["jd"] * len(report.names))
+        if "multiplier" in (compressed.metadata.get("byte_budget") or {}):
+            # A byte-budget store's rule, priced in the metric its allocation weighed.
+            paths = allocate_new_adapters(compressed, whitened, report, device=device, floor=budget)
+        elif budget is not None:
+            paths = budget_new_adapters(compressed, whitened, report, budget, device=device)
+        else:
+            paths = ["jd"] * len(report.names)
     finally:
         for name, cm in compressed.modules.items():
             cm.Vt = saved[name]

@@ -35,13 +35,15 @@ import torch
 from ._linalg import F64
 from ._team import SOLO, ModuleTeam
 from .baselines import squared_singular_values
-from .collection import AdapterCollection
-from .error_budget import all_rel_errors, drop_from_tables, individual_at_ranks
-from .residual import combine_residual, module_residual, residual_adapters, residual_rows, residual_spectra
+from .collection import AdapterCollection, ModuleFactors
+from .error_budget import IndividualFactors, all_rel_errors, drop_from_tables
+from .residual import (ResidualFactors, ResidualOptions, combine_residual, module_residual, residual_rows,
+                       residual_spectra)
 from .result import CompressedCollection
 
 __all__ = ["BudgetCurve", "Allocation", "SpectrumOptions", "check_target", "original_bytes", "spectrum_options",
-           "allocate", "nominal_ranks", "choose_at_multiplier", "allocate_new_adapters", "JointOption", "joint_option", "bases_bytes", "apply_allocation", "compress_for_budget", "CURVE_RATIOS"]
+           "allocate", "nominal_ranks", "choose_at_multiplier", "allocate_new_adapters", "JointOption", "joint_option", "bases_bytes", "apply_allocation", "compress_for_budget", "fit_for_budget",
+           "CURVE_RATIOS"]
 
 #: Budgets (fractions of the original bytes) at which the searched curve is reported.
 CURVE_RATIOS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -83,7 +85,7 @@ class SpectrumOptions:
     full_values: torch.Tensor
     full_rank: torch.Tensor
     modules: int
-    residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    residual: ResidualOptions | None = None
 
     @property
     def kmax(self) -> int:
@@ -113,25 +115,94 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
                      joint: CompressedCollection | None = None, kmax: int | None = None) -> SpectrumOptions:
     """One pass over the modules (each process its own): every adapter's spectrum, errors and sizes per rank;
     with ``joint`` (and ``kmax``, the largest rank, :func:`nominal_ranks`) also the joint fit's residual
-    options, from the same reads."""
-    names = list(collection.adapter_names)
-    n = len(names)
+    options, from the same reads (:class:`FitSpectra` reads both during the joint fit itself)."""
+    n = len(collection.adapter_names)
     specs = [collection.modules[i] for i in team.local(collection.modules, n)]
     rows = residual_rows(joint, collection) if joint is not None else None
 
     def local():
-        parts, res = [], []
+        parts, res = {}, {}
         for spec in specs:
             f = collection.load_module(spec, dtype=dtype, device=device)
-            s2 = squared_singular_values(f)
-            parts.append((spec.d_in + spec.d_out, f.ranks(), s2, s2.sum(1)))
+            parts[spec.name] = _module_spectrum(f)
             if joint is not None:
-                res.append(module_residual(f, joint, rows, kmax))
+                res[spec.name] = module_residual(f, joint.modules[spec.name], rows, joint.assignment, kmax)
             del f
         return parts, res
 
     parts, res = team.run(local)
-    kmax_seen = int(team.maximum(torch.tensor(max([0] + [p[2].shape[1] for p in parts]))))
+    return _options(collection, parts, res if joint is not None else None, kmax, team)
+
+
+def _module_spectrum(f: ModuleFactors) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(d_in + d_out, ranks [n], squared singular values [n, rho])`` of one module's adapters."""
+    return f.spec.d_in + f.spec.d_out, f.ranks(), squared_singular_values(f)
+
+
+class FitSpectra:
+    """What :func:`spectrum_options` reads, read during a joint fit instead (a ``module_hook`` of
+    :func:`~.clustering.compress`): the fit reads every module anyway, so the spectra (``spectra``) and
+    the fit's residual options up to rank ``kmax`` (``residual``) cost no pass of their own. The fit's
+    last round decides; :meth:`options` then combines them over the team's modules."""
+
+    def __init__(self, collection: AdapterCollection, kmax: int, *, spectra: bool = True, residual: bool = True):
+        self.collection, self.kmax = collection, kmax
+        self.want_spectra, self.want_residual = spectra, residual
+        self.n = len(collection.adapter_names)
+        self.spectra: dict[str, tuple] = {}
+        self.residual: dict[str, tuple] = {}
+        self.seconds = 0.0  # spent in the calls: what riding on the fit adds to it
+
+    def __call__(self, spec, members: list[torch.Tensor], parts: list, cm) -> None:
+        t0 = time.perf_counter()
+        self._read(spec, members, parts, cm)
+        self.seconds += time.perf_counter() - t0
+
+    def _read(self, spec, members: list[torch.Tensor], parts: list, cm) -> None:
+        n, kmax = self.n, self.kmax
+        assignment = torch.zeros(n, dtype=torch.long)
+        for k, idx in enumerate(members):
+            assignment[idx] = k
+        ranks = torch.zeros(n, dtype=torch.long)
+        s2 = torch.zeros(n, kmax, dtype=F64)
+        rel = torch.zeros(n, kmax + 1, dtype=F64)
+        values = torch.zeros(n, kmax + 1, dtype=torch.long)
+        res_rank = torch.zeros(n, dtype=torch.long)
+        for idx, part in zip(members, parts):
+            if idx.numel() == 0:
+                continue
+            if self.want_spectra:
+                _, ranks[idx], s2_k = _module_spectrum(part)
+                if s2_k.shape[1] > kmax:
+                    raise ValueError(f"the collection's factors have rank {s2_k.shape[1]} on module {spec.name}, "
+                                     f"above the {kmax} it reported")
+                s2[idx, :s2_k.shape[1]] = s2_k
+            if self.want_residual:
+                rel[idx], values[idx], res_rank[idx] = module_residual(part, cm, idx, assignment, kmax)
+        if self.want_spectra:
+            self.spectra[spec.name] = (spec.d_in + spec.d_out, ranks, s2)
+        if self.want_residual:
+            self.residual[spec.name] = (rel, values, res_rank)
+
+    def options(self, team: ModuleTeam = SOLO) -> SpectrumOptions:
+        """The spectra the last round read (``spectra=True``), as :func:`spectrum_options` without ``joint``."""
+        return _options(self.collection, self.spectra, None, self.kmax, team)
+
+    def residual_options(self, team: ModuleTeam = SOLO) -> ResidualOptions:
+        """The fit's residual options the last round read (``residual=True``)."""
+        n = self.n
+        return combine_residual(self.residual, n, self.kmax, len(self.collection.modules),
+                                team.holders(self.collection.modules, n), team)
+
+
+def _options(collection: AdapterCollection, parts: dict[str, tuple], res: dict[str, tuple] | None,
+             kmax: int | None, team: ModuleTeam) -> SpectrumOptions:
+    """Combine this process's per-module spectra (:func:`_module_spectrum`) and residual parts
+    (:func:`~.residual.module_residual`; None: none) over the team's modules, in module order."""
+    names = list(collection.adapter_names)
+    n = len(names)
+    parts = list(parts.values())
+    kmax_seen = int(team.maximum(torch.tensor(max([0] + [int(p[1].max()) for p in parts if p[1].numel()]))))
     if kmax is not None and kmax_seen > kmax:
         raise ValueError(f"the collection's factors have rank {kmax_seen}, above the {kmax} it reported")
     kmax = kmax_seen if kmax is None else kmax
@@ -141,8 +212,9 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
     full = torch.zeros(n, dtype=torch.long)
     full_rank = torch.zeros(n, dtype=torch.long)
     rels = []
-    for width, ranks, s2, norms in parts:
-        s2 = torch.nn.functional.pad(s2, (0, kmax - s2.shape[1]))
+    for width, ranks, s2 in parts:
+        s2 = torch.nn.functional.pad(s2[:, :kmax], (0, kmax - min(s2.shape[1], kmax)))
+        norms = s2.sum(1)
         # tail[:, k]: what rank k leaves out, divided by the update's norm (0 for an absent module).
         tail = torch.cat([s2.flip(1).cumsum(1).flip(1), torch.zeros(n, 1, dtype=F64)], dim=1)
         rel = torch.where(norms[:, None] > 0, tail / norms.clamp_min(torch.finfo(F64).tiny)[:, None],
@@ -159,7 +231,7 @@ def spectrum_options(collection: AdapterCollection, *, dtype: torch.dtype = torc
     values = team.ordered_sum(iter([values]), n * (kmax + 1), holders, dtype=torch.long).view(n, kmax + 1)
     full = team.ordered_sum(iter([full]), n, holders, dtype=torch.long)
     err_max, full_rank = team.maximum(err_max), team.maximum(full_rank)
-    residual = (combine_residual(res, n, kmax, len(collection.modules), holders, team) if joint is not None
+    residual = (combine_residual(res, n, kmax, len(collection.modules), holders, team) if res is not None
                 else None)
     return SpectrumOptions(names, err_sum / max(len(collection.modules), 1), err_max, values, full, full_rank,
                            len(collection.modules), residual)
@@ -181,6 +253,7 @@ class Allocation:
     bases_bytes: int
     residual: torch.Tensor
     multiplier: float = 0.0
+    residual_ranks: dict[str, torch.Tensor] | None = None  # from the residual options, see ResidualOptions
 
     def label(self, i: int) -> str:
         if bool(self.full[i]):
@@ -211,14 +284,14 @@ class _Table:
 class JointOption:
     """What a joint fit offers each adapter (see :func:`joint_option`): ``mean``/``max`` float64 ``[n]`` its
     relative error over the modules under the joint tables, ``bases`` the bases' bytes, ``cores_values``
-    one adapter's core values; ``residual``: ``(mean, max, values)``, each ``[n, kmax + 1]``, of the core
-    plus a rank-``k`` residual (:func:`~.residual.residual_spectra`), or None (no residual options)."""
+    one adapter's core values; ``residual``: the core plus a rank-``k`` residual
+    (:func:`~.residual.residual_spectra`), or None (no residual options)."""
 
     mean: torch.Tensor
     max: torch.Tensor
     bases: int
     cores_values: int
-    residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    residual: ResidualOptions | None = None
 
 
 def _table(opts: SpectrumOptions, jd: JointOption | None, itemsize: int, floor: float | None) -> _Table:
@@ -242,7 +315,8 @@ def _table(opts: SpectrumOptions, jd: JointOption | None, itemsize: int, floor: 
         if floor is not None:
             size[:, 0][jd.max > floor * (1 + 1e-12)] = math.inf
         if jd.residual is not None:
-            r_mean, r_max, r_values = (t[:, :kmax + 1] for t in jd.residual)
+            r_mean, r_max, r_values = (t[:, :kmax + 1] for t in (jd.residual.mean, jd.residual.max,
+                                                                   jd.residual.values))
             res = slice(kmax + 2, 2 * kmax + 2)
             error[:, res] = r_mean[:, 1:]
             size[:, res] = cores + r_values[:, 1:].to(F64) * itemsize
@@ -295,7 +369,8 @@ def _solve(t: _Table, budget: float) -> tuple[torch.Tensor, float] | None:
     return best, 10.0 ** hi
 
 
-def _as_allocation(t: _Table, cols: torch.Tensor, opts: SpectrumOptions, multiplier: float) -> Allocation:
+def _as_allocation(t: _Table, cols: torch.Tensor, opts: SpectrumOptions, multiplier: float,
+                   jd: JointOption | None) -> Allocation:
     ar = torch.arange(len(cols))
     kmax = opts.svd_error.shape[1] - 1
     full = cols == kmax + 1
@@ -303,7 +378,8 @@ def _as_allocation(t: _Table, cols: torch.Tensor, opts: SpectrumOptions, multipl
     choice = torch.where(in_tables, torch.full_like(cols, -1), torch.where(full, opts.full_rank, cols))
     residual = torch.where(cols > kmax + 1, cols - (kmax + 1), torch.zeros_like(cols))
     return Allocation(choice, full, opts.full_rank, float(t.error[ar, cols].mean()), int(t.bytes[ar, cols].sum()) + t.bases,
-                      t.bases, residual, multiplier)
+                      t.bases, residual, multiplier,
+                      jd.residual.ranks if jd is not None and jd.residual is not None else None)
 
 
 def allocate(opts: SpectrumOptions, budget: float, *, jd: JointOption | None = None, itemsize: int = 2,
@@ -315,7 +391,7 @@ def allocate(opts: SpectrumOptions, budget: float, *, jd: JointOption | None = N
     """
     t = _table(opts, jd, itemsize, floor)
     solved = _solve(t, budget)
-    return None if solved is None else _as_allocation(t, solved[0], opts, solved[1])
+    return None if solved is None else _as_allocation(t, solved[0], opts, solved[1], jd)
 
 
 def choose_at_multiplier(opts: SpectrumOptions, jd: JointOption, multiplier: float, *, itemsize: int = 2,
@@ -325,20 +401,25 @@ def choose_at_multiplier(opts: SpectrumOptions, jd: JointOption, multiplier: flo
     a byte was worth there). An adapter with no option within ``floor`` keeps its original factors."""
     t = _table(opts, jd, itemsize, floor)
     t.bases = 0
-    return _as_allocation(t, _pick(t, multiplier), opts, multiplier)
+    return _as_allocation(t, _pick(t, multiplier), opts, multiplier, jd)
 
 
 def joint_option(result: CompressedCollection, itemsize: int, team: ModuleTeam = SOLO, width: int | None = None, *,
-                 residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> JointOption:
+                 residual: ResidualOptions | None = None) -> JointOption:
     """What a joint fit offers for :func:`allocate`. ``width``: the sum of ``d_in + d_out`` over all
     modules (needed with several processes, each holding some); ``residual``: its residual options
     (:func:`~.residual.residual_spectra`, or read with the spectra by :func:`spectrum_options`)."""
     rel, _ = all_rel_errors(result, team)
     if width is None:
         width = sum(cm.spec.d_in + cm.spec.d_out for cm in result.modules.values())
+    return _joint_option(result, rel, result.num_clusters * result.rank * width * itemsize, residual)
+
+
+def _joint_option(result: CompressedCollection, rel: torch.Tensor, bases: int,
+                  residual: ResidualOptions | None) -> JointOption:
+    """The option of adapters with relative errors ``rel`` (float64 ``[n, modules]``) under ``result``'s tables."""
     count = rel.shape[1] if rel.numel() else 1
     per_core = result.rank * result.rank if result.method == "full" else result.rank
-    bases = result.num_clusters * result.rank * width * itemsize
     return JointOption(rel.sum(1) / max(count, 1),
                        rel.max(1).values if rel.numel() else torch.zeros(rel.shape[0], dtype=F64),
                        bases, per_core * count, residual)
@@ -349,25 +430,38 @@ def apply_allocation(result: CompressedCollection, collection: AdapterCollection
                      team: ModuleTeam = SOLO) -> list[str]:
     """Apply the allocation of ``collection``'s adapters (all in ``result``'s joint tables) to ``result``, in
     place: the adapters it keeps on their own leave the joint tables, those with a residual get it
-    (:func:`~.residual.residual_adapters`); returns the names that left."""
+    (:mod:`.residual`), both built in one pass over this process's modules; returns the names that left."""
     ours = list(collection.adapter_names)
-    with_res = alloc.residual > 0
-    if bool(with_res.any()):
-        res_names = [x for x, o in zip(ours, with_res.tolist()) if o]
-        result.individual.update(residual_adapters(result, collection, res_names, alloc.residual[with_res],
-                                                   dtype=dtype, device=device, team=team))
-    leave = alloc.choice >= 0
-    names = [x for x, o in zip(ours, leave.tolist()) if o]
-    if not names:
+    with_res = (alloc.residual > 0).nonzero().flatten()
+    leave = (alloc.choice >= 0).nonzero().flatten()
+    if not with_res.numel() and not leave.numel():
         return []
+    names = [ours[i] for i in leave.tolist()]
     jd = None
-    if result.method in ("full", "diag") and result.num_clusters:
+    if names and result.method in ("full", "diag") and result.num_clusters:
         rel, mods = all_rel_errors(result, team)
         jd = {x: {m: float(rel[result.index(x), j]) for j, m in enumerate(mods)} for x in names}
-    result.individual.update(individual_at_ranks(collection, names, alloc.choice[leave], alloc.full_rank[leave],
-                                                 jd_errors=jd, dtype=dtype, device=device, team=team))
-    gone = set(names)
-    drop_from_tables(result, torch.tensor([x in gone for x in result.adapter_names], dtype=torch.bool))
+    specs = [collection.modules[i] for i in team.local(collection.modules, len(ours))]
+
+    def one_pass():
+        res_names = [ours[i] for i in with_res.tolist()]
+        ranks = None if alloc.residual_ranks is None else {m: r[with_res] for m, r in alloc.residual_ranks.items()}
+        residuals = (ResidualFactors(result, res_names, residual_rows(result, collection)[with_res],
+                                     alloc.residual[with_res], ranks) if res_names else None)
+        own = IndividualFactors(names, alloc.choice[leave], alloc.full_rank[leave], jd) if names else None
+        for spec in specs:
+            f = collection.load_module(spec, dtype=dtype, device=device)
+            if residuals is not None:
+                residuals.add(f, with_res)
+            if own is not None:
+                own.add(f.select(leave))
+            del f
+        return {**(residuals.adapters() if residuals else {}), **(own.adapters() if own else {})}
+
+    result.individual.update(team.run(one_pass))
+    if names:
+        gone = set(names)
+        drop_from_tables(result, torch.tensor([x in gone for x in result.adapter_names], dtype=torch.bool))
     return names
 
 
@@ -381,12 +475,10 @@ def allocate_new_adapters(compressed: CompressedCollection, new: AdapterCollecti
     floor = floor if floor is not None else compressed.metadata.get("max_rel_error")
     opts = spectrum_options(new, dtype=F64, device=device)
     kmax = opts.svd_error.shape[1] - 1
-    rel = report.rel_errors.to(F64)
-    per_core = compressed.rank * compressed.rank if compressed.method == "full" else compressed.rank
     residual = None
     if bb.get("residual", False) and kmax >= 1:
         residual = residual_spectra(compressed, new, kmax, dtype=F64, device=device)
-    jd = JointOption(rel.mean(1), rel.max(1).values, 0, per_core * rel.shape[1], residual)
+    jd = _joint_option(compressed, report.rel_errors.to(F64), 0, residual)  # the bases are paid for
     alloc = choose_at_multiplier(opts, jd, float(bb["multiplier"]), itemsize=int(bb["itemsize"]), floor=floor)
     before = set(compressed.individual)
     apply_allocation(compressed, new, alloc, dtype=F64, device=device)
@@ -437,9 +529,10 @@ def bases_bytes(collection: AdapterCollection, rank: int, clusters: int, itemsiz
     return clusters * rank * sum(s.d_in + s.d_out for s in collection.modules) * itemsize
 
 
-def candidates(n: int, rank: int | None, clusters) -> list[tuple[int, int]]:
-    """Joint candidates ``(r, K)``: the given rank and count, else a small grid, K at most ``n``."""
-    ranks = [rank] if rank is not None else list(_RANKS)
+def candidates(n: int, rank: int | None, clusters, max_rank: int | None = None) -> list[tuple[int, int]]:
+    """Joint candidates ``(r, K)``: the given rank and count, else a small grid, K at most ``n`` and r at most
+    ``max_rank`` (what the smallest module holds)."""
+    ranks = [rank] if rank is not None else [r for r in _RANKS if max_rank is None or r <= max_rank]
     ks = [clusters] if isinstance(clusters, int) else list(_CLUSTERS)
     return [(r, k) for r in ranks for k in ks if k <= n]
 
@@ -452,13 +545,14 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
 
     Returns ``(result, allocation, curve)``; ``result`` is None when the best store has no joint tables.
 
-    ``fit(rank, clusters)`` returns a joint fit (:class:`CompressedCollection`). ``per_adapter``: also try
+    ``fit(rank, clusters, module_hook)`` returns a joint fit (:class:`CompressedCollection`) and passes
+    ``module_hook`` to :func:`~.clustering.compress`. ``per_adapter``: also try
     the store without joint tables (every adapter its own SVD or factors); ``residual``: offer the joint
     adapters a private residual (:mod:`.residual`). Raises ``ValueError`` naming
     the budget when no candidate fits in it (below the smallest possible store).
     """
     # The original bytes come from the ranks when the collection knows them without reading factors; then
-    # the spectra are read in the same pass as the first joint fit's residuals, not in one of their own.
+    # the spectra are read during the first joint fit (FitSpectra), not in a pass of their own.
     nominal = nominal_ranks(collection, team)
     opts = None if nominal is not None else spectrum_options(collection, dtype=dtype, device=device, team=team)
     orig = nominal[0] * itemsize if nominal is not None else original_bytes(opts, itemsize)
@@ -467,7 +561,9 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
     curve = BudgetCurve(orig, int(budget))
     best = None  # (error, label, result or None, allocation)
     n = len(collection.adapter_names)
-    fits: list[tuple[str, object, object]] = [(f"r={r} K={k}", r, k) for r, k in candidates(n, rank, clusters)]
+    max_rank = min(min(s.d_out, s.d_in) for s in collection.modules)
+    fits: list[tuple[str, object, object]] = [(f"r={r} K={k}", r, k)
+                                              for r, k in candidates(n, rank, clusters, max_rank)]
     if per_adapter:
         fits.append(("per-adapter", None, None))
     smallest = math.inf
@@ -486,14 +582,12 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
                 if log:
                     log(f"budget: {label} skipped, its bases alone take {bases:,} bytes")
                 continue
-            result = fit(r, k)
-            res = None
+            # The fit reads every module: the spectra (first time) and this fit's residual options ride along.
+            hook = FitSpectra(collection, kmax, spectra=opts is None, residual=residual and kmax >= 1)
+            result = fit(r, k, hook)
             if opts is None:
-                opts = spectrum_options(collection, dtype=dtype, device=device, team=team,
-                                        joint=result if residual and kmax >= 1 else None, kmax=kmax)
-                res = opts.residual
-            elif residual and kmax >= 1:
-                res = residual_spectra(result, collection, kmax, dtype=dtype, device=device, team=team)
+                opts = hook.options(team)
+            res = hook.residual_options(team) if hook.want_residual else None
             jd = joint_option(result, itemsize, team, width, residual=res)
         curve.candidates.append(label)
         curve.points[label] = {}
@@ -518,3 +612,38 @@ def compress_for_budget(collection: AdapterCollection, budget_bytes: float | Non
                          f"{need:,} bytes, {need / max(orig, 1):.4f} of the original {orig:,})")
     curve.chosen = best[1]
     return best[2], best[3], curve
+
+
+def fit_for_budget(collection: AdapterCollection, rank: int | None, clusters, fit, *, target_bytes: float | None,
+                   target_ratio: float | None, floor: float | None, itemsize: int, dtype=torch.float32, device="cpu",
+                   team: ModuleTeam = SOLO, residual: bool = True, log=None, log_curve=None) -> CompressedCollection:
+    """The byte budget's steps on ``collection``: the joint candidates fitted by ``fit(rank, clusters, hook)``
+    (:func:`compress_for_budget`), the best one's allocation applied (:func:`apply_allocation`), and the rule
+    for adapters added later recorded in ``metadata["byte_budget"]``. ``rank`` and ``clusters`` (an int, or
+    None to search) both given fix the joint tables; ``log_curve(lines)`` receives the searched curve."""
+    clusters = clusters if isinstance(clusters, int) else None
+    # Both given: the user asked for these joint tables, so the store without any is not a candidate.
+    joint_fixed = rank is not None and clusters is not None
+    if joint_fixed and target_bytes is not None:
+        bases = bases_bytes(collection, rank, clusters, itemsize)
+        if bases > target_bytes:
+            raise ValueError(f"the byte budget (target_bytes, --target-bytes) allows {int(target_bytes):,} table bytes; "
+                             f"the bases of rank {rank} and {clusters} clusters (--rank, --clusters) alone take "
+                             f"{bases:,}")
+    result, alloc, curve = compress_for_budget(
+        collection, target_bytes, target_ratio, rank=rank, clusters=clusters, itemsize=itemsize, floor=floor,
+        fit=fit, dtype=dtype, device=device, team=team, per_adapter=not joint_fixed, residual=residual, log=log)
+    if result is None:  # every adapter on its own: a joint fit of one rank-1 cluster that they all leave
+        result = fit(1, 1, None)
+    if list(result.adapter_names) != list(collection.adapter_names):
+        raise RuntimeError("the joint fit reordered the adapters; the allocation cannot be applied")
+    apply_allocation(result, collection, alloc, dtype=dtype, device=device, team=team)
+    if floor is not None:
+        result.metadata["max_rel_error"] = floor
+    # The multiplier, item size and options are the rule for adapters added later (`jdlora add`).
+    result.metadata["byte_budget"] = {**curve.as_dict(), "predicted_mean_rel_error": alloc.mean_error,
+                                      "predicted_table_bytes": alloc.table_bytes, "representations": alloc.counts(),
+                                      "multiplier": alloc.multiplier, "itemsize": itemsize, "residual": residual}
+    if log_curve is not None and team.is_root:
+        log_curve(curve.lines())
+    return result

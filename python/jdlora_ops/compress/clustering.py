@@ -106,6 +106,7 @@ def compress(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     team: ModuleTeam = SOLO,
+    module_hook: Callable | None = None,
 ) -> CompressedCollection:
     """Compress a collection jointly: ``K`` clusters, JD-Full or JD-Diag per (cluster, module).
 
@@ -141,6 +142,14 @@ def compress(
       :mod:`~jdlora_ops.compress.distributed`); the partition and every sum are
       bitwise those of one process, and ``modules`` (and ``metadata["ranks"]``)
       hold this process's modules only.
+
+    * ``module_hook(spec, members, parts, module)``: called for each of this
+      process's modules in every round of the final fit, once the module is
+      fitted, with the adapters of each cluster (``members[k]``, positions in
+      the collection), their factors (``parts[k]``) and the fitted
+      :class:`CompressedModule` (clusters not yet renumbered); for work that
+      needs every adapter's factors beside the final tables, without a pass of
+      its own. The last round's calls describe the returned tables.
 
     Raises ``ValueError`` (naming the argument, the expected and the actual
     value) for a rank a module cannot hold, ``K`` outside ``[1, n]``, an empty
@@ -224,7 +233,8 @@ def compress(
             f"{search.seconds:.1f} s")
 
     trial, history, out_modules, ranks = _fit_rounds(
-        collection, specs, assign, K, max(1, int(max_rounds)), None, keep=True, say=say, progress=progress, **opts
+        collection, specs, assign, K, max(1, int(max_rounds)), None, keep=True, say=say, progress=progress,
+        module_hook=module_hook, **opts
     )
     assign = trial.assignment
     check_nonzero(names, trial.norms)
@@ -264,7 +274,7 @@ def _check_unique(names: list[str]) -> None:
 
 
 def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, weights, max_iter, tol, seed, dtype,
-                device, keep=False, say=None, progress=False, team=SOLO):
+                device, keep=False, say=None, progress=False, team=SOLO, module_hook=None):
     """Fit/reassign rounds over ``specs`` from ``assign``, at most ``rounds`` fits.
 
     Each round reads every module once: JD per cluster (warm-started from the
@@ -291,7 +301,8 @@ def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, wei
             it = tqdm(it, desc=f"round {rnd + 1}", unit="module", leave=False)
         fitted = (_fit_module(collection, mi, spec, assign, members, K, warm, rank=rank, method=method,
                               weights=weights, max_iter=max_iter, tol=tol, seed=seed, dtype=dtype, device=device,
-                              keep=keep and rnd == 0, ranks=ranks, out_modules=out_modules if keep else None)
+                              keep=keep and rnd == 0, ranks=ranks, out_modules=out_modules if keep else None,
+                              module_hook=module_hook)
                   for mi, spec in it)
         sums = team.ordered_sum(fitted, n * K + 2 * n + 3, team.holders(specs, n))
         cost = sums[: n * K].view(n, K)
@@ -349,7 +360,7 @@ def _fit_rounds(collection, specs, assign, K, rounds, warm, *, rank, method, wei
 
 
 def _fit_module(collection, mi, spec, assign, members, K, warm, *, rank, method, weights, max_iter, tol, seed, dtype,
-                device, keep, ranks, out_modules) -> torch.Tensor:
+                device, keep, ranks, out_modules, module_hook=None) -> torch.Tensor:
     """One module of a round: JD per cluster, then every adapter's cost under every cluster.
 
     Returns the module's flat contribution to the round's sums (see
@@ -396,6 +407,8 @@ def _fit_module(collection, mi, spec, assign, members, K, warm, *, rank, method,
         ev = evaluate_clusters(parts[k], U, V, method, valid=valid)
         c = relative(ev.errors, ev.norms_sq) if weights == "relative" else ev.errors
         cost[members[k]] = c.cpu()
+    if module_hook is not None and out_modules is not None:
+        module_hook(spec, members, parts, out_modules[spec.name])
     return torch.cat([cost.reshape(-1), norms, scale, torch.tensor([objective, total, inner], dtype=F64)])
 
 

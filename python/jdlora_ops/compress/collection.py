@@ -253,8 +253,11 @@ class ModuleFactors:
         return ModuleFactors(self.spec, self.num_adapters, groups)
 
     def select(self, indices: torch.Tensor | Sequence[int]) -> "ModuleFactors":
-        """The sub-collection of adapters ``indices`` (renumbered ``0..len-1`` in that order)."""
+        """The sub-collection of adapters ``indices`` (renumbered ``0..len-1`` in that order); ``self``, not a
+        copy, when that is every adapter in order."""
         indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.numel() == self.num_adapters and torch.equal(indices.cpu(), torch.arange(indices.numel())):
+            return self
         pos = torch.full((self.num_adapters,), -1, dtype=torch.long)
         pos[indices] = torch.arange(indices.numel())
         groups = []

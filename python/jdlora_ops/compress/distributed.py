@@ -1,4 +1,7 @@
-"""Module-parallel compression on ``torch.distributed``: several processes, one store.
+"""Module-parallel compression on ``torch.distributed``: the team of processes, their agreement, one store.
+
+The steps themselves are :mod:`.pipeline`'s, the same for one process or many;
+this module holds what several processes add to them.
 
 Clustered JD parallelises by module: within a round every (cluster, module)
 fit and every adapter's cost on a module are independent; only sums over
@@ -29,7 +32,7 @@ directory is removed: no partial store is left.
 
 From Python, with a process group already initialised::
 
-    from jdlora_ops.compress.distributed import compress_to_store
+    from jdlora_ops.compress import compress_to_store
     result = compress_to_store(collection, 16, "store", num_clusters=8)   # on every process
 
 From the shell::
@@ -44,16 +47,14 @@ import hashlib
 import json
 import os
 import shutil
-import time
 
 import torch
 
 from ._team import SOLO, ModuleTeam, RankFailed
-from .allocation import apply_allocation, bases_bytes, check_target, compress_for_budget
 from .collection import AdapterCollection
 from .result import CompressedCollection, CompressedModule, IndividualAdapter
 
-__all__ = ["compress_to_store", "team_of", "init_from_env", "ModuleTeam", "RankFailed", "TIMEOUT_ENV"]
+__all__ = ["team_of", "init_from_env", "check_agreement", "write_store", "ModuleTeam", "RankFailed", "TIMEOUT_ENV"]
 
 #: Seconds a process waits in a collective before failing (a peer that died without a word).
 TIMEOUT_ENV = "JDLORA_DIST_TIMEOUT"
@@ -91,6 +92,11 @@ def init_from_env(device: str | torch.device = "cpu") -> ModuleTeam:
 
 
 # ------------------------------------------------------------------ agreement
+def check_agreement(team: ModuleTeam, collection: AdapterCollection, rank, options: dict) -> None:
+    """``ValueError`` on every process unless all processes compress the same collection the same way."""
+    _check_agreement(team, _describe(collection, rank, options))
+
+
 def _describe(collection: AdapterCollection, rank: int, options: dict) -> dict:
     specs = [(s.name, s.d_out, s.d_in) for s in collection.modules]
     names = list(collection.adapter_names)
@@ -112,150 +118,6 @@ def _check_agreement(team: ModuleTeam, described: dict) -> None:
                         for k in set(views[0][part]) | set(view[part]) if views[0][part].get(k) != view[part].get(k)}
                 raise ValueError(f"every rank must compress the same collection with the same arguments; the {part} "
                                  f"of rank {r} differ from rank 0's (rank 0 vs rank {r}): {diff}")
-
-
-# ------------------------------------------------------------------ compress
-def compress_to_store(
-    collection: AdapterCollection,
-    rank: int,
-    out: str | os.PathLike,
-    *,
-    group=None,
-    team: ModuleTeam | None = None,
-    calibration=None,
-    calibration_path: str | None = None,
-    damping: float | None = None,
-    max_rel_error: float | None = None,
-    store_dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-    target_bytes: float | None = None,
-    target_ratio: float | None = None,
-    residual: bool = True,
-    log_curve=None,
-    **compress_args,
-) -> CompressedCollection:
-    """Compress ``collection`` with the processes of ``group`` and write the store ``out``; call on every process.
-
-    ``compress_args`` go to :func:`~jdlora_ops.compress.compress` (method
-    ``"full"`` or ``"diag"``); ``calibration`` (:class:`~.calibration.CalibrationStats`)
-    makes it activation-aware; ``max_rel_error`` applies the error budget;
-    ``target_bytes`` or ``target_ratio`` (of the original bytes) choose each
-    adapter's representation within a byte budget (:mod:`.allocation`; then
-    ``rank`` may be None and ``num_clusters`` None or ``"auto"`` to search
-    them, and ``max_rel_error`` is each adapter's floor; ``residual=False``
-    leaves out the core-plus-residual representation, for servers that serve
-    the joint tables and own factors only); ``log_curve(lines)`` receives the
-    searched curve;
-    ``store_dtype``/``overwrite`` go to :func:`~jdlora_ops.store.save_store`.
-    ``group``: a process group (default: the default group when initialised,
-    else this process alone); ``team``: a :class:`ModuleTeam` instead (it
-    counts the bytes sent).
-
-    Returns, on process 0, the whole compressed collection; on the others
-    their modules only. Every process raises when any fails (the others with
-    :class:`RankFailed` naming it); the store is then not written. Factors
-    holding NaN or an infinity are refused before any compression work
-    (:class:`~jdlora_ops.NonFiniteError` naming the adapter, module
-    and factor).
-    """
-    from . import compress  # the package's name, which callers (and tests) may replace
-    from .activation_aware import DEFAULT_DAMPING, compress_activation_aware
-    from .error_budget import apply_error_budget, check_budget
-
-    t0 = time.perf_counter()
-    team = team or team_of(group)
-    method = compress_args.get("method", "full")
-    options = {k: v for k, v in compress_args.items() if k not in ("log", "progress", "team")}
-    options.update(max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio,
-                   residual=residual, damping=damping, store_dtype=store_dtype, overwrite=overwrite,
-                   out=os.path.basename(os.path.abspath(os.fspath(out))),
-                   calibration=None if calibration is None else (calibration.model, calibration.token_count,
-                                                                 len(calibration.second_moments)))
-    _check_agreement(team, _describe(collection, rank, options))
-    if team.world > 1 and method not in ("full", "diag"):
-        raise ValueError(f"method must be 'full' or 'diag' with several processes (per-adapter baselines do not "
-                         f"share work by module), got {method!r}")
-    if max_rel_error is not None:
-        check_budget(max_rel_error)
-    budgeted = target_bytes is not None or target_ratio is not None
-    if budgeted:
-        check_target(target_bytes, target_ratio)
-        if calibration is not None:
-            raise ValueError("target_bytes/target_ratio (--target-bytes/--target-ratio) with calibration "
-                             "(--calibration): the byte budget weighs plain relative errors only; give one of them")
-        if method not in ("full", "diag"):
-            raise ValueError(f"target_bytes/target_ratio (--target-bytes/--target-ratio) choose between the joint "
-                             f"tables and per-adapter SVD themselves: method must be 'full' or 'diag', got {method!r}")
-    elif rank is None:
-        raise ValueError("rank (--rank) is required unless a byte budget (--target-bytes/--target-ratio) is given")
-    team.run(_check_target, out, overwrite, team.is_root)
-    # Each process reads only its own modules' factors; a refusal on one fails all of them.
-    specs = collection.modules
-    team.run(collection.require_finite, [specs[i] for i in team.local(specs, len(collection.adapter_names))])
-    args = dict(compress_args, team=team)
-    if calibration is not None:
-        result = compress_activation_aware(collection, calibration, rank, damping=damping or DEFAULT_DAMPING,
-                                           max_rel_error=max_rel_error, stats_path=calibration_path, **args)
-    elif budgeted:
-        result = _compress_for_budget(collection, rank, args, target_bytes, target_ratio, max_rel_error, store_dtype,
-                                      team, log_curve, residual)
-    else:
-        result = compress(collection, rank, **args)
-        if max_rel_error is not None:
-            apply_error_budget(result, collection, max_rel_error, dtype=args.get("dtype", torch.float32),
-                               device=args.get("device", "cpu"), team=team)
-    result.metadata.setdefault("compressor", {})["seconds"] = round(time.perf_counter() - t0, 3)
-    return write_store(team, result, collection, out, dtype=store_dtype, overwrite=overwrite)
-
-
-def _compress_for_budget(collection, rank, args, target_bytes, target_ratio, floor, store_dtype, team, log_curve,
-                         residual):
-    """The byte budget's pipeline: spectra, joint candidates, allocation, the chosen representations."""
-    from . import compress
-
-    itemsize = (store_dtype or getattr(collection, "dtype", None) or torch.float32).itemsize
-    clusters = args.get("num_clusters")
-    clusters = clusters if isinstance(clusters, int) else None
-    fit_args = {k: v for k, v in args.items() if k not in ("num_clusters", "cluster_range", "tradeoff")}
-
-    def fit(r: int, k: int) -> CompressedCollection:
-        return compress(collection, r, num_clusters=k, **fit_args)
-
-    # Both given: the user asked for these joint tables, so the store without any is not a candidate.
-    joint_fixed = rank is not None and clusters is not None
-    if joint_fixed and target_bytes is not None:
-        bases = bases_bytes(collection, rank, clusters, itemsize)
-        if bases > target_bytes:
-            raise ValueError(f"the byte budget (target_bytes, --target-bytes) allows {int(target_bytes):,} table bytes; "
-                             f"the bases of rank {rank} and {clusters} clusters (--rank, --clusters) alone take "
-                             f"{bases:,}")
-    result, alloc, curve = compress_for_budget(
-        collection, target_bytes, target_ratio, rank=rank, clusters=clusters, itemsize=itemsize, floor=floor,
-        fit=fit, dtype=args.get("dtype", torch.float32), device=args.get("device", "cpu"), team=team,
-        per_adapter=not joint_fixed, residual=residual, log=args.get("log"))
-    if result is None:  # every adapter on its own: a joint fit of one rank-1 cluster that they all leave
-        result = fit(1, 1)
-    if list(result.adapter_names) != list(collection.adapter_names):
-        raise RuntimeError("the joint fit reordered the adapters; the allocation cannot be applied")
-    apply_allocation(result, collection, alloc, dtype=args.get("dtype", torch.float32),
-                     device=args.get("device", "cpu"), team=team)
-    if floor is not None:
-        result.metadata["max_rel_error"] = floor
-    # The multiplier, item size and options are the rule for adapters added later (`jdlora add`).
-    result.metadata["byte_budget"] = {**curve.as_dict(), "predicted_mean_rel_error": alloc.mean_error,
-                                      "predicted_table_bytes": alloc.table_bytes, "representations": alloc.counts(),
-                                      "multiplier": alloc.multiplier, "itemsize": itemsize, "residual": residual}
-    if log_curve is not None and team.is_root:
-        log_curve(curve.lines())
-    return result
-
-
-def _check_target(out, overwrite: bool, root: bool) -> None:
-    """Fail before any work when the store could not be written at the end (process 0 writes it)."""
-    from ..store import check_target
-
-    if root:
-        check_target(os.path.abspath(os.fspath(out)), replace=overwrite)
 
 
 # ------------------------------------------------------------------ writing

@@ -22,11 +22,11 @@ import torch
 from ._linalg import F64
 from ._team import SOLO, ModuleTeam
 from .baselines import truncated_svd
-from .collection import AdapterCollection
+from .collection import AdapterCollection, ModuleFactors
 from .result import CompressedCollection, IndividualAdapter
 
 __all__ = ["check_budget", "apply_error_budget", "all_rel_errors", "budget_new_adapters", "smallest_rank",
-           "individual_adapters", "individual_at_ranks"]
+           "individual_adapters", "individual_at_ranks", "IndividualFactors"]
 
 
 def check_budget(max_rel_error) -> float:
@@ -112,41 +112,59 @@ def individual_at_ranks(
                     torch.as_tensor(full_rank, dtype=torch.long), jd_errors, dtype, device)
 
 
-def _individual_factors(collection, specs, spectra, names, idx, need, full_rank, jd_errors, dtype, device):
-    m = len(names)
-    out: dict[str, IndividualAdapter] = {}
-    keep_full = need >= full_rank
-    ks = torch.where(keep_full, full_rank, need).clamp_min(1)
-    factors: list[dict] = [{} for _ in range(m)]
-    errors: list[dict] = [{} for _ in range(m)]
-    orig: list[dict] = [{} for _ in range(m)]
-    for j_spec, spec in enumerate(specs):
-        f = collection.load_module(spec, dtype=dtype, device=device).select(idx)
-        ranks = spectra[j_spec] if spectra is not None else f.ranks()  # None: read here, one pass
-        for j in range(m):
-            orig[j][spec.name] = int(ranks[j])
-        k_here = int(ks.max()) if m else 1
-        U, s, V, err, norms = truncated_svd(f, k_here) if f.groups else (None, None, None, None, None)
+class IndividualFactors:
+    """Adapters ``names`` as their own truncated SVD at rank ``need[j]``, or their original factors where
+    that reaches ``full_rank[j]``, built one module at a time (:meth:`add`) so that a pass reading each
+    module for other purposes too can build them."""
+
+    def __init__(self, names: list[str], need: torch.Tensor, full_rank: torch.Tensor,
+                 jd_errors: dict[str, dict[str, float]] | None = None):
+        self.names, self.jd_errors = list(names), jd_errors or {}
+        self.keep_full = need >= full_rank
+        self.ks = torch.where(self.keep_full, full_rank, need).clamp_min(1)
+        m = len(self.names)
+        self.factors: list[dict] = [{} for _ in range(m)]
+        self.errors: list[dict] = [{} for _ in range(m)]
+        self.orig: list[dict] = [{} for _ in range(m)]
+
+    def add(self, f: ModuleFactors, ranks: torch.Tensor | None = None) -> None:
+        """One module: ``f`` holds these adapters' factors in ``names`` order; ``ranks`` their ranks there
+        when already known."""
+        name = f.spec.name
+        ranks = f.ranks() if ranks is None else ranks
+        for j in range(len(self.names)):
+            self.orig[j][name] = int(ranks[j])
+        if not f.groups:
+            return
+        U, s, V, err, norms = truncated_svd(f, int(self.ks.max()))
         for g in f.groups:
             for t, j in enumerate(g.index.tolist()):
-                if bool(keep_full[j]):
+                if bool(self.keep_full[j]):
                     A, B = g.A[t].clone(), g.Bt[t].t().clone()
-                    errors[j][spec.name] = 0.0
+                    self.errors[j][name] = 0.0
                 else:
-                    k = min(int(ks[j]), g.rank)
+                    k = min(int(self.ks[j]), g.rank)
                     root = s[j, :k].sqrt()
                     B = U[j, :, :k] * root
                     A = root[:, None] * V[j, :, :k].t()
                     s2 = s[j].to(F64).square()
                     tail = float(s2[k:].sum()) + float(err[j]) if k < s.shape[1] else float(err[j])
-                    errors[j][spec.name] = tail / float(norms[j]) if float(norms[j]) > 0 else 0.0
-                factors[j][spec.name] = (A.contiguous(), B.contiguous())
-        del f
-    for j, name in enumerate(names):
-        path = "full" if bool(keep_full[j]) else "svd"
-        out[name] = IndividualAdapter(name, path, int(ks[j]), factors[j], errors[j], orig[j],
-                                      dict((jd_errors or {}).get(name, {})))
-    return out
+                    self.errors[j][name] = tail / float(norms[j]) if float(norms[j]) > 0 else 0.0
+                self.factors[j][name] = (A.contiguous(), B.contiguous())
+
+    def adapters(self) -> dict[str, IndividualAdapter]:
+        return {name: IndividualAdapter(name, "full" if bool(self.keep_full[j]) else "svd", int(self.ks[j]),
+                                        self.factors[j], self.errors[j], self.orig[j],
+                                        dict(self.jd_errors.get(name, {})))
+                for j, name in enumerate(self.names)}
+
+
+def _individual_factors(collection, specs, spectra, names, idx, need, full_rank, jd_errors, dtype, device):
+    out = IndividualFactors(names, need, full_rank, jd_errors)
+    for j_spec, spec in enumerate(specs):
+        out.add(collection.load_module(spec, dtype=dtype, device=device).select(idx),
+                spectra[j_spec] if spectra is not None else None)  # None: ranks read here, one pass
+    return out.adapters()
 
 
 def all_rel_errors(result: CompressedCollection, team: ModuleTeam = SOLO) -> tuple[torch.Tensor, list[str]]:

@@ -19,6 +19,8 @@ baselines' factors. The squares ``lam`` carry an absolute error of about the flo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._linalg import F64, product_spectrum
@@ -26,7 +28,24 @@ from ._team import SOLO, ModuleTeam
 from .collection import AdapterCollection, ModuleFactors
 from .result import CompressedCollection, IndividualAdapter
 
-__all__ = ["residual_spectra", "residual_adapters", "module_residual", "residual_rows", "combine_residual"]
+__all__ = ["ResidualOptions", "ResidualFactors", "residual_spectra", "residual_adapters", "module_residual",
+           "residual_rows", "combine_residual"]
+
+
+@dataclass
+class ResidualOptions:
+    """A joint fit's residual options for the byte budget: ``mean``/``max`` float64 ``[n, kmax + 1]``, column
+    ``k`` the mean resp. max over modules of the relative squared error of the core plus a rank-``k``
+    residual (column 0: the core alone); ``values`` int64 ``[n, kmax + 1]`` the residual factors' values at
+    rank ``k`` (capped at each module's residual rank); ``ranks``: module name -> int64 ``[n]`` each
+    adapter's residual rank there, for this process's modules (the factors pass stores exactly the bytes
+    these ranks predict, without computing them again)."""
+
+    mean: torch.Tensor
+    max: torch.Tensor
+    values: torch.Tensor
+    ranks: dict[str, torch.Tensor]
+
 
 class _Block:
     """The adapters of one rank group of a module in one cluster: their positions in the module's factors,
@@ -69,13 +88,14 @@ class _Block:
         return A, B, lam
 
 
-def _blocks(f: ModuleFactors, result: CompressedCollection, rows: torch.Tensor):
-    """:class:`_Block` per rank group of ``f`` (adapters ``rows`` of the joint tables) and cluster."""
-    cm = result.modules[f.spec.name]
+def _blocks(f: ModuleFactors, cm, rows: torch.Tensor, assignment: torch.Tensor):
+    """:class:`_Block` per rank group of ``f`` (adapters ``rows`` of the joint tables ``cm`` of one module,
+    in clusters ``assignment``; a row of -1 leaves that adapter out) and cluster."""
     for g in f.groups:
         at = rows[g.index.cpu()]
-        cluster = result.assignment[at]
-        for c in torch.unique(cluster).tolist():
+        kept = at >= 0
+        cluster = torch.where(kept, assignment[at.clamp_min(0)], torch.full_like(at, -1))
+        for c in torch.unique(cluster[kept]).tolist():
             sel = (cluster == c).nonzero().flatten()
             yield _Block(g, sel, cm, int(c), cm.sigma[at[sel]])
 
@@ -90,16 +110,16 @@ def _rows(result: CompressedCollection, collection: AdapterCollection, names: li
     return torch.tensor([where[x] for x in names], dtype=torch.long)
 
 
-def module_residual(f: ModuleFactors, result: CompressedCollection, rows: torch.Tensor,
-                    kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def module_residual(f: ModuleFactors, cm, rows: torch.Tensor, assignment: torch.Tensor,
+                    kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One module's part of :func:`residual_spectra` from its loaded factors ``f`` (adapter ``i`` of ``f`` is
-    row ``rows[i]`` of the joint tables): ``(rel, values)``, each ``[n, kmax + 1]``."""
+    row ``rows[i]`` of the module's joint tables ``cm``, :class:`~.result.CompressedModule`, in clusters
+    ``assignment``): ``(rel, values, ranks)``, ``[n, kmax + 1]`` twice and ``[n]``, for ``f``'s adapters."""
     n = f.num_adapters
-    cm = result.modules[f.spec.name]
     s2 = torch.zeros(n, kmax + 1, dtype=F64)
     rank = torch.zeros(n, dtype=torch.long)
     norms = cm.norms_sq[rows].to(F64).cpu()
-    for b in _blocks(f, result, rows):
+    for b in _blocks(f, cm, rows, assignment):
         p = b.pos.cpu()
         S2 = product_spectrum(b.GL, b.GR).cpu()
         take = min(kmax + 1, S2.shape[1])
@@ -110,7 +130,7 @@ def module_residual(f: ModuleFactors, result: CompressedCollection, rows: torch.
     rel = torch.where(norms[:, None] > 0, tail / norms.clamp_min(torch.finfo(F64).tiny)[:, None],
                       torch.zeros_like(tail))
     values = torch.minimum(torch.arange(kmax + 1)[None, :], rank[:, None]) * (f.spec.d_in + f.spec.d_out)
-    return rel, values
+    return rel, values, rank
 
 
 def residual_rows(result: CompressedCollection, collection: AdapterCollection) -> torch.Tensor:
@@ -118,31 +138,33 @@ def residual_rows(result: CompressedCollection, collection: AdapterCollection) -
     return _rows(result, collection, list(collection.adapter_names))
 
 
-def combine_residual(parts: list[tuple[torch.Tensor, torch.Tensor]], n: int, kmax: int, modules: int,
-                     holders: list[int], team: ModuleTeam = SOLO) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean_error, max_error, values)`` over all modules from this process's :func:`module_residual` parts,
-    summed in module order whatever the number of processes (``holders``: :meth:`ModuleTeam.holders`)."""
-    err_sum = team.ordered_sum(iter([p[0].flatten() for p in parts]), n * (kmax + 1), holders).view(n, kmax + 1)
-    values = team.ordered_sum(iter([p[1].flatten() for p in parts]), n * (kmax + 1), holders,
+def combine_residual(parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int, kmax: int,
+                     modules: int, holders: list[int], team: ModuleTeam = SOLO) -> ResidualOptions:
+    """The options over all modules from this process's :func:`module_residual` parts (module name -> part,
+    in module order), summed in module order whatever the number of processes (``holders``:
+    :meth:`ModuleTeam.holders`)."""
+    err_sum = team.ordered_sum(iter([p[0].flatten() for p in parts.values()]), n * (kmax + 1),
+                               holders).view(n, kmax + 1)
+    values = team.ordered_sum(iter([p[1].flatten() for p in parts.values()]), n * (kmax + 1), holders,
                               dtype=torch.long).view(n, kmax + 1)
     err_max = torch.zeros(n, kmax + 1, dtype=F64)
-    for rel, _ in parts:
+    for rel, _, _ in parts.values():
         err_max = torch.maximum(err_max, rel)
-    return err_sum / max(modules, 1), team.maximum(err_max), values
+    return ResidualOptions(err_sum / max(modules, 1), team.maximum(err_max), values,
+                           {m: p[2] for m, p in parts.items()})
 
 
 def residual_spectra(result: CompressedCollection, collection: AdapterCollection, kmax: int, *,
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                     team: ModuleTeam = SOLO) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean_error, max_error, values)``, each ``[n, kmax + 1]``: column ``k`` the mean and max over modules of
-    the relative squared error of the joint core plus a rank-``k`` residual (column 0: the core alone), and
-    the residual factors' values at rank ``k`` (capped at ``rank(R_i)`` per module). One pass over this
-    process's modules (:func:`~.allocation.spectrum_options` can share its pass)."""
+                     team: ModuleTeam = SOLO) -> ResidualOptions:
+    """The joint fit ``result``'s residual options for ``collection``'s adapters, up to rank ``kmax``, in one
+    pass over this process's modules (:func:`~.allocation.spectrum_options` can share its pass)."""
     n = len(collection.adapter_names)
     rows = residual_rows(result, collection)
     specs = [collection.modules[i] for i in team.local(collection.modules, n)]
-    parts = team.run(lambda: [module_residual(collection.load_module(spec, dtype=dtype, device=device), result,
-                                              rows, kmax) for spec in specs])
+    parts = team.run(lambda: {spec.name: module_residual(collection.load_module(spec, dtype=dtype, device=device),
+                                                         result.modules[spec.name], rows, result.assignment, kmax)
+                              for spec in specs})
     return combine_residual(parts, n, kmax, len(collection.modules), team.holders(collection.modules, n), team)
 
 
@@ -163,43 +185,67 @@ def residual_adapters(result: CompressedCollection, collection: AdapterCollectio
     there), the final relative errors, and the core-only errors as ``jd_rel_errors``."""
     all_names = list(collection.adapter_names)
     idx = torch.tensor([all_names.index(x) for x in names], dtype=torch.long)
-    rows = _rows(result, collection, names)
-    ks = torch.as_tensor(ks, dtype=torch.long)
     specs = [collection.modules[i] for i in team.local(collection.modules, len(all_names))]
-    return team.run(_residual_factors, result, collection, specs, names, idx, rows, ks, dtype, device)
+
+    def one_pass():
+        out = ResidualFactors(result, names, _rows(result, collection, names), ks)
+        for spec in specs:
+            out.add(collection.load_module(spec, dtype=dtype, device=device), idx)
+        return out.adapters()
+
+    return team.run(one_pass)
 
 
-def _residual_factors(result, collection, specs, names, idx, rows, ks, dtype, device):
-    m = len(names)
-    factors: list[dict] = [{} for _ in range(m)]
-    errors: list[dict] = [{} for _ in range(m)]
-    core_errors: list[dict] = [{} for _ in range(m)]
-    orig: list[dict] = [{} for _ in range(m)]
-    for spec in specs:
-        f = collection.load_module(spec, dtype=dtype, device=device)
-        if m < f.num_adapters or not torch.equal(idx, torch.arange(m)):  # a copy only for a subset
-            f = f.select(idx)
-        ranks = f.ranks()
-        cm = result.modules[spec.name]
+class ResidualFactors:
+    """The residuals of adapters ``names`` (rows ``rows`` of ``result``'s joint tables) at ranks ``ks``, built
+    one module at a time from the modules' factors of those adapters (:meth:`add`), so that a pass that
+    reads each module once for other purposes too can build them. ``ranks``: each module's residual ranks
+    of these adapters from :func:`module_residual` (then not computed again), or None."""
+
+    def __init__(self, result: CompressedCollection, names: list[str], rows: torch.Tensor, ks: torch.Tensor,
+                 ranks: dict[str, torch.Tensor] | None = None):
+        self.result, self.names, self.rows = result, list(names), rows
+        self.ks = torch.as_tensor(ks, dtype=torch.long)
+        self.known_ranks = ranks
+        m = len(self.names)
+        self.factors: list[dict] = [{} for _ in range(m)]
+        self.errors: list[dict] = [{} for _ in range(m)]
+        self.core_errors: list[dict] = [{} for _ in range(m)]
+        self.orig: list[dict] = [{} for _ in range(m)]
+
+    def add(self, f: ModuleFactors, positions: torch.Tensor | None = None) -> None:
+        """One module: ``f`` holds these adapters' factors, in ``names`` order, or (``positions``, int64
+        ``[len(names)]``) at those positions among others, which are left alone (no copy of the module)."""
+        name = f.spec.name
+        m = len(self.names)
+        positions = torch.arange(m) if positions is None else positions.cpu()
+        builder = torch.full((f.num_adapters,), -1, dtype=torch.long)  # position in f -> index in names
+        builder[positions] = torch.arange(m)
+        rows = torch.full((f.num_adapters,), -1, dtype=torch.long)
+        rows[positions] = self.rows
+        ranks = f.ranks()[positions]
+        cm = self.result.modules[name]
         for j in range(m):
-            orig[j][spec.name] = int(ranks[j])
-            rel = float(cm.rel_errors[int(rows[j])])
-            errors[j][spec.name] = core_errors[j][spec.name] = rel
-        norms = cm.norms_sq[rows].to(F64).cpu()
-        for b in _blocks(f, result, rows):
-            pos = b.pos.tolist()
+            self.orig[j][name] = int(ranks[j])
+            self.errors[j][name] = self.core_errors[j][name] = float(cm.rel_errors[int(self.rows[j])])
+        norms = cm.norms_sq[self.rows].to(F64).cpu()
+        for b in _blocks(f, cm, rows, self.result.assignment):
+            js = builder[b.pos.cpu()]
             # The spectra's rank, so that the bytes are those the allocation counted.
-            rank = _numerical_rank(product_spectrum(b.GL, b.GR).cpu(), norms[b.pos.cpu()], f.dtype)
-            want = [min(int(ks[j]), int(rank[t])) for t, j in enumerate(pos)]
+            rank = (self.known_ranks[name][js] if self.known_ranks is not None else
+                    _numerical_rank(product_spectrum(b.GL, b.GR).cpu(), norms[js], f.dtype))
+            want = [min(int(self.ks[j]), int(rank[t])) for t, j in enumerate(js.tolist())]
             if max(want) == 0:
                 continue
             A, B, s2 = b.truncated(max(want))
-            for t, (j, k) in enumerate(zip(pos, want)):
+            for t, (j, k) in enumerate(zip(js.tolist(), want)):
                 if k == 0:
                     continue
-                factors[j][spec.name] = (A[t, :k].contiguous(), B[t, :, :k].contiguous())
+                self.factors[j][name] = (A[t, :k].contiguous(), B[t, :, :k].contiguous())
                 if float(norms[j]) > 0:
-                    errors[j][spec.name] = float(s2[t, k:].sum()) / float(norms[j])
-        del f
-    return {name: IndividualAdapter(name, "residual", int(ks[j]), factors[j], errors[j], orig[j], core_errors[j])
-            for j, name in enumerate(names)}
+                    self.errors[j][name] = float(s2[t, k:].sum()) / float(norms[j])
+
+    def adapters(self) -> dict[str, IndividualAdapter]:
+        return {name: IndividualAdapter(name, "residual", int(self.ks[j]), self.factors[j], self.errors[j],
+                                        self.orig[j], self.core_errors[j])
+                for j, name in enumerate(self.names)}
