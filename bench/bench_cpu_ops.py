@@ -7,6 +7,7 @@ bench/results/). Threads are set explicitly per case (1 and 2).
 from __future__ import annotations
 
 import pytest
+import torch
 
 import jdlora_ops
 from jdlora_ops.torch_baseline import jd_fused_torch, lora_torch
@@ -62,3 +63,49 @@ def test_lora_layer(benchmark, tables, threads, op):
         "torch_gather_bmm": lambda: lora_torch(t.x, [t.A], [t.B], t.scales, [0], t.mapping, y),
     }
     _bench(benchmark, tables, threads, "lora_layer", fns[op])
+
+
+# Quantized tables against float ones: "<model dtype>/<table format>" per layer. The int8 and 4-bit
+# tables carry their scales in the model dtype; 4-bit groups are 64 along d_in (V, A) and the whole
+# rank along r (U, B).
+QUANT_TABLES = ["float32/float32", "float32/float32_column_major_U", "float32/int8", "float32/int8_column_major_U",
+                "float32/int4", "float32/int4_column_major_U", "bfloat16/bfloat16", "bfloat16/bfloat16_column_major_U",
+                "bfloat16/int8", "bfloat16/int8_column_major_U", "bfloat16/int4", "bfloat16/int4_column_major_U"]
+_quant_cache: dict = {}
+
+
+def _quant_tables(shape: str, t, spec: str):
+    key = (shape, spec)
+    if key not in _quant_cache:
+        from jdlora_ops.quant import QuantizedTable, quantize
+
+        model, fmt = spec.split("/")
+        fmt, column_major = fmt.removesuffix("_column_major_U"), fmt.endswith("_column_major_U")
+        dt = getattr(torch, model)
+        cast = {k: getattr(t, k).to(dt) for k in ("x", "y", "V", "S", "U", "A", "B")}
+        if fmt.startswith("int"):
+            for k in ("V", "U", "A", "B"):
+                cast[k] = quantize(cast[k], fmt, 64 if fmt == "int4" else None)
+        if column_major:  # the CPU's faster layout of expand stacks (ops.py), float or quantized
+            U = cast["U"]
+            cm = lambda w: w.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+            cast["U"] = (QuantizedTable(cm(U.data), U.scales, U.fmt, U.group_size, U.length)
+                         if isinstance(U, QuantizedTable) else cm(U))
+        _quant_cache.clear()  # one table set in memory at a time
+        _quant_cache[key] = cast
+    return _quant_cache[key]
+
+
+@pytest.mark.parametrize("op", [f"{layer}:{spec}" for layer in ("jd_fused", "lora_shrink_expand")
+                                for spec in QUANT_TABLES if not (layer == "lora_shrink_expand" and "column" in spec)])
+def test_quantized_tables(benchmark, tables, threads, op):
+    shape, t = tables
+    layer, spec = op.split(":")
+    c = _quant_tables(shape, t, spec)
+    y = c["y"].clone()
+    fns = {
+        "jd_fused": lambda: jdlora_ops.jd_fused(c["x"], c["V"], c["S"], c["U"], t.meta, y),
+        "lora_shrink_expand": lambda: jdlora_ops.lora_expand(
+            jdlora_ops.lora_shrink(c["x"], c["A"], t.scales, t.meta, out=t.h), c["B"], t.meta, y),
+    }
+    _bench(benchmark, tables, threads, "quantized_tables", fns[layer])

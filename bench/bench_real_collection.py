@@ -2,6 +2,7 @@
 
     python bench/bench_real_collection.py run --group grid [--shard I/N]    # issue 10: the settings grid
     python bench/bench_real_collection.py run --group aware --calibration STATS  # issue 11: activation-aware
+    python bench/bench_real_collection.py run --group quant [--shard I/N]   # quantized bases against float ones
     python bench/bench_real_collection.py report                            # JSON, markdown, PNG
     python bench/bench_real_collection.py run --collection large [--shard I/N] [--calibration STATS]
     python bench/bench_real_collection.py report --collection large
@@ -25,6 +26,11 @@ themselves (no compression; with 32 rank-8 adapters, r = 32 and K = 8 is one
 of them); per-adapter SVD at ranks 1, 2, 4 and 8 (lossless); the error budget
 ``--max-rel-error`` 0.1 and 0.3 on JD-Full r = 8 and r = 16 with one cluster.
 Aware: JD-Full r in {8, 16, 32} x K in {1, 4} with ``--calibration``.
+Quant: JD-Full r in {8, 16, 32} x K in {1, 4} (not r = 32 with K = 4, two
+thirds of the bytes) with float, ``--quantize int8`` and ``--quantize int4``
+(groups of 64) bases, in one run so that each quantized store is paired with
+its float store of the same commit; reported with the retained loss
+reduction and its intervals beside the pooled accuracy.
 """
 
 from __future__ import annotations
@@ -97,6 +103,11 @@ def large_settings(stats: str | None = None) -> list[dict]:
     return svd + budget + full[:8] + diag + full[8:] + residual + (aware if stats else [])
 
 
+def quant_settings() -> list[dict]:
+    return [{"method": "full", "rank": r, "clusters": k, **({"quantize": q} if q else {})}
+            for r, k in ((8, 1), (16, 1), (8, 4), (32, 1), (16, 4)) for q in (None, "int8", "int4")]
+
+
 def aware_settings(stats: str) -> list[dict]:
     return [{"method": "full", "rank": r, "clusters": k, "calibration": stats} for r in (8, 16, 32) for k in (1, 4)]
 
@@ -112,6 +123,8 @@ def label(s: dict) -> str:
         name += f" E={s['max_rel_error']:g}"
     if s.get("calibration"):
         name += " aware"
+    if s.get("quantize"):
+        name += f" {s['quantize']}"
     return name
 
 
@@ -198,6 +211,8 @@ def run_setting(col: Collection, s: dict, work: str) -> dict:
             cmd += ["--max-rel-error", s["max_rel_error"]]
         if s.get("calibration"):
             cmd += ["--calibration", s["calibration"]]
+        if s.get("quantize"):
+            cmd += ["--quantize", s["quantize"]]
         # Recorded as a user would type it: paths relative to the repository, the temporary store as STORE.
         shown = [os.path.relpath(str(a), os.path.dirname(HERE)) if str(a) == ADAPTERS
                  else "STATS" if a == s.get("calibration") else "STORE" if a == store else a for a in cmd]
@@ -220,7 +235,9 @@ def run_setting(col: Collection, s: dict, work: str) -> dict:
 def cmd_run(args) -> None:
     torch.set_num_threads(1)
     col = Collection(args.eval_per_label)
-    settings = [{"method": "base"}, {"method": "lora"}] if args.group in ("grid", "large") else []
+    # The quant group scores base and LoRA again: its rows keep every sentence's loss, which the
+    # continuous metric needs (the grid's rows of 2026-12-04 kept accuracies only).
+    settings = [{"method": "base"}, {"method": "lora"}] if args.group in ("grid", "large", "quant") else []
     if args.group in ("grid", "large"):
         n = len(col.paths)
         original = sum(n * r * (d_out + d_in) for d_out, d_in, r in col.modules)
@@ -233,6 +250,8 @@ def cmd_run(args) -> None:
                       f"{original} (no compression)")
                 continue
             settings.append(s)
+    elif args.group == "quant":
+        settings += quant_settings()
     else:
         if not args.calibration or not os.path.isdir(args.calibration):
             raise SystemExit("--group aware needs --calibration STATS (a directory written by 'jdlora calibrate')")
@@ -611,6 +630,7 @@ def cmd_report(args) -> None:
                                  / sum(col_tasks[n]["family"] == f for n in base), 4)
                                  for f in sorted({t["family"] for t in col_tasks.values()})},
     }
+    report_quant(rows, col_tasks, meta, families)
     for group, stem in (("grid", "real_collection"), ("aware", "real_collection_aware")):
         order = ("base", "lora", "svd", "full", "diag")
         sel = sorted((r for r in rows if r["group"] == group),
@@ -646,11 +666,84 @@ def cmd_report(args) -> None:
         print(f"-> {os.path.join(RESULTS, stem)}.json/.md/.png")
 
 
+def report_quant(rows: list[dict], tasks: dict, meta: dict, families: list[str]) -> None:
+    """The quant group: each quantized store against its float store (same commit, same run), by the retained
+    loss reduction with its intervals and the paired difference, beside the pooled accuracy."""
+    order = (None, "int8", "int4")
+    sel = sorted((r for r in rows if r["group"] == "quant"),
+                 key=lambda r: (r["method"] == "full", r.get("clusters", 0), r.get("rank", 0), order.index(r.get("quantize"))))
+    by = {r["setting"]: r for r in sel}
+    if "base" not in by or "lora" not in by:
+        return
+    base, lora = by["base"], by["lora"]
+    names = sorted(base["ce"])
+    for r in sel:
+        r["retained"] = retained(r, base["accuracy"], lora["accuracy"], tasks)
+        r["loss"] = retained_metric.retained(base["ce"], lora["ce"], r["ce"], names, loss=True)
+    lines = ["| setting | store bytes | x original | bytes / float store | rel. error mean | retained loss reduction "
+             "(gainers) [sentences] [adapters] | minus float [sentences] | retained accuracy pooled |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        if r["method"] != "full":
+            continue
+        float_row = by.get(r["setting"].removesuffix(" int8").removesuffix(" int4"))
+        diff = "-"
+        if r.get("quantize") and float_row:
+            gain = retained_metric.gainers(base["ce"], lora["ce"], names, loss=True)
+            d = retained_metric.difference(base["ce"], lora["ce"], r["ce"], float_row["ce"], gain, loss=True)
+            r["loss_minus_float"] = d
+            diff = f"{d['difference']:+.3f} [{d['ci_sentences'][0]:+.3f}, {d['ci_sentences'][1]:+.3f}]"
+        lines.append(f"| {r['setting']} | {r['bytes']:,} | {r['bytes_ratio']:.3f} | "
+                     f"{r['bytes'] / float_row['bytes'] if float_row else float('nan'):.2f} | "
+                     f"{r['mean_rel_error']:.3f} | {fmt_ci(r['loss'], '_gainers')} | {diff} | "
+                     f"{r['retained']['pooled']:.3f} |")
+    meta_q = {**meta, "command": "python bench/bench_real_collection.py run --group quant && "
+                                 "python bench/bench_real_collection.py report",
+              "metric": "retained loss reduction over the adapters whose LoRA lowers the task loss by >= "
+                        f"{retained_metric.MIN_LOSS_GAIN} nats, with 95% bootstrap intervals over sentences and over "
+                        "adapters; 'minus float' pairs each quantized store with its float store on the same draws"}
+    stem = os.path.join(RESULTS, "real_collection_quant")
+    with open(stem + ".json", "w", encoding="utf-8") as fh:
+        json.dump({"meta": meta_q, "rows": sel}, fh, indent=1)
+    with open(stem + ".md", "w", encoding="utf-8") as fh:
+        fh.write("# real_collection_quant\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta_q.items()) + "\n\n"
+                 + "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for q, marker, ls in ((None, "o", "-"), ("int8", "s", "--"), ("int4", "^", ":")):
+        pts = sorted((r["bytes_ratio"], r["loss"]["pooled_gainers"], r["loss"]["ci_sentences_gainers"]) for r in sel
+                     if r["method"] == "full" and r.get("quantize") == q)
+        if not pts:
+            continue
+        bar = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], fmt=marker, capsize=2,
+                          yerr=[[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]],
+                          label=f"JD-Full, {q or 'float'} bases (line: best within the bytes)")
+        best = [p for p in pts if not any(o[0] <= p[0] and o[1] > p[1] for o in pts)]
+        ax.plot([p[0] for p in best], [p[1] for p in best], ls, color=bar[0].get_color())
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("store bytes / original adapter bytes")
+    ax.set_ylabel("retained loss reduction (adapters that gain), 95% CI over sentences")
+    ax.set_title(f"{len(names)} MiniLM LoRA adapters: float, int8 and int4 bases (r=8,16,32; K=1,4)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+    plt.close(fig)
+    print("\n".join(lines))
+    print(f"-> {stem}.json/.md/.png")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="compress, export and evaluate the settings of a group")
-    r.add_argument("--group", choices=["grid", "aware"], default="grid", help="settings of the small collection")
+    r.add_argument("--group", choices=["grid", "aware", "quant"], default="grid",
+                   help="settings of the small collection")
     r.add_argument("--calibration", default=None, metavar="STATS",
                    help="stats of 'jdlora calibrate' (group aware; with --collection large, the calibrated budget)")
     r.add_argument("--shard", default="0/1", help="I/N: run every N-th setting from the I-th (N processes at once)")

@@ -5,7 +5,8 @@
 #
 #   1. build the package with that machine's torch (editable install, the
 #      carried nvidia-cutlass wheel installed into /tmp/site for its headers);
-#   2. pytest tests/test_cuda.py tests/test_opcheck.py and the serving cache's CUDA test;
+#   2. pytest tests/test_cuda.py tests/test_opcheck.py, the serving cache's CUDA test and the CUDA
+#      cases of tests/test_quant_ops.py (quantized tables);
 #   3. a reduced selection of the same tests under compute-sanitizer memcheck
 #      (with the inputs of the issue-12 defects and the serving cache's CUDA
 #      test), and one small case per kernel (a cluster of 8 included) under
@@ -133,9 +134,11 @@ if has_stage tests; then
   $PY -c 'import xdist' 2>/dev/null && XDIST="-n $WORKERS"
   TIMEOUT_OPT=""
   $PY -c 'import pytest_timeout' 2>/dev/null && TIMEOUT_OPT="--timeout 120 --timeout-method=thread"
+  # test_quant_ops.py: its CUDA cases only (the CPU grid runs in CI).
   (cd tests && timeout -k 10 "$(limit 150 200)" $PY -m pytest test_cuda.py test_opcheck.py \
     test_serving_cache.py::test_cuda_pinned_host_side_stream_and_events -p no:cacheprovider -q \
-    -rfE $XDIST $TIMEOUT_OPT) >"$OUT/pytest.log" 2>&1
+    -rfE $XDIST $TIMEOUT_OPT && timeout -k 10 "$(limit 60 90)" $PY -m pytest test_quant_ops.py -k cuda \
+    -p no:cacheprovider -q -rfE $XDIST $TIMEOUT_OPT) >"$OUT/pytest.log" 2>&1
   TESTS_RC=$?
   note "## tests: rc $TESTS_RC in $(($(now) - t0)) s"
   note ""

@@ -25,7 +25,12 @@ clusters):
   where a path has them);
 * ratios: JD(n adapters) / JD(1 adapter), JD / baseline at the same adapters,
   (base GEMM + JD) / base GEMM, where JD is the faster of jd_fused and
-  jd_staged.
+  jd_staged;
+* quantized tables (int8 rows, 4-bit groups of 64 along d_in and the whole
+  rank along r, scales in bf16): jd_fused and the baseline on the same
+  adapters with every V, U, A and B quantized, their time against the bf16
+  tables' and their GB/s against their own minimal bytes, and the check that
+  they compute what the bf16 path computes on the dequantised tables.
 
 The card's copy bandwidth (a device-to-device copy, bytes read plus written)
 and bf16 matrix rate are measured first and recorded as the ceilings. The two
@@ -52,6 +57,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 import jdlora_ops  # noqa: E402
+from jdlora_ops.quant import QuantizedTable, quantize  # noqa: E402
+
+# The quantized formats timed beside the bf16 tables: (format, 4-bit group size).
+QUANT_FORMATS = (("int8", None), ("int4", 64))
 
 GRAPH_BELOW_US = 20.0
 BAR_BANDWIDTH_FRACTION = 0.70
@@ -293,12 +302,19 @@ class Tables:
 
         jd_copy = el * (len(shape.widths) * (C * r * d + A * r * r) + C * shape.d_out * r)
         self.jd_copies = int(min(16, max(1, math.ceil(4 * l2_bytes / jd_copy))))
+        self.max_clusters, self.max_adapters = C, A
         self.V = [[rnd(C, r, d, scale=d**-0.5) for _ in shape.widths] for _ in range(self.jd_copies)]
         self.S = [[rnd(A, r, r, scale=r**-0.5) for _ in shape.widths] for _ in range(self.jd_copies)]
         self.U = [[rnd(C, w, r, scale=r**-0.5) for w in shape.widths] for _ in range(self.jd_copies)]
         self.A = [rnd(A, r, d, scale=d**-0.5) for _ in shape.widths]
         self.B = [rnd(A, w, r, scale=r**-0.5) for w in shape.widths]
         self.scales = (torch.rand(len(shape.widths), A, device=device) + 0.5)
+        # Quantized copies of the same tables (as many JD copies, so the rotation reads as many bytes apart).
+        self.quant = {qf: {"V": [[quantize(v, qf, gs) for v in vs] for vs in self.V],
+                           "U": [[quantize(u, qf, gs) for u in us] for us in self.U],
+                           "A": [quantize(a, qf, gs) for a in self.A],
+                           "B": [quantize(b, qf, gs) for b in self.B]}
+                      for qf, gs in QUANT_FORMATS}
         base_copy = el * shape.d_out * d
         self.base_copies = int(min(8, max(1, math.ceil(4 * l2_bytes / base_copy))))
         self.W = [rnd(shape.d_out, d, scale=d**-0.5) for _ in range(self.base_copies)]
@@ -367,19 +383,32 @@ def make_sets(cfg: Config, case: Case, tables: Tables, device: torch.device, nse
     return sets
 
 
-def minimal_bytes(case: Case, el: int, n_a: float, n_c: float) -> dict:
+def _table_bytes(t) -> int:
+    return t.nbytes if isinstance(t, QuantizedTable) else t.numel() * t.element_size()
+
+
+def minimal_bytes(case: Case, el: int, n_a: float, n_c: float, tables: "Tables | None" = None) -> dict:
+    """Each path's minimal bytes; with ``tables``, the quantized paths' too (the bytes per cluster or adapter of
+    the stored values and scales, every table read once)."""
     sh, T, r = case.shape, case.T, case.r
     S = len(sh.widths)
     io = T * sh.d_in * el + 2 * T * sh.d_out * el + 2 * T * 4  # x, y read+write, mapping + sorted order
     jd_w = n_c * (S * r * sh.d_in + sh.d_out * r) * el + n_a * S * r * r * el
     lora_w = n_a * (S * r * sh.d_in + sh.d_out * r) * el
     inter = S * T * r * 4
-    return {
+    out = {
         "jd_fused": io + jd_w,
         "jd_staged": io + jd_w + 4 * inter,  # h written, read; g written, read
         "lora": io + lora_w + 2 * inter,
         "base_gemm": T * sh.d_in * el + sh.d_out * sh.d_in * el + T * sh.d_out * el,
     }
+    if tables is not None:
+        for qf, q in tables.quant.items():
+            per_c = sum(_table_bytes(t) for t in q["V"][0] + q["U"][0]) / tables.max_clusters
+            per_a = sum(_table_bytes(t) for t in q["A"] + q["B"]) / tables.max_adapters
+            out[f"jd_fused_{qf}"] = io + n_c * per_c + n_a * S * r * r * el
+            out[f"lora_{qf}"] = io + n_a * per_a + 2 * inter
+    return out
 
 
 # --- the sweep ---------------------------------------------------------------------
@@ -447,7 +476,33 @@ def run_case(cfg: Config, case: Case, tables: Tables, device: torch.device, base
     res.check["fused_vs_staged_rel"] = (yf.float() - s0.y.float()).norm().item() / max(delta, 1e-30)
     res.check["finite"] = bool(torch.isfinite(yf).all().item())
 
+    def quant_paths():
+        for qf, q in tables.quant.items():
+            def qfused(i, q=q):
+                s = sets[i]
+                jdlora_ops.jd_fused(s.x, q["V"][s.jd], Sg(s), q["U"][s.jd], s.meta, s.y, offs)
+
+            def qlora(i, q=q):
+                s = sets[i]
+                jdlora_ops.lora_shrink(s.x, q["A"], tables.scales, s.meta, out=s.hl)
+                jdlora_ops.lora_expand(s.hl, q["B"], s.meta, s.y, offs)
+
+            yield qf, q, qfused, qlora
+
+    # The quantized paths compute what the bf16 path computes on their dequantised tables.
+    for qf, q, qfused, _ in quant_paths():
+        s0.y.copy_(y0)
+        qfused(0)
+        yq = s0.y.clone()
+        s0.y.copy_(y0)
+        jdlora_ops.jd_fused(s0.x, [t.dequantize(cfg.dtype) for t in q["V"][s0.jd]], Sg(s0),
+                            [t.dequantize(cfg.dtype) for t in q["U"][s0.jd]], s0.meta, s0.y, offs)
+        res.check[f"{qf}_vs_dequantised_rel"] = (yq.float() - s0.y.float()).norm().item() / max(delta, 1e-30)
+    s0.y.copy_(y0)
+
     paths = (("jd_fused", fused), ("jd_staged", staged), ("lora", lora))
+    for qf, _, qfused, qlora in quant_paths():
+        paths += ((f"jd_fused_{qf}", qfused), (f"lora_{qf}", qlora))
     for name, fn in paths + (("build_batch_meta", meta_build),):
         t = time_calls(fn, nsets, device, cfg.reps_target_ms)
         res.us[name] = t["us"]
@@ -472,9 +527,12 @@ def run_case(cfg: Config, case: Case, tables: Tables, device: torch.device, base
         del ybase
     res.us["base_gemm"], res.method["base_gemm"] = base_cache[(sh.name, case.T)]
 
-    res.bytes = minimal_bytes(case, el, res.active_adapters, res.active_clusters)
-    for k in ("jd_fused", "jd_staged", "lora", "base_gemm"):
+    res.bytes = minimal_bytes(case, el, res.active_adapters, res.active_clusters, tables)
+    for k in res.bytes:
         res.GBps[k] = res.bytes[k] / (res.us[k] * 1e-6) / 1e9
+    for qf in tables.quant:
+        res.ratios[f"jd_fused_{qf}_vs_bf16"] = res.us[f"jd_fused_{qf}"] / res.us["jd_fused"]
+        res.ratios[f"lora_{qf}_vs_bf16"] = res.us[f"lora_{qf}"] / res.us["lora"]
     jd = min(res.us["jd_fused"], res.us["jd_staged"])
     res.us["jd_best"] = jd
     res.GBps["jd_best_vs_fused_bytes"] = res.bytes["jd_fused"] / (jd * 1e-6) / 1e9
@@ -610,6 +668,22 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {c['shape']} | {c['r']} | {c['T']} | {c['adapters']} | {c['popularity']} | {c['clusters']} | "
                      f"{fmt(ra['jd_fused_invariant_cost'], 2)} | {fmt(ra['jd_staged_invariant_cost'], 2)} | "
                      f"{fmt(ra['lora_invariant_cost'], 2)} | {'yes' if b['pass'] else 'NO'} |")
+    quant = sorted({k[len("jd_fused_"):] for r in results for k in r["us"]
+                    if k.startswith("jd_fused_") and not k.endswith("_invariant")})
+    if quant:
+        lines += ["", "## Quantized tables: time against the bf16 tables' (GB/s against their own minimal bytes)", "",
+                  "| shape | r | T | A | pop | C | " + " | ".join(
+                      f"fused {f} us | fused {f}/bf16 | fused {f} GB/s | lora {f}/bf16 | {f} check" for f in quant) + " |",
+                  "|---|---|---|---|---|---|" + "---|---|---|---|---|" * len(quant)]
+        for r in results:
+            c, us, gb, ra = r["case"], r["us"], r["GBps"], r["ratios"]
+            cells = []
+            for f in quant:
+                cells += [fmt(us.get(f"jd_fused_{f}")), fmt(ra.get(f"jd_fused_{f}_vs_bf16"), 2),
+                          fmt(gb.get(f"jd_fused_{f}"), 0), fmt(ra.get(f"lora_{f}_vs_bf16"), 2),
+                          f"{r['check'].get(f'{f}_vs_dequantised_rel', float('nan')):.1e}"]
+            lines.append(f"| {c['shape']} | {c['r']} | {c['T']} | {c['adapters']} | {c['popularity']} | "
+                         f"{c['clusters']} | " + " | ".join(cells) + " |")
     lines += ["", "## All cases (median us; GB/s against each path's minimal bytes)", "",
               "| shape | r | T | A | pop | C | fused us | staged us | lora us | base us | meta us | fused GB/s | "
               "lora GB/s | JD/lora | JD/JD(1) | (base+JD)/base | fused~staged |",

@@ -51,18 +51,20 @@ void build_batch_meta_cpu(const at::Tensor& token_lora_mapping, const at::Tensor
 
 void jd_shrink_cpu(const at::Tensor& x, at::TensorList V_stacks,
                    const at::Tensor& token_indices_sorted, const at::Tensor& active_cluster_ids,
-                   const at::Tensor& cluster_token_start, const at::Tensor& h) {
+                   const at::Tensor& cluster_token_start, const at::Tensor& h,
+                   OptionalStacks V_quant_scales) {
   const ShrinkParams p = jd_shrink_params(x, V_stacks, token_indices_sorted, active_cluster_ids,
-                                          cluster_token_start, h);
+                                          cluster_token_start, h, V_quant_scales);
   validate_segments("jd_shrink", p.seg, "active_cluster_ids", "cluster_token_start", p.seg.capacity);
   dispatch(x.scalar_type(), [&](auto tag) { cpu::shrink<decltype(tag)>(p, cpu_parallel_for); });
 }
 
 void lora_shrink_cpu(const at::Tensor& x, at::TensorList A_stacks, const at::Tensor& scales,
                      const at::Tensor& token_indices_sorted, const at::Tensor& active_lora_ids,
-                     const at::Tensor& lora_token_start_loc, const at::Tensor& h) {
+                     const at::Tensor& lora_token_start_loc, const at::Tensor& h,
+                     OptionalStacks A_quant_scales) {
   const ShrinkParams p = lora_shrink_params(x, A_stacks, scales, token_indices_sorted,
-                                            active_lora_ids, lora_token_start_loc, h);
+                                            active_lora_ids, lora_token_start_loc, h, A_quant_scales);
   validate_segments("lora_shrink", p.seg, "active_lora_ids", "lora_token_start_loc", p.seg.capacity);
   dispatch(x.scalar_type(), [&](auto tag) { cpu::shrink<decltype(tag)>(p, cpu_parallel_for); });
 }
@@ -77,18 +79,20 @@ void jd_core_cpu(const at::Tensor& h, at::TensorList S_stacks, const at::Tensor&
 
 void jd_expand_cpu(const at::Tensor& g, at::TensorList U_stacks, at::IntArrayRef slice_offsets,
                    const at::Tensor& token_indices_sorted, const at::Tensor& active_cluster_ids,
-                   const at::Tensor& cluster_token_start, const at::Tensor& y) {
+                   const at::Tensor& cluster_token_start, const at::Tensor& y,
+                   OptionalStacks U_quant_scales) {
   const ExpandParams p = jd_expand_params(g, U_stacks, slice_offsets, token_indices_sorted,
-                                          active_cluster_ids, cluster_token_start, y);
+                                          active_cluster_ids, cluster_token_start, y, U_quant_scales);
   validate_segments("jd_expand", p.seg, "active_cluster_ids", "cluster_token_start", p.seg.capacity);
   dispatch(y.scalar_type(), [&](auto tag) { cpu::expand<decltype(tag)>(p, cpu_parallel_for); });
 }
 
 void lora_expand_cpu(const at::Tensor& h, at::TensorList B_stacks, at::IntArrayRef slice_offsets,
                      const at::Tensor& token_indices_sorted, const at::Tensor& active_lora_ids,
-                     const at::Tensor& lora_token_start_loc, const at::Tensor& y) {
+                     const at::Tensor& lora_token_start_loc, const at::Tensor& y,
+                     OptionalStacks B_quant_scales) {
   const ExpandParams p = lora_expand_params(h, B_stacks, slice_offsets, token_indices_sorted,
-                                            active_lora_ids, lora_token_start_loc, y);
+                                            active_lora_ids, lora_token_start_loc, y, B_quant_scales);
   validate_segments("lora_expand", p.seg, "active_lora_ids", "lora_token_start_loc", p.seg.capacity);
   dispatch(y.scalar_type(), [&](auto tag) { cpu::expand<decltype(tag)>(p, cpu_parallel_for); });
 }
@@ -97,10 +101,12 @@ void jd_fused_cpu(const at::Tensor& x, at::TensorList V_stacks, at::TensorList S
                   at::TensorList U_stacks, at::IntArrayRef slice_offsets,
                   const at::Tensor& token_lora_mapping, const at::Tensor& token_indices_sorted,
                   const at::Tensor& active_cluster_ids, const at::Tensor& cluster_token_start,
-                  const at::Tensor& y) {
+                  const at::Tensor& y,
+                  OptionalStacks V_quant_scales, OptionalStacks U_quant_scales) {
   const FusedParams p = jd_fused_params(x, V_stacks, S_stacks, U_stacks, slice_offsets,
                                         token_lora_mapping, token_indices_sorted,
-                                        active_cluster_ids, cluster_token_start, y);
+                                        active_cluster_ids, cluster_token_start, y, V_quant_scales,
+                                        U_quant_scales);
   validate_segments("jd_fused", p.seg, "active_cluster_ids", "cluster_token_start", p.seg.capacity);
   validate_slots("jd_fused", p.token_lora_mapping, p.seg.num_tokens, S_stacks[0].size(0),
                  "S_stacks[0].shape[0]");

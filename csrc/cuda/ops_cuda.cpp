@@ -25,6 +25,13 @@ void check_launch(const char* op, cudaError_t err, int64_t r) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The CUDA kernels read float stacks only so far; quantized ones are refused
+// before anything runs rather than read as floats.
+void refuse_quantized(const char* op, const OptionalStacks& scales, const char* name) {
+  TORCH_CHECK(!scales.has_value(), op, ": ", name, " given, but quantized tables run on the CPU only so far; "
+              "pass float stacks on CUDA");
+}
+
 // Every op but build_batch_meta has nothing to do for an empty batch; the
 // launch goes on the current stream of the output's device.
 template <typename Launch>
@@ -64,9 +71,11 @@ void build_batch_meta_cuda_impl(const at::Tensor& token_lora_mapping,
 void jd_shrink_cuda_impl(const at::Tensor& x, at::TensorList V_stacks,
                          const at::Tensor& token_indices_sorted,
                          const at::Tensor& active_cluster_ids,
-                         const at::Tensor& cluster_token_start, const at::Tensor& h) {
+                         const at::Tensor& cluster_token_start, const at::Tensor& h,
+                         OptionalStacks V_quant_scales) {
   const ShrinkParams p = jd_shrink_params(x, V_stacks, token_indices_sorted, active_cluster_ids,
-                                          cluster_token_start, h);
+                                          cluster_token_start, h, V_quant_scales);
+  refuse_quantized("jd_shrink", V_quant_scales, "V_quant_scales");
   launch_on("jd_shrink", x.device(), p.seg.num_tokens, p.h.r,
             [&](cudaStream_t stream) { return cuda::jd_shrink_cuda(p, to_dtype(x.scalar_type()), stream); });
 }
@@ -74,9 +83,11 @@ void jd_shrink_cuda_impl(const at::Tensor& x, at::TensorList V_stacks,
 void lora_shrink_cuda_impl(const at::Tensor& x, at::TensorList A_stacks, const at::Tensor& scales,
                            const at::Tensor& token_indices_sorted,
                            const at::Tensor& active_lora_ids,
-                           const at::Tensor& lora_token_start_loc, const at::Tensor& h) {
+                           const at::Tensor& lora_token_start_loc, const at::Tensor& h,
+                           OptionalStacks A_quant_scales) {
   const ShrinkParams p = lora_shrink_params(x, A_stacks, scales, token_indices_sorted,
-                                            active_lora_ids, lora_token_start_loc, h);
+                                            active_lora_ids, lora_token_start_loc, h, A_quant_scales);
+  refuse_quantized("lora_shrink", A_quant_scales, "A_quant_scales");
   launch_on("lora_shrink", x.device(), p.seg.num_tokens, p.h.r,
             [&](cudaStream_t stream) { return cuda::lora_shrink_cuda(p, to_dtype(x.scalar_type()), stream); });
 }
@@ -92,9 +103,11 @@ void jd_core_cuda_impl(const at::Tensor& h, at::TensorList S_stacks,
 void jd_expand_cuda_impl(const at::Tensor& g, at::TensorList U_stacks,
                          at::IntArrayRef slice_offsets, const at::Tensor& token_indices_sorted,
                          const at::Tensor& active_cluster_ids,
-                         const at::Tensor& cluster_token_start, const at::Tensor& y) {
+                         const at::Tensor& cluster_token_start, const at::Tensor& y,
+                         OptionalStacks U_quant_scales) {
   const ExpandParams p = jd_expand_params(g, U_stacks, slice_offsets, token_indices_sorted,
-                                          active_cluster_ids, cluster_token_start, y);
+                                          active_cluster_ids, cluster_token_start, y, U_quant_scales);
+  refuse_quantized("jd_expand", U_quant_scales, "U_quant_scales");
   launch_on("jd_expand", y.device(), p.seg.num_tokens, p.g.r,
             [&](cudaStream_t stream) { return cuda::jd_expand_cuda(p, to_dtype(y.scalar_type()), stream); });
 }
@@ -102,9 +115,11 @@ void jd_expand_cuda_impl(const at::Tensor& g, at::TensorList U_stacks,
 void lora_expand_cuda_impl(const at::Tensor& h, at::TensorList B_stacks,
                            at::IntArrayRef slice_offsets, const at::Tensor& token_indices_sorted,
                            const at::Tensor& active_lora_ids,
-                           const at::Tensor& lora_token_start_loc, const at::Tensor& y) {
+                           const at::Tensor& lora_token_start_loc, const at::Tensor& y,
+                           OptionalStacks B_quant_scales) {
   const ExpandParams p = lora_expand_params(h, B_stacks, slice_offsets, token_indices_sorted,
-                                            active_lora_ids, lora_token_start_loc, y);
+                                            active_lora_ids, lora_token_start_loc, y, B_quant_scales);
+  refuse_quantized("lora_expand", B_quant_scales, "B_quant_scales");
   launch_on("lora_expand", y.device(), p.seg.num_tokens, p.g.r,
             [&](cudaStream_t stream) { return cuda::lora_expand_cuda(p, to_dtype(y.scalar_type()), stream); });
 }
@@ -114,10 +129,14 @@ void jd_fused_cuda_impl(const at::Tensor& x, at::TensorList V_stacks, at::Tensor
                         const at::Tensor& token_lora_mapping,
                         const at::Tensor& token_indices_sorted,
                         const at::Tensor& active_cluster_ids,
-                        const at::Tensor& cluster_token_start, const at::Tensor& y) {
+                        const at::Tensor& cluster_token_start, const at::Tensor& y,
+                        OptionalStacks V_quant_scales, OptionalStacks U_quant_scales) {
   const FusedParams p = jd_fused_params(x, V_stacks, S_stacks, U_stacks, slice_offsets,
                                         token_lora_mapping, token_indices_sorted,
-                                        active_cluster_ids, cluster_token_start, y);
+                                        active_cluster_ids, cluster_token_start, y, V_quant_scales,
+                                        U_quant_scales);
+  refuse_quantized("jd_fused", V_quant_scales, "V_quant_scales");
+  refuse_quantized("jd_fused", U_quant_scales, "U_quant_scales");
   launch_on("jd_fused", x.device(), p.seg.num_tokens, p.r,
             [&](cudaStream_t stream) { return cuda::jd_fused_cuda(p, to_dtype(x.scalar_type()), stream); });
 }

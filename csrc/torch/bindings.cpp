@@ -4,7 +4,10 @@
 //
 // Batch metadata names follow vLLM's LoRAKernelMeta so integrators recognise
 // them. Integer metadata is int32; h and g are fp32; x, y and the weight stacks
-// share one dtype (fp32, fp16 or bf16).
+// share one dtype (fp32, fp16 or bf16). The shrink and expand stacks may
+// instead be quantized (int8, or uint8 holding two 4-bit values per byte),
+// each with its scales in the optional *_quant_scales list (quant.py states
+// the formats); cores are always float.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -35,7 +38,8 @@ TORCH_LIBRARY(jdlora_ops, m) {
   // h[s, t] = V_stacks[s][c(t)] x[t], segmented by cluster.
   m.def(
       "jd_shrink(Tensor x, Tensor[] V_stacks, Tensor token_indices_sorted, "
-      "Tensor active_cluster_ids, Tensor cluster_token_start, Tensor(a!) h) -> ()");
+      "Tensor active_cluster_ids, Tensor cluster_token_start, Tensor(a!) h, "
+      "Tensor[]? V_quant_scales=None) -> ()");
 
   // g[s, t] = S_stacks[s][a(t)] h[s, t] (full r x r, or diagonal r).
   m.def(
@@ -46,25 +50,26 @@ TORCH_LIBRARY(jdlora_ops, m) {
   m.def(
       "jd_expand(Tensor g, Tensor[] U_stacks, int[] slice_offsets, "
       "Tensor token_indices_sorted, Tensor active_cluster_ids, "
-      "Tensor cluster_token_start, Tensor(a!) y) -> ()");
+      "Tensor cluster_token_start, Tensor(a!) y, Tensor[]? U_quant_scales=None) -> ()");
 
   // shrink, core and expand in one call; h and g never leave the kernel.
   m.def(
       "jd_fused(Tensor x, Tensor[] V_stacks, Tensor[] S_stacks, Tensor[] U_stacks, "
       "int[] slice_offsets, Tensor token_lora_mapping, Tensor token_indices_sorted, "
-      "Tensor active_cluster_ids, Tensor cluster_token_start, Tensor(a!) y) -> ()");
+      "Tensor active_cluster_ids, Tensor cluster_token_start, Tensor(a!) y, "
+      "Tensor[]? V_quant_scales=None, Tensor[]? U_quant_scales=None) -> ()");
 
   // Baseline: h[s, t] = scales[s, a(t)] A_stacks[s][a(t)] x[t], segmented by adapter.
   m.def(
       "lora_shrink(Tensor x, Tensor[] A_stacks, Tensor scales, "
       "Tensor token_indices_sorted, Tensor active_lora_ids, "
-      "Tensor lora_token_start_loc, Tensor(a!) h) -> ()");
+      "Tensor lora_token_start_loc, Tensor(a!) h, Tensor[]? A_quant_scales=None) -> ()");
 
   // Baseline: y[t, slice s] += B_stacks[s][a(t)] h[s, t], segmented by adapter.
   m.def(
       "lora_expand(Tensor h, Tensor[] B_stacks, int[] slice_offsets, "
       "Tensor token_indices_sorted, Tensor active_lora_ids, "
-      "Tensor lora_token_start_loc, Tensor(a!) y) -> ()");
+      "Tensor lora_token_start_loc, Tensor(a!) y, Tensor[]? B_quant_scales=None) -> ()");
 }
 
 namespace {

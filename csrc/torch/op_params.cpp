@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <optional>
 #include <sstream>
 #include <utility>
 #include <string>
@@ -127,11 +128,30 @@ bool column_major(const at::Tensor& w) {
   return w.dim() == 3 && w.size(1) > 1 && w.size(2) > 1 && w.stride(1) == 1 && w.stride(2) != 1;
 }
 
-WeightStack weight_stack(const at::Tensor& w) {
+Quant quant_of(const at::Tensor& w) {
+  switch (w.scalar_type()) {
+    case at::kChar: return Quant::kInt8;
+    case at::kByte: return Quant::kInt4;
+    default: return Quant::kNone;
+  }
+}
+
+// Values per row of a stack: a 4-bit row holds two per byte.
+int64_t logical_cols(const at::Tensor& w) {
+  return quant_of(w) == Quant::kInt4 ? 2 * w.size(-1) : w.size(-1);
+}
+
+WeightStack weight_stack(const at::Tensor& w, const at::Tensor* scales) {
   const bool cm = column_major(w);
-  return WeightStack{w.data_ptr(), w.stride(0), w.dim() == 3 ? w.stride(1) : 0,
-                     static_cast<int32_t>(w.dim() == 3 ? w.size(1) : 1),
-                     static_cast<int32_t>(w.size(-1)), cm ? w.stride(2) : 1};
+  WeightStack ws{w.data_ptr(), w.stride(0), w.dim() == 3 ? w.stride(1) : 0,
+                 static_cast<int32_t>(w.dim() == 3 ? w.size(1) : 1),
+                 static_cast<int32_t>(logical_cols(w)), cm ? w.stride(2) : 1};
+  if (scales != nullptr) {
+    ws.quant = quant_of(w);
+    ws.scales = QuantScales{scales->data_ptr(), scales->stride(0), scales->stride(1),
+                            static_cast<int32_t>(ws.cols / scales->size(2))};
+  }
+  return ws;
 }
 
 Activation activation(const at::Tensor& t) {
@@ -180,21 +200,66 @@ SegmentTable segments(const char* op, const at::Tensor& sorted, const at::Tensor
                       to_i32(op, "num_tokens", T)};
 }
 
+// The scales of quantized stack `w` (see quant.py): [n, rows, cols / group]
+// in like's dtype, the group dividing the row (and even for 4-bit rows, so
+// that no byte straddles two groups).
+void check_quant_scales(const char* op, const std::string& w_name, const at::Tensor& w, const std::string& name,
+                        const at::Tensor& sc, const at::Tensor& like, const char* like_name) {
+  Arg a{op, name, sc};
+  a.defined();
+  a.device(like.device(), like_name);
+  TORCH_CHECK(sc.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ", like_name, " (",
+              like.scalar_type(), "; scales are in the tables' float dtype), got ", sc.scalar_type());
+  const int64_t cols = logical_cols(w);
+  a.shape({w.size(0), w.size(1), -1}, ("[n, rows, cols / group] (n and rows from " + w_name + ")").c_str());
+  const int64_t groups = sc.size(2);
+  TORCH_CHECK(groups >= 1 && cols % groups == 0, op, ": ", name, " has ", groups,
+              " scales per row, which must divide the row length ", cols, " of ", w_name,
+              " (one scale per group of cols / groups values)");
+  TORCH_CHECK(quant_of(w) != Quant::kInt4 || (cols / groups) % 2 == 0, op, ": ", name, " gives groups of ",
+              cols / groups, " values, which must be even for the 4-bit ", w_name,
+              " (two values per byte, one group per whole byte)");
+  a.unit_last_stride();
+}
+
 // One weight stack per slice, all with the same first dimension `n` and
 // dtype of `like`; rows/cols < 0 mean "any" (checked by the caller). With
 // `column_major_on_cpu` (the expand stacks U and B), a CPU stack may also be
-// column-major (see column_major).
+// column-major (see column_major). With `qscales` every stack is quantized:
+// int8 values, or uint8 bytes of two 4-bit values (cols / 2 per row).
 void check_stacks(const char* op, const char* name, at::TensorList stacks, int64_t n, int64_t rows,
                   int64_t cols, const at::Tensor& like, const char* like_name, const char* meaning,
-                  bool column_major_on_cpu = false) {
+                  bool column_major_on_cpu = false, const OptionalStacks& qscales = std::nullopt,
+                  const char* qname = nullptr) {
   check_num_slices(op, name, stacks.size());
+  if (qscales.has_value())
+    TORCH_CHECK(qscales->size() == stacks.size(), op, ": ", qname, " must hold one tensor per slice of ", name,
+                " (", stacks.size(), "), got ", qscales->size());
   for (size_t s = 0; s < stacks.size(); ++s) {
     Arg a{op, std::string(name) + "[" + std::to_string(s) + "]", stacks[s]};
     a.defined();
     a.device(like.device(), like_name);
+    if (qscales.has_value()) {
+      const auto st = stacks[s].scalar_type();
+      TORCH_CHECK(st == at::kChar || st == at::kByte, op, ": ", a.name, " must have dtype int8 (int8 values) or "
+                  "uint8 (4-bit values, two per byte) since ", qname, " is given, got ", st);
+      if (st == at::kByte) {
+        TORCH_CHECK(cols % 2 == 0, op, ": ", a.name, " holds 4-bit values two per byte, so its row length ", cols,
+                    " must be even");
+        a.shape({n, rows, cols / 2}, (std::string(meaning) + " with the last dimension halved (4-bit, two values "
+                                      "per byte)").c_str());
+      } else {
+        a.shape({n, rows, cols}, meaning);
+      }
+      if (!(column_major_on_cpu && column_major(stacks[s]) && stacks[s].device().is_cpu())) a.unit_last_stride();
+      check_quant_scales(op, a.name, stacks[s], std::string(qname) + "[" + std::to_string(s) + "]",
+                         (*qscales)[s], like, like_name);
+      continue;
+    }
     TORCH_CHECK(stacks[s].scalar_type() == like.scalar_type(), op, ": ", a.name,
                 " must have the dtype of ", like_name, " (", like.scalar_type(), "), got ",
-                stacks[s].scalar_type());
+                stacks[s].scalar_type(),
+                quant_of(stacks[s]) != Quant::kNone ? " (a quantized stack needs its scales argument)" : "");
     a.shape({n, rows, cols}, meaning);
     if (column_major_on_cpu && column_major(stacks[s])) {
       TORCH_CHECK(stacks[s].device().is_cpu(), op, ": ", a.name,
@@ -207,11 +272,11 @@ void check_stacks(const char* op, const char* name, at::TensorList stacks, int64
   }
 }
 
-StackList stack_list(at::TensorList stacks) {
+StackList stack_list(at::TensorList stacks, const OptionalStacks& qscales = std::nullopt) {
   StackList l{};
   l.num_slices = static_cast<int32_t>(stacks.size());
   for (size_t s = 0; s < stacks.size(); ++s) {
-    l.stack[s] = weight_stack(stacks[s]);
+    l.stack[s] = weight_stack(stacks[s], qscales.has_value() ? &(*qscales)[s] : nullptr);
     l.diagonal[s] = stacks[s].dim() == 2;
   }
   return l;
@@ -338,7 +403,8 @@ namespace {
 // stacks [N, r, d_in] with N the capacity of the segment table.
 ShrinkParams shrink_params(const char* op, const at::Tensor& x, at::TensorList W, const char* w_name,
                            const at::Tensor& sorted, const at::Tensor& ids, const at::Tensor& start,
-                           const char* ids_name, const char* start_name, const at::Tensor& h) {
+                           const char* ids_name, const char* start_name, const at::Tensor& h,
+                           const OptionalStacks& qscales, const char* qname) {
   check_activation(op, "x", x, -1, "[num_tokens, d_in]");
   const int64_t T = x.size(0);
   check_num_tokens(op, T, "rows of x");
@@ -352,11 +418,11 @@ ShrinkParams shrink_params(const char* op, const at::Tensor& x, at::TensorList W
   const int64_t r = W[0].size(1);
   const std::string meaning = std::string("[capacity, r, d_in] (capacity from ") + ids_name +
                               ", r from " + w_name + "[0], d_in from x)";
-  check_stacks(op, w_name, W, p.seg.capacity, r, d_in, x, "x", meaning.c_str());
+  check_stacks(op, w_name, W, p.seg.capacity, r, d_in, x, "x", meaning.c_str(), false, qscales, qname);
   check_intermediate(op, "h", h, static_cast<int64_t>(W.size()), T, r, x.device(), "x");
   check_no_self_overlap(op, "h", h);
   p.x = activation(x);
-  p.weights = stack_list(W);
+  p.weights = stack_list(W, qscales);
   p.h = intermediate(h);
   return p;
 }
@@ -364,7 +430,8 @@ ShrinkParams shrink_params(const char* op, const at::Tensor& x, at::TensorList W
 ExpandParams expand_params(const char* op, const at::Tensor& g, const char* g_name,
                            at::TensorList W, const char* w_name, at::IntArrayRef offsets,
                            const at::Tensor& sorted, const at::Tensor& ids, const at::Tensor& start,
-                           const char* ids_name, const char* start_name, const at::Tensor& y) {
+                           const char* ids_name, const char* start_name, const at::Tensor& y,
+                           const OptionalStacks& qscales, const char* qname) {
   check_activation(op, "y", y, -1, "[num_tokens, d_out_total]");
   const int64_t T = y.size(0);
   check_num_tokens(op, T, "rows of y");
@@ -379,9 +446,9 @@ ExpandParams expand_params(const char* op, const at::Tensor& g, const char* g_na
   check_intermediate(op, g_name, g, static_cast<int64_t>(W.size()), T, r, y.device(), "y");
   const std::string meaning = std::string("[capacity, d_out, r] (capacity from ") + ids_name +
                               ", r from " + g_name + ")";
-  check_stacks(op, w_name, W, p.seg.capacity, -1, r, y, "y", meaning.c_str(), true);
+  check_stacks(op, w_name, W, p.seg.capacity, -1, r, y, "y", meaning.c_str(), true, qscales, qname);
   p.g = intermediate(g);
-  p.weights = stack_list(W);
+  p.weights = stack_list(W, qscales);
   set_offsets(op, p.weights, offsets, W, y);
   p.y = activation(y);
   return p;
@@ -392,21 +459,23 @@ ExpandParams expand_params(const char* op, const at::Tensor& g, const char* g_na
 ShrinkParams jd_shrink_params(const at::Tensor& x, at::TensorList V_stacks,
                               const at::Tensor& token_indices_sorted,
                               const at::Tensor& active_cluster_ids,
-                              const at::Tensor& cluster_token_start, const at::Tensor& h) {
+                              const at::Tensor& cluster_token_start, const at::Tensor& h,
+                              const OptionalStacks& V_quant_scales) {
   return shrink_params("jd_shrink", x, V_stacks, "V_stacks", token_indices_sorted,
                        active_cluster_ids, cluster_token_start, "active_cluster_ids",
-                       "cluster_token_start", h);
+                       "cluster_token_start", h, V_quant_scales, "V_quant_scales");
 }
 
 ShrinkParams lora_shrink_params(const at::Tensor& x, at::TensorList A_stacks,
                                 const at::Tensor& scales,
                                 const at::Tensor& token_indices_sorted,
                                 const at::Tensor& active_lora_ids,
-                                const at::Tensor& lora_token_start_loc, const at::Tensor& h) {
+                                const at::Tensor& lora_token_start_loc, const at::Tensor& h,
+                                const OptionalStacks& A_quant_scales) {
   constexpr const char* op = "lora_shrink";
   ShrinkParams p = shrink_params(op, x, A_stacks, "A_stacks", token_indices_sorted,
                                  active_lora_ids, lora_token_start_loc, "active_lora_ids",
-                                 "lora_token_start_loc", h);
+                                 "lora_token_start_loc", h, A_quant_scales, "A_quant_scales");
   Arg a{op, "scales", scales};
   a.defined();
   a.dtype(at::kFloat, "per-adapter scales are float32");
@@ -450,20 +519,22 @@ ExpandParams jd_expand_params(const at::Tensor& g, at::TensorList U_stacks,
                               at::IntArrayRef slice_offsets,
                               const at::Tensor& token_indices_sorted,
                               const at::Tensor& active_cluster_ids,
-                              const at::Tensor& cluster_token_start, const at::Tensor& y) {
+                              const at::Tensor& cluster_token_start, const at::Tensor& y,
+                              const OptionalStacks& U_quant_scales) {
   return expand_params("jd_expand", g, "g", U_stacks, "U_stacks", slice_offsets,
                        token_indices_sorted, active_cluster_ids, cluster_token_start,
-                       "active_cluster_ids", "cluster_token_start", y);
+                       "active_cluster_ids", "cluster_token_start", y, U_quant_scales, "U_quant_scales");
 }
 
 ExpandParams lora_expand_params(const at::Tensor& h, at::TensorList B_stacks,
                                 at::IntArrayRef slice_offsets,
                                 const at::Tensor& token_indices_sorted,
                                 const at::Tensor& active_lora_ids,
-                                const at::Tensor& lora_token_start_loc, const at::Tensor& y) {
+                                const at::Tensor& lora_token_start_loc, const at::Tensor& y,
+                                const OptionalStacks& B_quant_scales) {
   return expand_params("lora_expand", h, "h", B_stacks, "B_stacks", slice_offsets,
                        token_indices_sorted, active_lora_ids, lora_token_start_loc,
-                       "active_lora_ids", "lora_token_start_loc", y);
+                       "active_lora_ids", "lora_token_start_loc", y, B_quant_scales, "B_quant_scales");
 }
 
 FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
@@ -471,7 +542,8 @@ FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
                             at::IntArrayRef slice_offsets, const at::Tensor& token_lora_mapping,
                             const at::Tensor& token_indices_sorted,
                             const at::Tensor& active_cluster_ids,
-                            const at::Tensor& cluster_token_start, const at::Tensor& y) {
+                            const at::Tensor& cluster_token_start, const at::Tensor& y,
+                            const OptionalStacks& V_quant_scales, const OptionalStacks& U_quant_scales) {
   constexpr const char* op = "jd_fused";
   check_activation(op, "x", x, -1, "[num_tokens, d_in]");
   const int64_t T = x.size(0);
@@ -488,13 +560,15 @@ FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
   const int64_t r = V_stacks[0].size(1);
   const int64_t S = static_cast<int64_t>(V_stacks.size());
   check_stacks(op, "V_stacks", V_stacks, p.seg.capacity, r, d_in, x, "x",
-               "[num_clusters, r, d_in] (num_clusters from active_cluster_ids, r from V_stacks[0], d_in from x)");
+               "[num_clusters, r, d_in] (num_clusters from active_cluster_ids, r from V_stacks[0], d_in from x)",
+               false, V_quant_scales, "V_quant_scales");
   TORCH_CHECK(static_cast<int64_t>(S_stacks.size()) == S && static_cast<int64_t>(U_stacks.size()) == S,
               op, ": V_stacks, S_stacks and U_stacks must hold one tensor per slice each, got ",
               V_stacks.size(), ", ", S_stacks.size(), " and ", U_stacks.size());
   check_core_stacks(op, S_stacks, r, x, "x");
   check_stacks(op, "U_stacks", U_stacks, p.seg.capacity, -1, r, x, "x",
-               "[num_clusters, d_out, r] (num_clusters from active_cluster_ids, r from V_stacks[0])", true);
+               "[num_clusters, d_out, r] (num_clusters from active_cluster_ids, r from V_stacks[0])", true,
+               U_quant_scales, "U_quant_scales");
   Arg{op, "token_lora_mapping", token_lora_mapping}.index_vector(T, "[num_tokens] (from x)", x.device(), "x");
   check_activation(op, "y", y, T, "[num_tokens, d_out_total] (num_tokens from x)");
   Arg{op, "y", y}.device(x.device(), "x");
@@ -502,9 +576,9 @@ FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
               x.scalar_type(), "), got ", y.scalar_type());
   check_no_self_overlap(op, "y", y);
   p.x = activation(x);
-  p.shrink = stack_list(V_stacks);
+  p.shrink = stack_list(V_stacks, V_quant_scales);
   p.core = stack_list(S_stacks);
-  p.expand = stack_list(U_stacks);
+  p.expand = stack_list(U_stacks, U_quant_scales);
   set_offsets(op, p.expand, slice_offsets, U_stacks, y);
   p.y = activation(y);
   p.token_lora_mapping = i32(token_lora_mapping);

@@ -8,11 +8,17 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "jdlora/params.h"
 
 namespace jdlora::torch_ext {
 
 DType to_dtype(at::ScalarType t);
+
+// The scales of quantized weight stacks, one per slice, or none for float
+// stacks (the optional Tensor[]? arguments of the schemas).
+using OptionalStacks = std::optional<at::TensorList>;
 
 // Shape/dtype/device checks only (no reads of tensor values; safe for CUDA).
 BatchMetaParams batch_meta_params(const at::Tensor& token_lora_mapping,
@@ -29,7 +35,8 @@ BatchMetaParams batch_meta_params(const at::Tensor& token_lora_mapping,
 ShrinkParams jd_shrink_params(const at::Tensor& x, at::TensorList V_stacks,
                               const at::Tensor& token_indices_sorted,
                               const at::Tensor& active_cluster_ids,
-                              const at::Tensor& cluster_token_start, const at::Tensor& h);
+                              const at::Tensor& cluster_token_start, const at::Tensor& h,
+                              const OptionalStacks& V_quant_scales);
 
 CoreParams jd_core_params(const at::Tensor& h, at::TensorList S_stacks,
                           const at::Tensor& token_lora_mapping, const at::Tensor& g);
@@ -38,26 +45,30 @@ ExpandParams jd_expand_params(const at::Tensor& g, at::TensorList U_stacks,
                               at::IntArrayRef slice_offsets,
                               const at::Tensor& token_indices_sorted,
                               const at::Tensor& active_cluster_ids,
-                              const at::Tensor& cluster_token_start, const at::Tensor& y);
+                              const at::Tensor& cluster_token_start, const at::Tensor& y,
+                              const OptionalStacks& U_quant_scales);
 
 FusedParams jd_fused_params(const at::Tensor& x, at::TensorList V_stacks,
                             at::TensorList S_stacks, at::TensorList U_stacks,
                             at::IntArrayRef slice_offsets, const at::Tensor& token_lora_mapping,
                             const at::Tensor& token_indices_sorted,
                             const at::Tensor& active_cluster_ids,
-                            const at::Tensor& cluster_token_start, const at::Tensor& y);
+                            const at::Tensor& cluster_token_start, const at::Tensor& y,
+                            const OptionalStacks& V_quant_scales, const OptionalStacks& U_quant_scales);
 
 ShrinkParams lora_shrink_params(const at::Tensor& x, at::TensorList A_stacks,
                                 const at::Tensor& scales,
                                 const at::Tensor& token_indices_sorted,
                                 const at::Tensor& active_lora_ids,
-                                const at::Tensor& lora_token_start_loc, const at::Tensor& h);
+                                const at::Tensor& lora_token_start_loc, const at::Tensor& h,
+                                const OptionalStacks& A_quant_scales);
 
 ExpandParams lora_expand_params(const at::Tensor& h, at::TensorList B_stacks,
                                 at::IntArrayRef slice_offsets,
                                 const at::Tensor& token_indices_sorted,
                                 const at::Tensor& active_lora_ids,
-                                const at::Tensor& lora_token_start_loc, const at::Tensor& y);
+                                const at::Tensor& lora_token_start_loc, const at::Tensor& y,
+                                const OptionalStacks& B_quant_scales);
 
 // Value checks of host-resident metadata (CPU key only: on CUDA they would
 // need a device-to-host copy; the CUDA kernels skip out-of-range entries).

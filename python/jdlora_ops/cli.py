@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--store-dtype", default=None,
                    help="dtype of stored bases and cores (default: the adapters' dtype when they share one, else "
                         "float32)")
+    c.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="store the shared bases quantized: int8 (one scale per row) or int4 (groups along the "
+                        "reduction dimension); every core is refitted to the quantized bases (JD methods only)")
+    c.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="with --quantize int4: values per scale, 32, 64 (default) or 128, capped at the row")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=_positive("--threads"), default=None, help="torch CPU threads")
     c.add_argument("--calibration", default=None, metavar="STATS",
@@ -317,6 +322,7 @@ def _compress(args, team) -> int:
         calibration_path=None if stats is None else os.path.abspath(args.calibration), damping=args.damping,
         max_rel_error=args.max_rel_error, store_dtype=store_dtype, overwrite=args.overwrite,
         target_bytes=args.target_bytes, target_ratio=args.target_ratio, residual=not args.no_residual,
+        quantize=args.quantize, group_size=args.group_size,
         log_curve=(lambda lines: print("byte budget: predicted mean relative squared error per candidate\n"
                                        + "\n".join(lines))) if budgeted else None, **common)
     seconds = time.perf_counter() - t0
@@ -360,6 +366,15 @@ def _report_compress(args, result, collection, rank, out, store_dtype, seconds, 
     if vals:  # none when every adapter left the joint tables (a byte budget's choice)
         print(f"activation-weighted relative squared error mean {sum(vals) / len(vals):.4f} max {max(vals):.4f} "
               f"(inputs of {args.calibration})")
+    q = read_manifest(out).get("quantization")
+    if q:
+        print(f"bases quantized: {_quantization_text(q)}; the errors above include it (cores refitted)")
+
+
+def _quantization_text(q: dict) -> str:
+    return (f"{q['format']}, " + ("one scale per row" if q["format"] == "int8" else
+                                  f"groups of {q.get('group_size') or 64} along the reduction dimension")
+            + " (capped at the row), scales in the store dtype")
 
 
 def _activation_weighted(metadata: dict | None) -> dict:
@@ -420,6 +435,13 @@ def _adapter_bytes(collection) -> int:
     return sum(os.path.getsize(os.path.join(a.path, ADAPTER_WEIGHTS)) for a in collection.adapters)
 
 
+def _bases_bytes(path: str, manifest: dict) -> int:
+    """Bytes of the bases file's tables as stored (values and scales)."""
+    from .store import StoreReader
+
+    return StoreReader(path).table_bytes("bases")
+
+
 def _store_bytes(path: str, manifest: dict) -> int:
     files = [MANIFEST_NAME, *(manifest.get("files") or {}).values()]
     return sum(os.path.getsize(os.path.join(path, f)) for f in files if os.path.isfile(os.path.join(path, f)))
@@ -462,6 +484,9 @@ def cmd_inspect(args) -> int:
         out["adapters"] = [{k: a[k] for k in ("name", "path", "cluster", "bytes", "mean_error", "max_error",
                                               "activation_weighted_mean_error") if k in a} for a in entries]
         out["byte_budget"] = (m.get("metadata") or {}).get("byte_budget")
+        out["quantization"] = m.get("quantization")
+        if m.get("quantization"):
+            out["bases_bytes"] = _bases_bytes(args.store, m)
         out["calibration"] = (m.get("metadata") or {}).get("calibration")
         print(json.dumps(out, indent=1))
         return 0
@@ -477,6 +502,9 @@ def cmd_inspect(args) -> int:
     if bb:
         print(f"budget     {_bytes(bb['budget'])} of tables ({bb['budget'] / max(bb['original_bytes'], 1):.4f} of the "
               f"original): chose {bb['chosen']}, " + ", ".join(f"{p} x{paths.count(p)}" for p in sorted(set(paths))))
+    if m.get("quantization"):
+        print(f"bases      quantized {_quantization_text(m['quantization'])}: {_bytes(_bases_bytes(args.store, m))} "
+              f"of bases and scales; errors include the quantization")
     if mem:
         print(
             f"memory     {_bytes(mem['bytes_before'])} -> {_bytes(mem['bytes_after'])} in bf16 "

@@ -19,6 +19,21 @@ Common rules:
   tensor ``W``; the CPU kernels then read them in place instead of reordering
   each cluster's rows on every call (about as costly as the arithmetic when
   few tokens share a cluster). Results are bitwise the same in both layouts.
+* Quantized tables: any shrink stack (``V``, ``A``) or expand stack (``U``,
+  ``B``) may be a :class:`~jdlora_ops.quant.QuantizedTable` instead of a
+  tensor (int8 rows or 4-bit groups, see :mod:`jdlora_ops.quant`), with its
+  scales in the model dtype; cores stay float. All slices of one argument are
+  quantized or none are (their formats may differ). The result is the float32
+  accumulation over the dequantised values ``float(q) * float(s)``, within the
+  float tables' bound; no dequantised copy of a table is made. On the CPU
+  the values of a quantized ``U``/``B`` may be column-major like float ones
+  (``data.transpose(1, 2).contiguous().transpose(1, 2)``, scales as they
+  are), the faster layout there for the same reason. The raw ops
+  take the values in the stacks' place (int8, or uint8 holding two 4-bit
+  values per byte) and the scales in the optional ``*_quant_scales`` lists.
+  The scales' values are not checked on each call (that would cost a device
+  synchronisation): :func:`~jdlora_ops.quant.check_quantized` checks tables
+  that come from outside.
 * Tokens with adapter slot ``-1`` contribute nothing to ``y``; their rows of
   ``h`` and ``g`` are set to zero.
 * The CUDA kernels allocate nothing and never synchronise with the host, so
@@ -34,6 +49,7 @@ from typing import Sequence, Union
 import torch
 
 from .meta import BatchMeta
+from .quant import QuantizedTable
 
 __all__ = [
     "build_batch_meta",
@@ -46,8 +62,21 @@ __all__ = [
     "check_batch_values",
 ]
 
-Stacks = Union[torch.Tensor, Sequence[torch.Tensor]]
+Stack = Union[torch.Tensor, QuantizedTable]
+Stacks = Union[Stack, Sequence[Stack]]
 _ops = torch.ops.jdlora_ops
+
+
+def _quantized(name: str, stacks: Stacks) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The stacks as the raw ops take them: the tensors, or the quantized tables' values and their scales."""
+    raw = [stacks] if isinstance(stacks, (torch.Tensor, QuantizedTable)) else list(stacks)
+    kinds = {isinstance(t, QuantizedTable) for t in raw}
+    if len(kinds) > 1:
+        raise ValueError(f"{name}: every slice must be quantized or none, got "
+                         f"{['quantized' if isinstance(t, QuantizedTable) else 'float' for t in raw]}")
+    if kinds != {True}:
+        return raw, None
+    return [t.data for t in raw], [_read_only(t.scales) for t in raw]
 
 
 def _as_list(name: str, stacks: Stacks) -> list[torch.Tensor]:
@@ -133,9 +162,11 @@ def jd_shrink(x: torch.Tensor, V_stacks: Stacks, meta: BatchMeta, out: torch.Ten
     returns ``h`` (``out`` if given): float32 ``[S, T, r]``. Each cluster's
     ``V`` is read once per batch, for all of its tokens.
     """
-    Vs = _as_list("V_stacks", V_stacks)
+    Vs, Vq = _quantized("V_stacks", V_stacks)
+    Vs = _as_list("V_stacks", Vs)
     h = _intermediate(out, len(Vs), x.shape[0], Vs[0].shape[1] if Vs[0].dim() == 3 else 0, x.device)
-    _ops.jd_shrink(_read_only(x), Vs, meta.sorted_indices(), meta.active_cluster_ids, meta.cluster_token_start, h)
+    _ops.jd_shrink(_read_only(x), Vs, meta.sorted_indices(), meta.active_cluster_ids, meta.cluster_token_start, h,
+                   Vq)
     return h
 
 
@@ -163,9 +194,10 @@ def jd_expand(
     back from column 0) gives ``o_s``, e.g. ``[0, 4096, 5120]`` for a fused
     q/k/v output with GQA.
     """
-    Us = _expand_stacks("U_stacks", U_stacks)
+    Us, Uq = _quantized("U_stacks", U_stacks)
+    Us = _expand_stacks("U_stacks", Us)
     _ops.jd_expand(g, Us, _offsets(Us, slice_offsets), meta.sorted_indices(), meta.active_cluster_ids,
-                   meta.cluster_token_start, y)
+                   meta.cluster_token_start, y, Uq)
     return y
 
 
@@ -179,9 +211,10 @@ def jd_fused(
     (one ``V``, ``S`` and ``U`` stack per slice, all with the same ``r``);
     ``h`` and ``g`` never leave the kernel.
     """
-    Vs, Ss, Us = _as_list("V_stacks", V_stacks), _as_list("S_stacks", S_stacks), _expand_stacks("U_stacks", U_stacks)
+    (Vs, Vq), (Us, Uq) = _quantized("V_stacks", V_stacks), _quantized("U_stacks", U_stacks)
+    Vs, Ss, Us = _as_list("V_stacks", Vs), _as_list("S_stacks", S_stacks), _expand_stacks("U_stacks", Us)
     _ops.jd_fused(_read_only(x), Vs, Ss, Us, _offsets(Us, slice_offsets), meta.mapping(), meta.sorted_indices(),
-                  meta.active_cluster_ids, meta.cluster_token_start, y)
+                  meta.active_cluster_ids, meta.cluster_token_start, y, Vq, Uq)
     return y
 
 
@@ -196,12 +229,13 @@ def lora_shrink(
     Tokens are grouped by adapter (SGMV); an adapter's ``A`` is read once per
     batch.
     """
-    As = _as_list("A_stacks", A_stacks)
+    As, Aq = _quantized("A_stacks", A_stacks)
+    As = _as_list("A_stacks", As)
     if scales.dim() == 1:
         scales = scales.expand(len(As), -1)
     h = _intermediate(out, len(As), x.shape[0], As[0].shape[1] if As[0].dim() == 3 else 0, x.device)
     _ops.lora_shrink(_read_only(x), As, scales, meta.sorted_indices(), meta.active_lora_ids,
-                     meta.lora_token_start_loc, h)
+                     meta.lora_token_start_loc, h, Aq)
     return h
 
 
@@ -212,7 +246,8 @@ def lora_expand(
 
     ``h``: float32 ``[S, T, r]``; ``B_stacks``: one ``[A, d_out_s, r]`` per slice.
     """
-    Bs = _expand_stacks("B_stacks", B_stacks)
+    Bs, Bq = _quantized("B_stacks", B_stacks)
+    Bs = _expand_stacks("B_stacks", Bs)
     _ops.lora_expand(h, Bs, _offsets(Bs, slice_offsets), meta.sorted_indices(), meta.active_lora_ids,
-                     meta.lora_token_start_loc, y)
+                     meta.lora_token_start_loc, y, Bq)
     return y

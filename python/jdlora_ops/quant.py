@@ -88,6 +88,11 @@ class QuantizedTable:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
 
+    def take(self, index: torch.Tensor) -> "QuantizedTable":
+        """The entries ``index`` of the leading dimension (clusters of a stack of bases)."""
+        return QuantizedTable(self.data[index].contiguous(), self.scales[index].contiguous(), self.fmt,
+                              self.group_size, self.length)
+
     def values(self) -> torch.Tensor:
         """The integer values ``q`` (int8 ``[..., L]``, in ``[-127, 127]`` or ``[-7, 7]``)."""
         return self.data if self.fmt == "int8" else unpack_int4(self.data)

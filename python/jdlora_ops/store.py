@@ -36,6 +36,16 @@ factors are added to the core's update; the adapter's entry then has path
 residuals is written as ``format_version`` 3 (a version-2 reader would serve
 the cores alone), any other as version 2.
 
+Quantized bases (``jdlora compress --quantize``, :mod:`jdlora_ops.quant`):
+``"<module>::U"`` and ``"<module>::Vt"`` hold the values (int8, or uint8 with
+two 4-bit values per byte) and ``"<module>::U_scales"``,
+``"<module>::Vt_scales"`` their scales in the store dtype; the manifest's
+``quantization`` says ``{"format", "group_size", "tables": ["U", "Vt"]}``.
+Such a store is ``format_version`` 4 (an older reader would take the values
+for floats); readers hand the dequantised bases to every float path and the
+quantized ones to the serving ops. The recorded errors are those of the
+quantized bases, with the cores refitted to them.
+
 Writes are atomic. A new store is assembled in a temporary sibling directory
 and renamed into place. An existing store is updated by writing tensor files
 under fresh names, then replacing ``manifest.json`` with ``os.replace`` (the
@@ -61,13 +71,14 @@ from ._files import read_json_object, write_json
 from ._finite import NonFiniteError, all_finite, nonfinite_problem
 from .compress.collection import ModuleSpec
 from .compress.result import METHODS, CompressedCollection, CompressedModule, IndividualAdapter, sigma_is_diagonal
+from .quant import QuantizedTable, check_quantized
 
 __all__ = ["StoreError", "NonFiniteStoreError", "save_store", "load_store", "read_manifest", "is_store",
            "verify_store", "verify_file",
            "file_sha256", "check_target", "new_staging_dir", "CollectionReader", "StoreReader", "tensor_bytes", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "jdlora-store"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 _OWNED = re.compile(
     r"^(bases|cores|individual)-[0-9a-f]{16}\.safetensors$|^\.(manifest|bases|cores|individual)\..*\.tmp$"
@@ -217,7 +228,7 @@ def _nonfinite_tables(m: dict, kind: str, get, assignment=None):
     names = [str(a["name"]) for a in m["adapters"]]
     if kind == "bases":
         for md in m["modules"]:
-            for t in ("U", "Vt"):
+            for t in ("U", "Vt", "U_scales", "Vt_scales") if m.get("quantization") else ("U", "Vt"):
                 x = get(f"{md['name']}::{t}")
                 if all_finite(x):
                     continue
@@ -283,7 +294,9 @@ def _table_digests(manifest: dict, bases: dict, cores: dict, assignment: torch.T
     else:
         hs = [hashlib.sha256() for _ in range(K)]
         for m in modules:
-            for key in (f"{m}::U", f"{m}::Vt"):
+            for key in (f"{m}::U", f"{m}::Vt", f"{m}::U_scales", f"{m}::Vt_scales"):
+                if key not in bases:  # scales: quantized bases only
+                    continue
                 t = bases[key]
                 head = f"{key}:{_dtype_name(t.dtype)}:{list(t.shape[1:])};".encode()
                 rows = _tensor_bytes_view(t, K) if K else []
@@ -434,9 +447,14 @@ def save_store(
     write_bases = not (existing and reuse_bases and old_manifest is not None and bases_name == old_manifest["files"]["bases"])
 
     bases, cores = {}, {"assignment": compressed.assignment.to(torch.int64)}
+    quantization = _quantization(compressed)
     for m, cm in compressed.modules.items():
-        bases[f"{m}::U"] = cm.U.to(dt)
-        bases[f"{m}::Vt"] = cm.Vt.to(dt)
+        if quantization is None:
+            bases[f"{m}::U"] = cm.U.to(dt)
+            bases[f"{m}::Vt"] = cm.Vt.to(dt)
+        else:
+            for key, t in zip(("U", "Vt"), cm.quantized):
+                bases[f"{m}::{key}"], bases[f"{m}::{key}_scales"] = t.data, t.scales.to(dt)
         cores[f"{m}::sigma"] = cm.sigma.to(dt)
         cores[f"{m}::norms_sq"] = cm.norms_sq.to(torch.float64)
         cores[f"{m}::errors"] = cm.errors.to(torch.float64)
@@ -450,6 +468,9 @@ def save_store(
     if compressed.individual:
         files["individual"] = f"individual-{secrets.token_hex(8)}.safetensors"
     manifest = _manifest(compressed, files, dt)
+    if quantization is not None:
+        manifest["quantization"] = quantization
+        manifest["format_version"] = FORMAT_VERSION
     manifest["generation"] = int((old_manifest or {}).get("generation", 0)) + 1
     kept = (old_manifest or {}).get("cluster_digests") if not write_bases else None
     clusters, adapters = _table_digests(manifest, bases, cores, compressed.assignment, compressed.num_clusters, kept)
@@ -536,6 +557,49 @@ def save_store(
     return manifest
 
 
+def _quantization(c: CompressedCollection) -> dict | None:
+    """The manifest's ``quantization`` entry of ``c``'s bases (None for float bases); a ``StoreError`` when only
+    some modules are quantized, in different formats, or when a module's bases no longer match their quantized
+    form (changed since they were quantized: writing the quantized form would serve something else)."""
+    forms = {m: cm.quantized for m, cm in c.modules.items()}
+    if not forms or all(q is None for q in forms.values()):
+        return None
+    plain = [m for m, q in forms.items() if q is None]
+    if plain:
+        raise StoreError(f"module {plain[0]!r} has float bases while others are quantized: a store's bases are "
+                         f"quantized all alike or not at all")
+    fmts = {t.fmt for q in forms.values() for t in q}
+    if len(fmts) > 1:
+        raise StoreError(f"the modules' bases are quantized in different formats {sorted(fmts)}")
+    for m, cm in c.modules.items():
+        for key, t, f in (("U", cm.quantized[0], cm.U), ("Vt", cm.quantized[1], cm.Vt)):
+            exact = t.dequantize(torch.float64 if f.dtype == torch.float64 else torch.float32).to(f.dtype)
+            if tuple(t.shape) != tuple(f.shape) or not torch.equal(exact, f):
+                raise StoreError(f"module {m!r}: {key} no longer matches its quantized form (changed after "
+                                 f"quantize_bases); quantize the bases again")
+    fmt = next(iter(forms.values()))[0].fmt
+    group = (c.metadata or {}).get("quantized_bases", {}).get("group_size")
+    return {"format": fmt, "group_size": group, "tables": ["U", "Vt"]}
+
+
+def _read_quantized(where: str, m: dict, name: str, key: str, data: torch.Tensor, scales: torch.Tensor,
+                    length: int, leading: tuple[int, ...]) -> QuantizedTable:
+    """A quantized base of a store, checked against the manifest's format (``StoreError`` naming it)."""
+    q = m["quantization"]
+    try:
+        return check_quantized(f"{name}::{key}", data, scales, str(q["format"]), length, q.get("group_size"),
+                               leading=leading)
+    except NonFiniteError as exc:
+        raise NonFiniteStoreError(f"{where}: {exc}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"{where}: {exc}") from exc
+
+
+def _dequantized(t: QuantizedTable) -> torch.Tensor:
+    """The float table a quantized base stands for, in its scales' dtype (the ops' float32 ``q * s``)."""
+    return t.dequantize(torch.float32).to(t.scales.dtype)
+
+
 def check_target(path: str, *, replace: bool) -> bool:
     """Whether a store exists at ``path``; a ``StoreError`` when nothing may be written there."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -613,16 +677,24 @@ def load_store(path: str | os.PathLike, *, device: torch.device | str = "cpu",
         for md in m["modules"]:
             name = md["name"]
             spec = ModuleSpec(name, int(md["d_out"]), int(md["d_in"]))
+            r = int(md["rank"])
+            U, Vt, quantized = tensors[f"{name}::U"], tensors[f"{name}::Vt"], None
+            if m.get("quantization"):
+                where = os.path.join(path, m["files"]["bases"])
+                quantized = (
+                    _read_quantized(where, m, name, "U", U, tensors[f"{name}::U_scales"], r, (K, spec.d_out)),
+                    _read_quantized(where, m, name, "Vt", Vt, tensors[f"{name}::Vt_scales"], spec.d_in, (K, r)))
+                U, Vt = (_dequantized(t) for t in quantized)
             cm = CompressedModule(
                 spec,
-                tensors[f"{name}::U"],
-                tensors[f"{name}::Vt"],
+                U,
+                Vt,
                 tensors[f"{name}::sigma"],
                 tensors[f"{name}::norms_sq"],
                 tensors[f"{name}::errors"],
                 tensors[f"{name}::rel_errors"],
+                quantized,
             )
-            r = int(md["rank"])
             if (
                 tuple(cm.U.shape) != (K, spec.d_out, r)
                 or tuple(cm.Vt.shape) != (K, r, spec.d_in)
@@ -707,6 +779,7 @@ def _load_individual(path: str, m: dict, modules: dict, device,
 # --------------------------------------------------------------- lazy reading
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I8": torch.int8, "U8": torch.uint8,
 }
 
 
@@ -725,7 +798,10 @@ class CollectionReader:
     objective's weights, ``"relative"`` or ``"uniform"``), ``base_model``
     (or ``None``), ``configs`` (adapter name -> PEFT config), ``path`` (the
     store directory or ``None``), ``nbytes`` (bytes of bases and cores as
-    stored). A :class:`StoreReader` also has ``generation``,
+    stored), ``quantization`` (the store manifest's entry for quantized
+    bases, or ``None``; the bases read are then their dequantised values and
+    :meth:`read_module_bases_quantized` gives the stored form). A
+    :class:`StoreReader` also has ``generation``,
     ``cluster_digests`` (``None`` for stores written before them) and
     ``adapter_digests`` (``None`` entries likewise), see the module docstring.
     """
@@ -742,6 +818,7 @@ class CollectionReader:
     configs: dict
     path: str | None
     nbytes: int
+    quantization: dict | None = None
 
     def read_bases(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(U_k [d_out, r], Vt_k [r, d_in]) per module]`` of cluster ``k``."""
@@ -757,6 +834,10 @@ class CollectionReader:
 
     def read_module_cores(self, m: int) -> torch.Tensor:
         """All adapters' cores of module ``m``: ``[n, r, r]`` or ``[n, r]``."""
+        raise NotImplementedError
+
+    def read_module_bases_quantized(self, m: int) -> tuple[QuantizedTable, QuantizedTable]:
+        """All clusters' bases of module ``m`` as stored when ``quantization`` is set: ``(U, Vt)``."""
         raise NotImplementedError
 
     def individual_adapters(self) -> list[tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor]], dict | None]]:
@@ -806,6 +887,7 @@ class StoreReader(CollectionReader):
                 raise StoreError(f"{f}: damaged tensor file ({exc})") from exc
         n, K, r = len(self.adapter_names), self.num_clusters, self.rank
         core_shape = (n, r) if self.diagonal else (n, r, r)
+        self.quantization = m.get("quantization") or None
         nbytes = 0
         for spec in self.modules:
             for kind, key, shape in (
@@ -814,6 +896,13 @@ class StoreReader(CollectionReader):
                 ("cores", f"{spec.name}::sigma", core_shape),
             ):
                 got, dt = self._header(kind, key)
+                if kind == "bases" and self.quantization:
+                    # Values as stored (two 4-bit values per byte); their scales and the format are checked
+                    # against each other when the bases are read.
+                    if dt == torch.uint8:
+                        shape = (*shape[:-1], shape[-1] // 2)
+                    scales, sdt = self._header(kind, f"{key}_scales")
+                    nbytes += torch.Size(scales).numel() * torch.empty(0, dtype=sdt).element_size()
                 if got != shape:
                     raise StoreError(
                         f"{self.path}: tensor {key} is {list(got)} in {m['files'][kind]}, the manifest implies {list(shape)}"
@@ -831,6 +920,14 @@ class StoreReader(CollectionReader):
         digests = m.get("cluster_digests")
         self.cluster_digests = [str(d) for d in digests] if isinstance(digests, list) and len(digests) == K else None
         self.adapter_digests = [a.get("digest") for a in m["adapters"]]
+
+    def table_bytes(self, kind: str) -> int:
+        """Bytes of every tensor in tensor file ``kind`` (``"bases"`` or ``"cores"``) as stored, from the headers."""
+        total = 0
+        for key in self._files[kind].keys():
+            shape, dt = self._header(kind, key)
+            total += torch.Size(shape).numel() * dt.itemsize
+        return total
 
     def verify(self, kinds=("bases", "cores")) -> None:
         """Check the tensor files ``kinds`` now (checksum, NaN and infinities) rather than at their first use."""
@@ -883,15 +980,37 @@ class StoreReader(CollectionReader):
         except Exception as exc:
             raise StoreError(f"{self.path}: cannot read {key} from {self.manifest['files'][kind]} ({exc})") from exc
 
+    def _quantized(self, m: int, k: int | None) -> tuple[QuantizedTable, QuantizedTable]:
+        """Module m's bases as stored (all clusters, or cluster k), checked against the format."""
+        spec, r = self.modules[m], self.rank
+        where = os.path.join(self.path, str(self.manifest["files"]["bases"]))
+        out = []
+        for key, length, rows in (("U", r, spec.d_out), ("Vt", spec.d_in, r)):
+            data = self._read("bases", f"{spec.name}::{key}", k)
+            scales = self._read("bases", f"{spec.name}::{key}_scales", k)
+            lead = (rows,) if k is not None else (self.num_clusters, rows)
+            out.append(_read_quantized(where, self.manifest, spec.name, key, data, scales, length, lead))
+        return out[0], out[1]
+
     def read_bases(self, k):
+        if self.quantization:
+            return [tuple(_dequantized(t) for t in self._quantized(m, k)) for m in range(len(self.modules))]
         return [(self._read("bases", f"{s.name}::U", k), self._read("bases", f"{s.name}::Vt", k)) for s in self.modules]
 
     def read_cores(self, i):
         return [self._read("cores", f"{s.name}::sigma", i) for s in self.modules]
 
     def read_module_bases(self, m):
+        if self.quantization:
+            U, Vt = self._quantized(m, None)
+            return _dequantized(U), _dequantized(Vt)
         name = self.modules[m].name
         return self._read("bases", f"{name}::U"), self._read("bases", f"{name}::Vt")
+
+    def read_module_bases_quantized(self, m):
+        if not self.quantization:
+            raise StoreError(f"{self.path}: the bases are not quantized")
+        return self._quantized(m, None)
 
     def read_module_cores(self, m):
         return self._read("cores", f"{self.modules[m].name}::sigma")

@@ -34,9 +34,28 @@ struct SegmentTable {
   int32_t num_tokens;
 };
 
+// How a weight stack holds its values (python/jdlora_ops/quant.py states the
+// formats). The shrink and expand stacks may be quantized; cores stay float.
+// kInt8: int8 values, one per element. kInt4: uint8 bytes, element c of a row
+// in byte c / 2, the low nibble for even c, stored as q + 8. Either way the
+// value is float(q) * float(scale of the element's group), in fp32.
+enum class Quant : int32_t { kNone = 0, kInt8 = 1, kInt4 = 2 };
+
+// The scales of a quantized stack: [N, rows, cols / group] in the model
+// dtype, unit stride in the last dimension. A group never straddles a byte
+// of a 4-bit row (group is even there).
+struct QuantScales {
+  const void* data = nullptr;
+  int64_t stride_n = 0;
+  int64_t stride_row = 0;
+  int32_t group = 0;
+};
+
 // One [N, rows, cols] weight stack: V (rows = r, cols = d_in), U or B
 // (rows = d_out, cols = r), A (rows = r, cols = d_in), S (rows = cols = r) or
-// a diagonal S (rows = 1, cols = r, stride_row unused).
+// a diagonal S (rows = 1, cols = r, stride_row unused). Strides count stored
+// elements: bytes for a quantized stack, so a 4-bit row of `cols` values is
+// cols / 2 of them.
 struct WeightStack {
   const void* data;
   int64_t stride_n;
@@ -46,6 +65,8 @@ struct WeightStack {
   // 1, except for a column-major U or B on the CPU (stride_row == 1): the
   // CPU expand reads its columns in place instead of reordering the rows.
   int64_t stride_col = 1;
+  Quant quant = Quant::kNone;
+  QuantScales scales{};
 };
 
 struct StackList {

@@ -228,6 +228,8 @@ def drop_from_tables(result: CompressedCollection, drop: torch.Tensor) -> None:
         ud = used.to(cm.U.device)
         cm.U = cm.U[ud].contiguous()
         cm.Vt = cm.Vt[ud].contiguous()
+        if cm.quantized is not None:
+            cm.quantized = tuple(t.take(used.to(t.data.device)) for t in cm.quantized)
     ranks = result.metadata.get("ranks") or {}
     for mod, per in ranks.items():
         ranks[mod] = [per[i] for i in keep.tolist() if i < len(per)]

@@ -1,4 +1,4 @@
-"""``jdlora compress`` as the steps a user runs: read, calibrate, partition and fit, allocate, write.
+"""``jdlora compress`` as the steps a user runs: read, calibrate, partition and fit, quantize, allocate, write.
 
 :func:`compress_to_store` is the one path from a collection to a store, on one
 process or on several (``torch.distributed``, see :mod:`.distributed`: each
@@ -13,10 +13,13 @@ store):
    later step minimises the activation-weighted error;
 3. **partition and fit**: clustered JD (:func:`~.clustering.compress`), or
    for a byte budget the candidates it searches (:mod:`.allocation`);
-4. **allocate**: the error budget (``max_rel_error``) or the byte budget
+4. **quantize** (``quantize``): the shared bases on an int8 or 4-bit grid,
+   every core refitted to them (:func:`~.quantized_bases.quantize_bases`),
+   before the error budget weighs the adapters' errors;
+5. **allocate**: the error budget (``max_rel_error``) or the byte budget
    (``target_bytes``/``target_ratio``) chooses each adapter's representation;
    a calibrated result is turned back (:func:`~.activation_aware.unwhiten`);
-5. **write**: one store, atomically (:func:`~.distributed.write_store`).
+6. **write**: one store, atomically (:func:`~.distributed.write_store`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .clustering import compress
 from .collection import AdapterCollection
 from .distributed import check_agreement, team_of, write_store
 from .error_budget import apply_error_budget, check_budget
+from .quantized_bases import quantize_bases
 from .result import CompressedCollection
 
 __all__ = ["compress_to_store"]
@@ -55,6 +59,8 @@ def compress_to_store(
     target_ratio: float | None = None,
     residual: bool = True,
     log_curve=None,
+    quantize: str | None = None,
+    group_size: int | None = None,
     **compress_args,
 ) -> CompressedCollection:
     """Compress ``collection`` and write the store ``out``; under ``torch.distributed``, call on every process.
@@ -72,7 +78,10 @@ def compress_to_store(
     servers that serve the joint tables and own factors only, and
     ``log_curve(lines)`` receives the searched curve). With calibration the
     budget weighs activation-weighted errors (``metadata["byte_budget"]["metric"]``).
-    ``store_dtype``/``overwrite`` go to :func:`~jdlora_ops.store.save_store`.
+    ``quantize`` (``"int8"`` or ``"int4"``, with ``group_size`` for 4-bit)
+    stores the shared bases quantized (:mod:`jdlora_ops.quant`), the cores
+    refitted to them; not with a byte budget, calibration or several
+    processes yet. ``store_dtype``/``overwrite`` go to :func:`~jdlora_ops.store.save_store`.
     ``group``: a process group (default: the default group when initialised,
     else this process alone); ``team``: a :class:`~._team.ModuleTeam` instead
     (it counts the bytes sent).
@@ -93,11 +102,14 @@ def compress_to_store(
     options = {k: v for k, v in compress_args.items() if k not in ("log", "progress", "team")}
     options.update(max_rel_error=max_rel_error, target_bytes=target_bytes, target_ratio=target_ratio,
                    residual=residual, damping=damping, store_dtype=store_dtype, overwrite=overwrite,
+                   quantize=quantize, group_size=group_size,
                    out=os.path.basename(os.path.abspath(os.fspath(out))),
                    calibration=None if calibration is None else (calibration.model, calibration.token_count,
                                                                  len(calibration.second_moments)))
     check_agreement(team, collection, rank, options)
     _check_arguments(team, method, rank, max_rel_error, budgeted, target_bytes, target_ratio)
+    if quantize is not None or group_size is not None:
+        _check_quantize(team, collection, method, rank, quantize, group_size, budgeted, calibration, store_dtype)
     team.run(_check_out, out, overwrite, team.is_root)
     # Each process reads only its own modules' factors; a refusal on one fails all of them.
     specs = collection.modules
@@ -123,13 +135,16 @@ def compress_to_store(
         result.metadata["byte_budget"]["metric"] = "relative" if calibration is None else "activation-weighted"
     else:
         result = compress(source, rank, **args)
+        if quantize is not None:
+            quantize_bases(result, source, quantize, group_size, scale_dtype=store_dtype or result_dtype(result),
+                           device=device)
         if max_rel_error is not None:
             apply_error_budget(result, source, max_rel_error, dtype=dtype, device=device, team=team)
     if calibration is not None:
         unwhiten(result, source, stats_path=calibration_path, original_full=True)
     result.metadata.setdefault("compressor", {})["seconds"] = round(time.perf_counter() - t0, 3)
 
-    # 5. write
+    # 6. write
     return write_store(team, result, collection, out, dtype=store_dtype, overwrite=overwrite)
 
 
@@ -147,6 +162,38 @@ def _check_arguments(team: ModuleTeam, method: str, rank, max_rel_error, budgete
                              f"tables and per-adapter SVD themselves: method must be 'full' or 'diag', got {method!r}")
     elif rank is None:
         raise ValueError("rank (--rank) is required unless a byte budget (--target-bytes/--target-ratio) is given")
+
+
+def result_dtype(result: CompressedCollection) -> torch.dtype:
+    return next((cm.U.dtype for cm in result.modules.values()), torch.float32)
+
+
+def _check_quantize(team: ModuleTeam, collection: AdapterCollection, method: str, rank, fmt, group_size,
+                    budgeted: bool, calibration, store_dtype) -> None:
+    """Every refusal of quantized bases before any work (argument names as the CLI spells them)."""
+    from ..quant import FORMATS, effective_group_size
+
+    if fmt is None:
+        raise ValueError("group_size (--group-size) applies to quantized bases: give quantize (--quantize) too")
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize (--quantize) must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if method not in ("full", "diag"):
+        raise ValueError(f"quantize (--quantize) quantizes the shared bases of JD: method must be 'full' or 'diag', "
+                         f"got {method!r}")
+    if budgeted:
+        raise ValueError("quantize (--quantize) with a byte budget (--target-bytes/--target-ratio) is not supported "
+                         "yet: the budget prices float tables")
+    if calibration is not None:
+        raise ValueError("quantize (--quantize) with calibration (--calibration) is not supported yet: the refitted "
+                         "cores would minimise the plain error, not the activation-weighted one")
+    if team.world > 1:
+        raise ValueError("quantize (--quantize) runs on one process for now, got several")
+    if store_dtype is not None and store_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"quantize (--quantize) keeps scales in the store dtype, which must then be float32, float16 "
+                         f"or bfloat16, got {store_dtype}")
+    for spec in collection.modules:
+        effective_group_size(fmt, rank, group_size)
+        effective_group_size(fmt, spec.d_in, group_size)
 
 
 def _check_out(out, overwrite: bool, root: bool) -> None:

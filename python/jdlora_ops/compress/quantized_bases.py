@@ -17,7 +17,8 @@ recomputed from factors against the quantized bases (float64), so the result's `
 ``Vt`` become the dequantised tables (``q * s``, :mod:`jdlora_ops.quant`; exact in float32 and
 float64, rounded to the dtype in float16/bfloat16), so that every
 path that reads float tables (reconstruction, export, serving) serves the quantized bases; the
-quantized tensors themselves are returned.
+quantized tables themselves are kept as each module's ``quantized`` (what a store writes) and
+returned.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def quantize_bases(result: CompressedCollection, collection: AdapterCollection, 
         cm.errors = err.to(cm.errors.dtype)
         cm.rel_errors = torch.where(norms > 0, err / norms.clamp_min(torch.finfo(F64).tiny),
                                     torch.zeros_like(err)).to(cm.rel_errors.dtype)
-        out[name] = (Uq, Vq)
+        out[name] = cm.quantized = (Uq, Vq)
     result.metadata = {**(result.metadata or {}), "quantized_bases": {"format": fmt, "group_size": group_size}}
     return out
 

@@ -33,6 +33,10 @@ class CompressedModule:
 
     Adapter ``i`` in cluster ``k`` is reconstructed as
     ``U[k] @ Sigma_i @ Vt[k]`` with the PEFT scaling already inside.
+
+    ``quantized``: ``(U, Vt)`` as :class:`~jdlora_ops.quant.QuantizedTable` when
+    the bases are stored quantized (:mod:`.quantized_bases`); ``U`` and ``Vt``
+    then hold their dequantised values, which every float path reads.
     """
 
     spec: ModuleSpec
@@ -42,6 +46,7 @@ class CompressedModule:
     norms_sq: torch.Tensor
     errors: torch.Tensor
     rel_errors: torch.Tensor
+    quantized: tuple | None = None
 
     @property
     def rank(self) -> int:

@@ -196,8 +196,100 @@ JDLORA_CPU_CLONES static void axpy_4(const float* __restrict wt, int32_t r, int6
   }
 }
 
+// The dequantising loops, cloned like the arithmetic (a conversion per value
+// is as much work as a multiply-add). o[i] = float(q[i]) * s:
+JDLORA_CPU_CLONES static void dequant_i8(const int8_t* __restrict q, float s, float* __restrict o, int32_t n) {
+#pragma omp simd
+  for (int32_t i = 0; i < n; ++i) o[i] = static_cast<float>(q[i]) * s;
+}
+
+// o[2i] and o[2i + 1] from the low and high nibbles of p[i]:
+JDLORA_CPU_CLONES static void dequant_i4(const uint8_t* __restrict p, float s, float* __restrict o, int32_t nbytes) {
+#pragma omp simd
+  for (int32_t i = 0; i < nbytes; ++i) {
+    const int v = p[i];
+    o[2 * i] = static_cast<float>((v & 15) - 8) * s;
+    o[2 * i + 1] = static_cast<float>((v >> 4) - 8) * s;
+  }
+}
+
+// One value from each of n rows (a column of a column-major stack), each
+// with its row's scale: o[j] = float(q[j]) * s[j], or the nibble at `shift`.
+JDLORA_CPU_CLONES static void dequant_i8_rows(const int8_t* __restrict q, const float* __restrict s,
+                                              float* __restrict o, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(q[j]) * s[j];
+}
+
+JDLORA_CPU_CLONES static void dequant_i4_rows(const uint8_t* __restrict p, int shift, const float* __restrict s,
+                                              float* __restrict o, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>(((p[j] >> shift) & 15) - 8) * s[j];
+}
+
+// Values [c0, c1) of row k of group id's matrix of a quantized stack as fp32
+// float(q) * float(scale), in one vectorised pass per group. c0 is even for
+// a 4-bit stack (groups are), so no byte is split.
+template <typename T>
+inline void dequant_range(const WeightStack& w, int32_t id, int32_t k, int32_t c0, int32_t c1,
+                          float* __restrict out) {
+  const T* sc = static_cast<const T*>(w.scales.data) + int64_t(id) * w.scales.stride_n + int64_t(k) * w.scales.stride_row;
+  const int64_t off = int64_t(id) * w.stride_n + int64_t(k) * w.stride_row;
+  const int32_t G = w.scales.group;
+  for (int32_t a = c0; a < c1;) {
+    const int32_t b = std::min(c1, (a / G + 1) * G);
+    const float s = static_cast<float>(sc[a / G]);
+    if (w.quant == Quant::kInt8)
+      dequant_i8(static_cast<const int8_t*>(w.data) + off + a, s, out + (a - c0), b - a);
+    else
+      dequant_i4(static_cast<const uint8_t*>(w.data) + off + a / 2, s, out + (a - c0), (b - a) / 2);
+    a = b;
+  }
+}
+
+// Values per dequantised chunk of a row in gemv_quantized: four rows of it
+// (16 KiB) stay in L1 while every token of the item reads them.
+inline constexpr int32_t kDequantChunk = 1024;
+
+// gemv_tokens over a quantized [rows, n] matrix of group id without a
+// dequantised copy of it: four rows at a time, chunk by chunk, each chunk
+// dequantised once into buf (4 x kDequantChunk floats) for all tokens. (Its
+// conversions inside the dot product instead measured slower: they compete
+// with the multiply-adds for every token block.) The chunks' partial sums
+// add up in a fixed order, so a token's result does not depend on the other
+// tokens.
+template <typename T>
+inline void gemv_quantized(const WeightStack& w, int32_t id, int32_t rows, const float* const* x, int32_t ntok,
+                           int64_t n, float* const* h, float* buf) {
+  for (int32_t j = 0; j < ntok; ++j) std::memset(h[j], 0, sizeof(float) * rows);
+  float out[4][4];
+  for (int32_t k0 = 0; k0 < rows; k0 += 4) {
+    const float* ws[4];
+    for (int32_t c0 = 0; c0 < n; c0 += kDequantChunk) {
+      const int32_t c1 = static_cast<int32_t>(std::min<int64_t>(n, c0 + kDequantChunk));
+      for (int32_t k = 0; k < 4; ++k) {
+        ws[k] = buf + k * kDequantChunk;
+        dequant_range<T>(w, id, std::min(k0 + k, rows - 1), c0, c1, buf + k * kDequantChunk);
+      }
+      for (int32_t j0 = 0; j0 < ntok; j0 += 4) {
+        const float* xs[4];
+        for (int32_t j = 0; j < 4; ++j) xs[j] = x[std::min(j0 + j, ntok - 1)] + c0;
+        dot_4x4(ws, xs, c1 - c0, out);
+        for (int32_t j = j0; j < std::min(j0 + 4, ntok); ++j)
+          for (int32_t k = k0; k < std::min(k0 + 4, rows); ++k) h[j][k] += out[k - k0][j - j0];
+      }
+    }
+  }
+}
+
+inline bool any_quantized(const StackList& l) {
+  for (int32_t s = 0; s < l.num_slices; ++s)
+    if (l.stack[s].quant != Quant::kNone) return true;
+  return false;
+}
+
 // Weight matrix [rows, cols] of group `id` in slice s, as fp32 (converted
-// into buf unless T is float and rows are contiguous).
+// into buf unless T is float and rows are contiguous and not quantized).
 template <typename T>
 inline const float* matrix_f32(const WeightStack& w, int32_t id, float* buf, int64_t& ld) {
   const T* base = static_cast<const T*>(w.data) + static_cast<int64_t>(id) * w.stride_n;
@@ -210,13 +302,78 @@ inline const float* matrix_f32(const WeightStack& w, int32_t id, float* buf, int
   return buf;
 }
 
+// h = W x for the tokens of an item, W of slice stack w and group id: in
+// place for float32 rows, through a converted copy for half types, chunk by
+// chunk for quantized ones. wbuf: shrink_buffer_floats of them.
+template <typename T>
+inline void shrink_item(const WeightStack& w, int32_t id, int32_t rows, const float* const* x, int32_t ntok,
+                        int64_t n, float* const* h, float* wbuf) {
+  if (w.quant != Quant::kNone) {
+    gemv_quantized<T>(w, id, rows, x, ntok, n, h, wbuf);
+    return;
+  }
+  int64_t ld = 0;
+  const float* W = matrix_f32<T>(w, id, wbuf, ld);
+  gemv_tokens(W, ld, rows, x, ntok, n, h);
+}
+
+template <typename T>
+inline size_t shrink_buffer_floats(const StackList& l, int32_t rows, int64_t n) {
+  size_t need = std::is_same_v<T, float> ? 0 : size_t(rows) * n;
+  if (any_quantized(l)) need = std::max(need, size_t(4) * kDequantChunk);
+  return need;
+}
+
 // Rows [c0, c0 + n) of the [rows, cols] weight of group `id` as fp32
 // [cols, n] in buf: from a column-major stack one contiguous copy per column,
 // otherwise an element-by-element reorder. (Reading a column-major stack in
 // place would be no faster: its columns lie d_out apart, often a multiple of
-// 4 KiB, so they compete for the same L1 sets.)
+// 4 KiB, so they compete for the same L1 sets.) Quantized stacks the same
+// way, dequantised on the way: a column-major one a column (a byte column
+// for 4-bit values) at a time against its rows' scales gathered once per
+// group into scratch (n floats), a row-major one value by value like a
+// float one.
 template <typename T>
-inline void columns_f32(const WeightStack& w, int32_t id, int64_t c0, int64_t n, float* __restrict buf) {
+inline void columns_f32(const WeightStack& w, int32_t id, int64_t c0, int64_t n, float* __restrict buf,
+                        float* __restrict scratch) {
+  if (w.quant != Quant::kNone && w.stride_row == 1 && w.rows > 1) {
+    const int32_t G = w.scales.group;
+    const T* sc = static_cast<const T*>(w.scales.data) + int64_t(id) * w.scales.stride_n + c0 * w.scales.stride_row;
+    const int64_t off = int64_t(id) * w.stride_n + c0;
+    for (int32_t g = 0; g * G < w.cols; ++g) {
+      for (int64_t j = 0; j < n; ++j) scratch[j] = static_cast<float>(sc[j * w.scales.stride_row + g]);
+      for (int32_t k = g * G; k < (g + 1) * G; ++k) {
+        if (w.quant == Quant::kInt8)
+          dequant_i8_rows(static_cast<const int8_t*>(w.data) + off + k * w.stride_col, scratch, buf + k * n, n);
+        else
+          dequant_i4_rows(static_cast<const uint8_t*>(w.data) + off + (k / 2) * w.stride_col, (k & 1) * 4, scratch,
+                          buf + k * n, n);
+      }
+    }
+    return;
+  }
+  if (w.quant != Quant::kNone) {
+    const int32_t G = w.scales.group;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t row = int64_t(id) * w.stride_n + (c0 + j) * w.stride_row;
+      const T* sc = static_cast<const T*>(w.scales.data) + int64_t(id) * w.scales.stride_n + (c0 + j) * w.scales.stride_row;
+      for (int32_t k0 = 0; k0 < w.cols; k0 += G) {
+        const float s = static_cast<float>(sc[k0 / G]);
+        if (w.quant == Quant::kInt8) {
+          const int8_t* q = static_cast<const int8_t*>(w.data) + row;
+          for (int32_t k = k0; k < k0 + G; ++k) buf[k * n + j] = static_cast<float>(q[k]) * s;
+        } else {
+          const uint8_t* p = static_cast<const uint8_t*>(w.data) + row;
+          for (int32_t k = k0; k < k0 + G; k += 2) {
+            const int v = p[k / 2];
+            buf[k * n + j] = static_cast<float>((v & 15) - 8) * s;
+            buf[(k + 1) * n + j] = static_cast<float>((v >> 4) - 8) * s;
+          }
+        }
+      }
+    }
+    return;
+  }
   const T* base = static_cast<const T*>(w.data) + static_cast<int64_t>(id) * w.stride_n;
   if (w.stride_row == 1 && w.rows > 1) {  // column-major: each column is contiguous
     for (int32_t k = 0; k < w.cols; ++k) {
@@ -285,7 +442,7 @@ void shrink(const ShrinkParams& p, ParallelFor&& parallel_for) {
   const int32_t r = p.h.r;
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
     constexpr bool kF32 = std::is_same_v<T, float>;
-    std::vector<float> wbuf(kF32 ? 0 : size_t(r) * d_in), xbuf(kF32 ? 0 : size_t(kTokenBlock) * d_in);
+    std::vector<float> wbuf(shrink_buffer_floats<T>(p.weights, r, d_in)), xbuf(kF32 ? 0 : size_t(kTokenBlock) * d_in);
     const float* xs[kTokenBlock];
     float* hs[kTokenBlock];
     for (int64_t i = begin; i < end; ++i) {
@@ -293,10 +450,8 @@ void shrink(const ShrinkParams& p, ParallelFor&& parallel_for) {
       const int32_t n = it.end - it.begin;
       item_rows_f32<T>(p.x, p.seg, it, xbuf.data(), xs);
       for (int32_t s = 0; s < p.weights.num_slices; ++s) {
-        int64_t ld = 0;
-        const float* W = matrix_f32<T>(p.weights.stack[s], it.group, wbuf.data(), ld);
         for (int32_t q = 0; q < n; ++q) hs[q] = inter_row(p.h, s, p.seg.token_indices_sorted[it.begin + q]);
-        gemv_tokens(W, ld, r, xs, n, d_in, hs);
+        shrink_item<T>(p.weights.stack[s], it.group, r, xs, n, d_in, hs, wbuf.data());
         const float scale =
             p.scales.data ? p.scales.data[s * p.scales.stride_s + it.group * p.scales.stride_a] : 1.f;
         if (scale != 1.f)
@@ -343,12 +498,13 @@ inline void add_into(T* __restrict y, const float* __restrict acc, int64_t n) {
 
 // y[t, columns c0..c1 of slice s] += W_s[group] g for the tokens of one unit,
 // four tokens at a time against the unit's rows of W, taken as columns once.
-// get_g(s, q): the fp32 g row of sorted position q.
+// get_g(s, q): the fp32 g row of sorted position q. wt holds r x kColumnChunk
+// floats and kColumnChunk more of scratch.
 template <typename T, typename GetG>
 inline void expand_unit(const StackList& weights, const Activation& y, const SegmentTable& seg,
                         const ExpandUnit& u, int32_t r, float* wt, float* acc, GetG&& get_g) {
   const int64_t n = u.c1 - u.c0;
-  columns_f32<T>(weights.stack[u.slice], seg.active_ids[u.seg], u.c0, n, wt);
+  columns_f32<T>(weights.stack[u.slice], seg.active_ids[u.seg], u.c0, n, wt, wt + size_t(r) * kColumnChunk);
   T* const y0 = static_cast<T*>(y.data) + weights.col_offset[u.slice] + u.c0;
   for (int32_t q0 = u.begin; q0 < u.end; q0 += 4) {
     const float* g[4];
@@ -365,7 +521,7 @@ void expand_units_run(const StackList& weights, const Activation& y, const Segme
                       GetG&& get_g, ParallelFor&& parallel_for) {
   const auto units = expand_units(seg, weights);
   parallel_for(static_cast<int64_t>(units.size()), [&](int64_t begin, int64_t end) {
-    std::vector<float> wt(size_t(r) * kColumnChunk), acc(size_t(4) * kColumnChunk);
+    std::vector<float> wt(size_t(r + 1) * kColumnChunk), acc(size_t(4) * kColumnChunk);
     for (int64_t i = begin; i < end; ++i) expand_unit<T>(weights, y, seg, units[i], r, wt.data(), acc.data(), get_g);
   });
 }
@@ -392,7 +548,7 @@ void fused(const FusedParams& p, ParallelFor&& parallel_for) {
   std::vector<float> g(size_t(S) * n_sorted * r);
   parallel_for(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
     constexpr bool kF32 = std::is_same_v<T, float>;
-    std::vector<float> vbuf(kF32 ? 0 : size_t(r) * d_in), xbuf(kF32 ? 0 : size_t(kTokenBlock) * d_in);
+    std::vector<float> vbuf(shrink_buffer_floats<T>(p.shrink, r, d_in)), xbuf(kF32 ? 0 : size_t(kTokenBlock) * d_in);
     std::vector<float> h(size_t(kTokenBlock) * r);
     const float* xs[kTokenBlock];
     float* hs[kTokenBlock];
@@ -402,9 +558,7 @@ void fused(const FusedParams& p, ParallelFor&& parallel_for) {
       const int32_t n = it.end - it.begin;
       item_rows_f32<T>(p.x, p.seg, it, xbuf.data(), xs);
       for (int32_t s = 0; s < S; ++s) {
-        int64_t ld = 0;
-        const float* V = matrix_f32<T>(p.shrink.stack[s], it.group, vbuf.data(), ld);
-        gemv_tokens(V, ld, r, xs, n, d_in, hs);
+        shrink_item<T>(p.shrink.stack[s], it.group, r, xs, n, d_in, hs, vbuf.data());
         for (int32_t q = 0; q < n; ++q) {
           const int32_t t = p.seg.token_indices_sorted[it.begin + q];
           apply_core<T>(p.core.stack[s], p.core.diagonal[s], p.token_lora_mapping[t], r, hs[q],
