@@ -5,8 +5,8 @@ launchers with g++, simulating threads, barriers, asynchronous copies,
 thread-block clusters and the CUDA runtime's launch rules on emulated sm_80
 and sm_90 devices, and check every op against a float64 reference: the
 tensor-core kernels with forced tiles and clusters (tc_emulation), and every
-kernel as the launchers choose, size and launch it, build_batch_meta
-included, and one token's outputs in batch-invariant mode bit for bit across
+kernel as the launchers choose, size and launch it, build_batch_meta and
+int8/int4 weight stacks included, and one token's outputs in batch-invariant mode bit for bit across
 batch sizes and emulated A100/H200 devices (launch_emulation). They check the kernels' logic and the launch
 decisions on every CI run, where no GPU exists; they do not replace running
 on a GPU (see the header of launch_emulation.cpp for what they cannot catch).

@@ -47,7 +47,9 @@ void dispatch(DType dtype, F&& f) {
 
 // 16-byte loads need 16-byte aligned rows: aligned base and every stride and
 // width a multiple of the vector. Otherwise (e.g. d_in = 111) one element per
-// load.
+// load. A quantized stack reads a vector of values as its packed bytes (vec
+// for int8, vec / 2 for int4) in one load of that size, with one scale: see
+// rows_vectorizable.
 template <typename T, typename F>
 void with_vec(bool vectorize, F&& f) {
   if (vectorize) {
@@ -60,11 +62,34 @@ void with_vec(bool vectorize, F&& f) {
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 bool rows_vectorizable(const WeightStack& w, int vec) {
-  return aligned16(w.data) && w.stride_n % vec == 0 && w.stride_row % vec == 0 && w.cols % vec == 0;
+  if (w.quant == Quant::kNone)
+    return aligned16(w.data) && w.stride_n % vec == 0 && w.stride_row % vec == 0 && w.cols % vec == 0;
+  // Vectors start at multiples of vec values: their bytes are aligned when the
+  // base and the strides (in bytes) are, and they never straddle a scale group
+  // (nor pass the row's end) when vec divides the group.
+  const int bytes = w.quant == Quant::kInt4 ? vec / 2 : vec;
+  return bytes > 0 && reinterpret_cast<uintptr_t>(w.data) % bytes == 0 && w.stride_n % bytes == 0 &&
+         w.stride_row % bytes == 0 && w.cols % vec == 0 && w.scales.group % vec == 0;
 }
 
 bool rows_vectorizable(const Activation& a, int vec) {
   return aligned16(a.data) && a.stride_t % vec == 0 && a.cols % vec == 0;
+}
+
+bool any_quantized(const StackList& l) {
+  for (int s = 0; s < l.num_slices; ++s)
+    if (l.stack[s].quant != Quant::kNone) return true;
+  return false;
+}
+
+// f(QUANT): the kernels with the dequantising reader only where a stack needs it.
+template <typename F>
+void with_quant(bool quantized, F&& f) {
+  if (quantized) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 // Full (r x r) stacks only when skip_diagonal: a sigma vector is read by element.
@@ -104,7 +129,10 @@ cudaError_t shrink(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
     constexpr int vec = kVec16<T>;
     const bool v = rows_vectorizable(p.x, vec) && stacks_vectorizable(p.weights, vec);
     with_vec<T>(v, [&](auto V) {
-      err = launch_kernel(shrink_kernel<T, decltype(V)::value>, s, stream, p, tile, row_tiles);
+      with_quant(any_quantized(p.weights), [&](auto Q) {
+        err = launch_kernel(shrink_kernel<T, decltype(V)::value, decltype(Q)::value>, s, stream, p, tile,
+                            row_tiles);
+      });
     });
   });
   return err;
@@ -122,7 +150,9 @@ cudaError_t expand(const ExpandParams& p, DType dtype, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     constexpr int vec = kVec16<T>;
     with_vec<T>(stacks_vectorizable(p.weights, vec), [&](auto V) {
-      err = launch_kernel(expand_kernel<T, decltype(V)::value>, s, stream, p, tile);
+      with_quant(any_quantized(p.weights), [&](auto Q) {
+        err = launch_kernel(expand_kernel<T, decltype(V)::value, decltype(Q)::value>, s, stream, p, tile);
+      });
     });
   });
   return err;
@@ -213,7 +243,9 @@ cudaError_t jd_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream
                    stacks_vectorizable(p.core, vec, /*skip_diagonal=*/true) &&
                    stacks_vectorizable(p.expand, vec);
     with_vec<T>(v, [&](auto V) {
-      err = launch_kernel(fused_kernel<T, decltype(V)::value>, s, stream, p, tile);
+      with_quant(any_quantized(p.shrink) || any_quantized(p.expand), [&](auto Q) {
+        err = launch_kernel(fused_kernel<T, decltype(V)::value, decltype(Q)::value>, s, stream, p, tile);
+      });
     });
   });
   return err;

@@ -25,13 +25,6 @@ void check_launch(const char* op, cudaError_t err, int64_t r) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The CUDA kernels read float stacks only so far; quantized ones are refused
-// before anything runs rather than read as floats.
-void refuse_quantized(const char* op, const OptionalStacks& scales, const char* name) {
-  TORCH_CHECK(!scales.has_value(), op, ": ", name, " given, but quantized tables run on the CPU only so far; "
-              "pass float stacks on CUDA");
-}
-
 // Every op but build_batch_meta has nothing to do for an empty batch; the
 // launch goes on the current stream of the output's device.
 template <typename Launch>
@@ -75,7 +68,6 @@ void jd_shrink_cuda_impl(const at::Tensor& x, at::TensorList V_stacks,
                          OptionalStacks V_quant_scales) {
   const ShrinkParams p = jd_shrink_params(x, V_stacks, token_indices_sorted, active_cluster_ids,
                                           cluster_token_start, h, V_quant_scales);
-  refuse_quantized("jd_shrink", V_quant_scales, "V_quant_scales");
   launch_on("jd_shrink", x.device(), p.seg.num_tokens, p.h.r,
             [&](cudaStream_t stream) { return cuda::jd_shrink_cuda(p, to_dtype(x.scalar_type()), stream); });
 }
@@ -87,7 +79,6 @@ void lora_shrink_cuda_impl(const at::Tensor& x, at::TensorList A_stacks, const a
                            OptionalStacks A_quant_scales) {
   const ShrinkParams p = lora_shrink_params(x, A_stacks, scales, token_indices_sorted,
                                             active_lora_ids, lora_token_start_loc, h, A_quant_scales);
-  refuse_quantized("lora_shrink", A_quant_scales, "A_quant_scales");
   launch_on("lora_shrink", x.device(), p.seg.num_tokens, p.h.r,
             [&](cudaStream_t stream) { return cuda::lora_shrink_cuda(p, to_dtype(x.scalar_type()), stream); });
 }
@@ -107,7 +98,6 @@ void jd_expand_cuda_impl(const at::Tensor& g, at::TensorList U_stacks,
                          OptionalStacks U_quant_scales) {
   const ExpandParams p = jd_expand_params(g, U_stacks, slice_offsets, token_indices_sorted,
                                           active_cluster_ids, cluster_token_start, y, U_quant_scales);
-  refuse_quantized("jd_expand", U_quant_scales, "U_quant_scales");
   launch_on("jd_expand", y.device(), p.seg.num_tokens, p.g.r,
             [&](cudaStream_t stream) { return cuda::jd_expand_cuda(p, to_dtype(y.scalar_type()), stream); });
 }
@@ -119,7 +109,6 @@ void lora_expand_cuda_impl(const at::Tensor& h, at::TensorList B_stacks,
                            OptionalStacks B_quant_scales) {
   const ExpandParams p = lora_expand_params(h, B_stacks, slice_offsets, token_indices_sorted,
                                             active_lora_ids, lora_token_start_loc, y, B_quant_scales);
-  refuse_quantized("lora_expand", B_quant_scales, "B_quant_scales");
   launch_on("lora_expand", y.device(), p.seg.num_tokens, p.g.r,
             [&](cudaStream_t stream) { return cuda::lora_expand_cuda(p, to_dtype(y.scalar_type()), stream); });
 }
@@ -135,8 +124,6 @@ void jd_fused_cuda_impl(const at::Tensor& x, at::TensorList V_stacks, at::Tensor
                                         token_lora_mapping, token_indices_sorted,
                                         active_cluster_ids, cluster_token_start, y, V_quant_scales,
                                         U_quant_scales);
-  refuse_quantized("jd_fused", V_quant_scales, "V_quant_scales");
-  refuse_quantized("jd_fused", U_quant_scales, "U_quant_scales");
   launch_on("jd_fused", x.device(), p.seg.num_tokens, p.r,
             [&](cudaStream_t stream) { return cuda::jd_fused_cuda(p, to_dtype(x.scalar_type()), stream); });
 }

@@ -37,12 +37,29 @@ bool stack_ok(const WeightStack& w) {
   return aligned16(w.data) && w.stride_n % 8 == 0 && w.stride_row % 8 == 0 && w.cols % 8 == 0;
 }
 
+// A quantized stack's tiles are dequantised into shared memory 8 values at a
+// time (store_dequant8): their packed bytes (8 for int8, 4 for int4) must be
+// aligned for one load and share one scale group. Like the other conditions
+// it depends on the stacks alone, never on the batch.
+bool quant_stack_ok(const WeightStack& w) {
+  const int bytes = w.quant == Quant::kInt4 ? 4 : 8;
+  return reinterpret_cast<uintptr_t>(w.data) % bytes == 0 && w.stride_n % bytes == 0 && w.stride_row % bytes == 0 &&
+         w.cols % 8 == 0 && w.scales.group % 8 == 0;
+}
+
 bool stacks_ok(const StackList& l, bool rows_by_8) {
   for (int s = 0; s < l.num_slices; ++s) {
-    if (!stack_ok(l.stack[s])) return false;
-    if (rows_by_8 && l.stack[s].rows % 8 != 0) return false;
+    const WeightStack& w = l.stack[s];
+    if (!(w.quant == Quant::kNone ? stack_ok(w) : quant_stack_ok(w))) return false;
+    if (rows_by_8 && w.rows % 8 != 0) return false;
   }
   return true;
+}
+
+bool any_quantized(const StackList& l) {
+  for (int s = 0; s < l.num_slices; ++s)
+    if (l.stack[s].quant != Quant::kNone) return true;
+  return false;
 }
 
 // y columns written by 16-byte vectors: every slice starts on a vector.
@@ -159,10 +176,11 @@ bool tc_shrink_cuda(const ShrinkParams& p, DType dtype, cudaStream_t stream) {
   if (!rank_ok(r) || !activation_ok(p.x) || !stacks_ok(p.weights, false)) return false;
   const DeviceInfo& dev = device_info();
   if (dev.major < 8) return false;
+  const bool quant = any_quantized(p.weights);
   return dispatch(dtype, p.seg.num_tokens, [&](auto tag, auto cfg) {
     using T = typename decltype(tag)::type;
     using Cfg = decltype(cfg);
-    const auto kernel = tc::tc_shrink_kernel<T, Cfg>;
+    const auto kernel = quant ? tc::tc_shrink_kernel<T, Cfg, true> : tc::tc_shrink_kernel<T, Cfg, false>;
     const KernelInfo info = kernel_info(reinterpret_cast<const void*>(kernel));
     const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
     const int S = p.weights.num_slices;
@@ -178,6 +196,7 @@ bool tc_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
     return false;
   const DeviceInfo& dev = device_info();
   if (dev.major < 8) return false;
+  const bool quant = any_quantized(p.weights);
   return dispatch(dtype, p.seg.num_tokens, [&](auto tag, auto cfg) {
     using T = typename decltype(tag)::type;
     using Cfg = decltype(cfg);
@@ -198,7 +217,7 @@ bool tc_expand_cuda(const ExpandParams& p, DType dtype, cudaStream_t stream) {
     int64_t spans = 0;
     for (int s = 0; s < p.weights.num_slices; ++s) spans += ceil_div(p.weights.stack[s].rows, a.span);
     const dim3 grid(static_cast<unsigned>(windows), static_cast<unsigned>(spans));
-    const auto kernel = tc::tc_expand_kernel<T, Cfg>;
+    const auto kernel = quant ? tc::tc_expand_kernel<T, Cfg, true> : tc::tc_expand_kernel<T, Cfg, false>;
     return launch_if_fits<T, Cfg>(kernel, kernel_info(reinterpret_cast<const void*>(kernel)), Kernel::kExpand, grid,
                                   r, stream, p, a);
   });
@@ -211,10 +230,11 @@ bool tc_fused_cuda(const FusedParams& p, DType dtype, cudaStream_t stream) {
     return false;
   const DeviceInfo& dev = device_info();
   if (dev.major < 8) return false;
+  const bool quant = any_quantized(p.shrink) || any_quantized(p.expand);
   return dispatch(dtype, p.seg.num_tokens, [&](auto tag, auto cfg) {
     using T = typename decltype(tag)::type;
     using Cfg = decltype(cfg);
-    const auto kernel = tc::tc_fused_kernel<T, Cfg>;
+    const auto kernel = quant ? tc::tc_fused_kernel<T, Cfg, true> : tc::tc_fused_kernel<T, Cfg, false>;
     const KernelInfo info = kernel_info(reinterpret_cast<const void*>(kernel));
     const int64_t windows = ceil_div(p.seg.num_tokens, Cfg::M);
     const int S = p.shrink.num_slices;

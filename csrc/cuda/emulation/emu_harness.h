@@ -1,16 +1,18 @@
 // Shared by the emulation drivers: device-like buffers with guard bytes,
-// conversions, random data, token popularity patterns, the reference batch
-// metadata, and the failure count.
+// conversions, random data, float and quantized weight stacks, token
+// popularity patterns, the reference batch metadata, and the failure count.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "emu_runtime.h"
+#include "jdlora/params.h"
 #include "tc_hw_emu.h"
 
 namespace emu_harness {
@@ -52,7 +54,9 @@ struct Buf {
 
 template <typename T>
 float to_f(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     return __bfloat162float(v);
   } else {
     return __half2float(v);
@@ -61,7 +65,9 @@ float to_f(T v) {
 
 template <typename T>
 T from_f(float v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     return __float2bfloat16_rn(v);
   } else {
     return __float2half_rn(v);
@@ -146,6 +152,121 @@ inline Meta build_meta(const std::vector<int>& mapping, const std::vector<int>& 
   segments([&](int t) { return mapping[t]; }, A, m.l_ids, m.l_start);
   return m;
 }
+
+// How one slice's shrink or expand stack is stored: model-dtype values
+// (kNone), or int8 / int4 rows with one scale per `group` values (0: the
+// whole row), `pad` bytes past each packed row (and one scale past each
+// row's scales), the base `lead` bytes past a 16-byte boundary.
+struct QuantFormat {
+  jdlora::Quant quant = jdlora::Quant::kNone;
+  int group = 0;
+  int pad = 0;
+  int lead = 0;
+};
+
+inline QuantFormat q8(int group = 0, int pad = 0, int lead = 0) { return {jdlora::Quant::kInt8, group, pad, lead}; }
+inline QuantFormat q4(int group, int pad = 0, int lead = 0) { return {jdlora::Quant::kInt4, group, pad, lead}; }
+
+inline std::string format_names(const std::vector<QuantFormat>& q) {
+  std::string s;
+  for (const QuantFormat& f : q) {
+    s += s.empty() ? "" : "+";
+    s += f.quant == jdlora::Quant::kInt4 ? "int4" : (f.quant == jdlora::Quant::kInt8 ? "int8" : "float");
+    if (f.quant != jdlora::Quant::kNone) s += "/g" + (f.group > 0 ? std::to_string(f.group) : std::string("row"));
+    if (f.pad > 0) s += "/pad" + std::to_string(f.pad);
+    if (f.lead > 0) s += "/lead" + std::to_string(f.lead);
+  }
+  return s.empty() ? "float" : s;
+}
+
+// One [N, rows, cols] weight stack as the kernels read it, with random
+// values of about `scale` in magnitude drawn from `gen`. at() is an element
+// as the format defines it (float(q) * float(scale), in double here): the
+// reference's weights.
+template <typename E>
+struct Table {
+  QuantFormat f;
+  int N, rows, cols, group = 0;
+  int64_t ld = 0, sld = 0;                     // stored elements per row of the values, of the scales
+  std::unique_ptr<Buf<E>> vals;                // kNone
+  std::unique_ptr<Buf<unsigned char>> bytes;   // int8 / int4
+  std::unique_ptr<Buf<E>> scales;
+  std::vector<int> q;                          // the integer values, [N, rows, cols]
+
+  Table(int N_, int rows_, int cols_, QuantFormat f_, float scale, std::mt19937& gen)
+      : f(f_), N(N_), rows(rows_), cols(cols_) {
+    const size_t nrows = static_cast<size_t>(N) * rows;
+    if (f.quant == jdlora::Quant::kNone) {
+      std::normal_distribution<float> nd(0.f, 1.f);
+      ld = cols;
+      vals = std::make_unique<Buf<E>>(nrows * cols);
+      for (size_t i = 0; i < vals->n; ++i) (*vals)[i] = from_f<E>(nd(gen) * scale);
+      return;
+    }
+    const bool four = f.quant == jdlora::Quant::kInt4;
+    const int qmax = four ? 7 : 127;
+    group = f.group > 0 ? f.group : cols;
+    ld = (four ? cols / 2 : cols) + f.pad;
+    sld = cols / group + (f.pad > 0 ? 1 : 0);
+    // Padding bytes hold no value and padding scales are NaN: a kernel that
+    // reads either gets a wrong or NaN result.
+    bytes = std::make_unique<Buf<unsigned char>>(f.lead + nrows * ld);
+    for (size_t i = 0; i < bytes->n; ++i) (*bytes)[i] = 0xee;
+    scales = std::make_unique<Buf<E>>(nrows * sld);
+    for (size_t i = 0; i < scales->n; ++i) (*scales)[i] = from_f<E>(NAN);
+    q.resize(nrows * cols);
+    std::uniform_int_distribution<int> qd(-qmax, qmax);
+    std::uniform_real_distribution<float> ud(0.5f, 1.5f);
+    unsigned char* base = bytes->data + f.lead;
+    for (size_t row = 0; row < nrows; ++row) {
+      // Uniform q has a standard deviation of qmax / sqrt(3).
+      for (int j = 0; j < cols / group; ++j)
+        (*scales)[row * sld + j] = from_f<E>(scale * 1.7320508f / static_cast<float>(qmax) * ud(gen));
+      for (int k = 0; k < cols; ++k) {
+        const int v = qd(gen);
+        q[row * cols + k] = v;
+        if (four) {
+          unsigned char& b = base[row * ld + k / 2];
+          b = k % 2 == 0 ? static_cast<unsigned char>(v + 8) : static_cast<unsigned char>((b & 0x0f) | ((v + 8) << 4));
+        } else {
+          base[row * ld + k] = static_cast<unsigned char>(static_cast<int8_t>(v));
+        }
+      }
+    }
+  }
+
+  double at(int n, int i, int k) const {
+    const size_t row = static_cast<size_t>(n) * rows + i;
+    if (f.quant == jdlora::Quant::kNone) return to_f((*vals)[row * cols + k]);
+    return static_cast<double>(q[row * cols + k]) * static_cast<double>(to_f((*scales)[row * sld + k / group]));
+  }
+
+  jdlora::WeightStack stack() const {
+    if (f.quant == jdlora::Quant::kNone) return jdlora::WeightStack{vals->data, rows * ld, ld, rows, cols};
+    jdlora::WeightStack w{bytes->data + f.lead, rows * ld, ld, rows, cols};
+    w.quant = f.quant;
+    w.scales = jdlora::QuantScales{scales->data, rows * sld, sld, group};
+    return w;
+  }
+
+  bool guards_ok() const { return vals ? vals->guards_ok() : bytes->guards_ok() && scales->guards_ok(); }
+};
+
+template <typename E>
+using Tables = std::vector<std::unique_ptr<Table<E>>>;
+
+template <typename E>
+jdlora::StackList table_list(const Tables<E>& t, const std::vector<int>& offsets) {
+  jdlora::StackList l{};
+  l.num_slices = static_cast<int>(t.size());
+  for (int s = 0; s < l.num_slices; ++s) {
+    l.stack[s] = t[s]->stack();
+    l.col_offset[s] = offsets[s];
+  }
+  return l;
+}
+
+inline QuantFormat format_of(const std::vector<QuantFormat>& q, int s) { return q.empty() ? QuantFormat{} : q[s]; }
 
 inline int failures = 0;
 

@@ -5,7 +5,8 @@
 // shrink-step choice, shared-memory accounting (static + dynamic bytes
 // against 48 KiB and the per-architecture opt-in limit), the opt-in itself
 // and the fallback when a fast launch fails. Results are compared with a
-// float64 reference; batch-invariant mode is checked bit for bit across
+// float64 reference (for int8 and int4 weight stacks, one computed from the
+// dequantised values); batch-invariant mode is checked bit for bit across
 // batch sizes and devices, and build_batch_meta priced by a cost model.
 // Run it with csrc/cuda/emulation/run.sh.
 //
@@ -70,6 +71,7 @@ using jdlora::DType;
 using jdlora::ExpandParams;
 using jdlora::FusedParams;
 using jdlora::Intermediate;
+using jdlora::Quant;
 using jdlora::Scales;
 using jdlora::SegmentTable;
 using jdlora::ShrinkParams;
@@ -103,25 +105,31 @@ void reg(void (*k)(P...), size_t static_bytes, const std::string& name) {
   kernel_names()[reinterpret_cast<const void*>(k)] = name;
 }
 
+// The simple kernels; those with the dequantising reader are named "<..,q>".
 template <typename T, int V>
 void register_simple(const std::string& t) {
-  const std::string v = "<" + t + "," + std::to_string(V) + ">";
+  const std::string v = "<" + t + "," + std::to_string(V) + ">", vq = "<" + t + "," + std::to_string(V) + ",q>";
   constexpr size_t tok = sizeof(int) * (jc::kMaxTileTokens + 1);  // s_tok, s_count
-  reg(jc::shrink_kernel<T, V>, tok, "shrink" + v);
-  reg(jc::expand_kernel<T, V>, tok, "expand" + v);
-  reg(jc::fused_kernel<T, V>, sizeof(int) * (2 * jc::kMaxTileTokens + 1), "fused" + v);  // + s_slot
+  constexpr size_t tok_slot = sizeof(int) * (2 * jc::kMaxTileTokens + 1);  // + s_slot
+  reg(jc::shrink_kernel<T, V, false>, tok, "shrink" + v);
+  reg(jc::expand_kernel<T, V, false>, tok, "expand" + v);
+  reg(jc::fused_kernel<T, V, false>, tok_slot, "fused" + v);
+  reg(jc::shrink_kernel<T, V, true>, tok, "shrink" + vq);
+  reg(jc::expand_kernel<T, V, true>, tok, "expand" + vq);
+  reg(jc::fused_kernel<T, V, true>, tok_slot, "fused" + vq);
   reg(jc::core_kernel<T, V>, 0, "core" + v);
 }
 
-template <typename T>
+template <typename T, bool Q>
 void register_tc(const std::string& t) {
   namespace tc = jc::tc;
-  reg(tc::tc_shrink_kernel<T, tc::DecodeTile>, 0, "tc_shrink<" + t + ",16>");
-  reg(tc::tc_shrink_kernel<T, tc::PrefillTile>, 0, "tc_shrink<" + t + ",64>");
-  reg(tc::tc_expand_kernel<T, tc::DecodeTile>, 0, "tc_expand<" + t + ",16>");
-  reg(tc::tc_expand_kernel<T, tc::PrefillTile>, 0, "tc_expand<" + t + ",64>");
-  reg(tc::tc_fused_kernel<T, tc::DecodeTile>, 0, "tc_fused<" + t + ",16>");
-  reg(tc::tc_fused_kernel<T, tc::PrefillTile>, 0, "tc_fused<" + t + ",64>");
+  const std::string q = Q ? ",q>" : ">";
+  reg(tc::tc_shrink_kernel<T, tc::DecodeTile, Q>, 0, "tc_shrink<" + t + ",16" + q);
+  reg(tc::tc_shrink_kernel<T, tc::PrefillTile, Q>, 0, "tc_shrink<" + t + ",64" + q);
+  reg(tc::tc_expand_kernel<T, tc::DecodeTile, Q>, 0, "tc_expand<" + t + ",16" + q);
+  reg(tc::tc_expand_kernel<T, tc::PrefillTile, Q>, 0, "tc_expand<" + t + ",64" + q);
+  reg(tc::tc_fused_kernel<T, tc::DecodeTile, Q>, 0, "tc_fused<" + t + ",16" + q);
+  reg(tc::tc_fused_kernel<T, tc::PrefillTile, Q>, 0, "tc_fused<" + t + ",64" + q);
 }
 
 // build_batch_meta's static arrays: s_scan.
@@ -135,8 +143,10 @@ void register_kernels() {
   register_simple<__half, 8>("f16");
   register_simple<__nv_bfloat16, 1>("bf16");
   register_simple<__nv_bfloat16, 8>("bf16");
-  register_tc<__half>("f16");
-  register_tc<__nv_bfloat16>("bf16");
+  register_tc<__half, false>("f16");
+  register_tc<__nv_bfloat16, false>("bf16");
+  register_tc<__half, true>("f16");
+  register_tc<__nv_bfloat16, true>("bf16");
 }
 
 template <typename E>
@@ -343,6 +353,9 @@ struct OpsCase {
   unsigned ops = 0x3f;          // 1 shrink, 2 lora_shrink, 4 core, 8 expand, 16 lora_expand, 32 fused
   std::string expect_fused;     // kernel name prefix fused must launch ("" : any)
   int expect_cluster = 0;       // cluster size of the fused launch (0: any)
+  std::vector<QuantFormat> shrink_q, expand_q;  // per slice: V and A, U and B (empty: float)
+  bool expect_simple = false;   // every op must take the simple kernels
+  bool expect_tc = false;       // every op but jd_core must take the tensor-core kernels
 };
 
 // The StackList of one weight stack per slice: [groups, r, d] on the
@@ -380,6 +393,9 @@ void ops_case(const OpsCase& c) {
   const int S = static_cast<int>(c.widths.size());
   std::printf("%s on %s: T=%d A=%d C=%d d=%d r=%d S=%d %s %s\n", c.name.c_str(), emu::rt().devices[c.dev].name, T, A,
               C, d, r, S, c.pattern.c_str(), dtype_name<E>());
+  if (!c.shrink_q.empty() || !c.expand_q.empty())
+    std::printf("  shrink stacks %s, expand stacks %s\n", format_names(c.shrink_q).c_str(),
+                format_names(c.expand_q).c_str());
   const std::vector<int> mapping = token_mapping(c.pattern, T, A);
   std::vector<int> ac(A);
   for (int& v : ac) v = randint(C);
@@ -406,20 +422,19 @@ void ops_case(const OpsCase& c) {
   auto fill = [](Buf<E>& b, float scale) {
     for (size_t i = 0; i < b.n; ++i) b[i] = fromf<E>(randn() * scale);
   };
-  std::vector<std::unique_ptr<Buf<E>>> V, U, Sg, Af, Bf;
+  Tables<E> V, U, Af, Bf;
+  std::vector<std::unique_ptr<Buf<E>>> Sg;
   std::vector<bool> diag(S);
+  const float sd = 1.f / std::sqrt(static_cast<float>(d)), sr = 1.f / std::sqrt(static_cast<float>(r));
   for (int s = 0; s < S; ++s) {
     diag[s] = s == 1;
-    V.emplace_back(new Buf<E>(static_cast<size_t>(C) * r * d));
-    U.emplace_back(new Buf<E>(static_cast<size_t>(C) * c.widths[s] * r));
+    const QuantFormat fs = format_of(c.shrink_q, s), fe = format_of(c.expand_q, s);
+    V.push_back(std::make_unique<Table<E>>(C, r, d, fs, c.v_scale * sd, rng));
+    U.push_back(std::make_unique<Table<E>>(C, c.widths[s], r, fe, c.u_scale * sr, rng));
     Sg.emplace_back(new Buf<E>(static_cast<size_t>(A) * r * (diag[s] ? 1 : r)));
-    Af.emplace_back(new Buf<E>(static_cast<size_t>(A) * r * d));
-    Bf.emplace_back(new Buf<E>(static_cast<size_t>(A) * c.widths[s] * r));
-    fill(*V[s], c.v_scale / std::sqrt(static_cast<float>(d)));
-    fill(*U[s], c.u_scale / std::sqrt(static_cast<float>(r)));
-    fill(*Sg[s], diag[s] ? 1.f : 1.f / std::sqrt(static_cast<float>(r)));
-    fill(*Af[s], 1.f / std::sqrt(static_cast<float>(d)));
-    fill(*Bf[s], c.u_scale / std::sqrt(static_cast<float>(r)));
+    fill(*Sg[s], diag[s] ? 1.f : sr);
+    Af.push_back(std::make_unique<Table<E>>(A, r, d, fs, sd, rng));
+    Bf.push_back(std::make_unique<Table<E>>(A, c.widths[s], r, fe, c.u_scale * sr, rng));
   }
   Buf<float> scales(static_cast<size_t>(S) * A);
   for (size_t i = 0; i < scales.n; ++i) scales[i] = 0.5f + std::uniform_real_distribution<float>(0, 1)(rng);
@@ -427,9 +442,7 @@ void ops_case(const OpsCase& c) {
   std::vector<float> gin(g.n);
   for (float& v : gin) v = randn() * c.g_scale;
 
-  auto stacks = [&](std::vector<std::unique_ptr<Buf<E>>>& b, bool expand_side) {
-    return stack_list(b, c.widths, offsets, r, d, expand_side);
-  };
+  auto stacks = [&](const Tables<E>& t, bool) { return table_list(t, offsets); };
   const StackList Sl = core_list(Sg, diag, r);
   const Activation xa{x, x_ld, d};
   const Activation ya{y, y_ld, ycols};
@@ -446,8 +459,8 @@ void ops_case(const OpsCase& c) {
     if (a < 0) return out;
     const int grp = lora ? a : ac[a];
     for (int i = 0; i < r; ++i) {
-      const Buf<E>& w = lora ? *Af[s] : *V[s];
-      for (int k = 0; k < d; ++k) out[i] += W(w, (static_cast<size_t>(grp) * r + i) * d + k) * X(t, k);
+      const Table<E>& w = lora ? *Af[s] : *V[s];
+      for (int k = 0; k < d; ++k) out[i] += w.at(grp, i, k) * X(t, k);
       if (lora) out[i] *= scales[static_cast<size_t>(s) * A + a];
     }
     return out;
@@ -475,10 +488,10 @@ void ops_case(const OpsCase& c) {
       const int grp = lora ? a : ac[a];
       for (int s = 0; s < S; ++s) {
         const std::vector<double> gv = g_of(s, t);
-        const Buf<E>& w = lora ? *Bf[s] : *U[s];
+        const Table<E>& w = lora ? *Bf[s] : *U[s];
         for (int j = 0; j < c.widths[s]; ++j) {
           double acc = 0;
-          for (int i = 0; i < r; ++i) acc += W(w, (static_cast<size_t>(grp) * c.widths[s] + j) * r + i) * gv[i];
+          for (int i = 0; i < r; ++i) acc += w.at(grp, j, i) * gv[i];
           ref[static_cast<size_t>(t) * y_ld + c.y_lead + offsets[s] + j] += acc;
         }
       }
@@ -500,6 +513,8 @@ void ops_case(const OpsCase& c) {
     check(err == cudaSuccess, op + " launch: " + cudaGetErrorName(err));
     check_no_pending_error(op);
     std::printf("    %s\n", launches_since(before).c_str());
+    if (c.expect_simple) check(!launched_since(before, "tc_"), op + " took the simple kernels");
+    if (c.expect_tc && op != "jd_core") check(launched_since(before, "tc_"), op + " took the tensor-core kernels");
     return before;
   };
   auto h_at = [&](size_t i) { return static_cast<double>(h[i]); };
@@ -568,7 +583,9 @@ void ops_case(const OpsCase& c) {
     }
   }
   bool guards = xb.guards_ok() && yb.guards_ok() && h.guards_ok() && g.guards_ok();
-  for (int s = 0; s < S; ++s) guards = guards && V[s]->guards_ok() && U[s]->guards_ok() && Sg[s]->guards_ok();
+  for (int s = 0; s < S; ++s)
+    guards = guards && V[s]->guards_ok() && U[s]->guards_ok() && Sg[s]->guards_ok() && Af[s]->guards_ok() &&
+             Bf[s]->guards_ok();
   check(guards, "guard bytes intact");
 }
 
@@ -585,8 +602,11 @@ struct ProbeRun {
 };
 
 template <typename E>
-ProbeRun probe_run(Device dev, int T, bool invariant) {
-  constexpr int A = 12, C = 3, d = 520, r = 16, S = 2, kProbeSlot = 5;
+ProbeRun probe_run(Device dev, int T, bool invariant, bool quant) {
+  constexpr int A = 12, C = 3, r = 16, S = 2, kProbeSlot = 5;
+  // Quantized: int4 and int8 slices on both sides (int4 groups divide d).
+  const int d = quant ? 256 : 520;
+  const std::vector<QuantFormat> shrink_q = {q4(64, 8), q8()}, expand_q = {q8(), q4(8)};
   const std::vector<int> widths = {64, 32}, offsets = {0, 64};
   constexpr int ycols = 96;
   cudaSetDevice(dev);
@@ -611,17 +631,17 @@ ProbeRun probe_run(Device dev, int T, bool invariant) {
   fill(xb, probe_x, xb.n, fixed, 1.f);
   fill(y0, 0, probe_y, other, 1.f);
   fill(y0, probe_y, y0.size(), fixed, 1.f);
-  std::vector<std::unique_ptr<Buf<E>>> V, U, Sg, Af, Bf;
+  Tables<E> V, U, Af, Bf;
+  std::vector<std::unique_ptr<Buf<E>>> Sg;
   for (int s = 0; s < S; ++s) {
-    const bool diag = s == 1;
-    for (auto [v, n, scale] : {std::tuple{&V, static_cast<size_t>(C) * r * d, 1.f / std::sqrt(float(d))},
-                               std::tuple{&U, static_cast<size_t>(C) * widths[s] * r, 1.f / std::sqrt(float(r))},
-                               std::tuple{&Sg, static_cast<size_t>(A) * r * (diag ? 1 : r), 1.f},
-                               std::tuple{&Af, static_cast<size_t>(A) * r * d, 1.f / std::sqrt(float(d))},
-                               std::tuple{&Bf, static_cast<size_t>(A) * widths[s] * r, 1.f}}) {
-      v->emplace_back(new Buf<E>(n));
-      fill(*v->back(), 0, n, fixed, scale);
-    }
+    const QuantFormat fs = quant ? shrink_q[s] : QuantFormat{}, fe = quant ? expand_q[s] : QuantFormat{};
+    const size_t sn = static_cast<size_t>(A) * r * (s == 1 ? 1 : r);
+    V.push_back(std::make_unique<Table<E>>(C, r, d, fs, 1.f / std::sqrt(float(d)), fixed));
+    U.push_back(std::make_unique<Table<E>>(C, widths[s], r, fe, 1.f / std::sqrt(float(r)), fixed));
+    Sg.emplace_back(new Buf<E>(sn));
+    fill(*Sg.back(), 0, sn, fixed, 1.f);
+    Af.push_back(std::make_unique<Table<E>>(A, r, d, fs, 1.f / std::sqrt(float(d)), fixed));
+    Bf.push_back(std::make_unique<Table<E>>(A, widths[s], r, fe, 1.f, fixed));
   }
   Buf<float> scales(static_cast<size_t>(S) * A), h(static_cast<size_t>(S) * T * r), g(h.n);
   for (size_t i = 0; i < scales.n; ++i) scales[i] = 0.5f + 0.1f * static_cast<float>(i % 7);
@@ -630,9 +650,7 @@ ProbeRun probe_run(Device dev, int T, bool invariant) {
     for (int t = 0; t < T; ++t)
       for (int i = 0; i < r; ++i) gin[(static_cast<size_t>(s) * T + t) * r + i] = nd(t == T - 1 ? fixed : other);
 
-  auto stacks = [&](std::vector<std::unique_ptr<Buf<E>>>& b, bool expand_side) {
-    return stack_list(b, widths, offsets, r, d, expand_side);
-  };
+  auto stacks = [&](const Tables<E>& t, bool) { return table_list(t, offsets); };
   const StackList Sl = core_list(Sg, {false, true}, r);
   const Activation xa{xb.data, d, d}, ya{yb.data, ycols, ycols};
   const Intermediate ha{h.data, static_cast<int64_t>(T) * r, r, r}, ga{g.data, static_cast<int64_t>(T) * r, r, r};
@@ -690,16 +708,20 @@ ProbeRun probe_run(Device dev, int T, bool invariant) {
 // size on both devices. With it off, on the tensor-core path (split_k), the
 // launches differ (the cluster split follows the batch and the device) and
 // so do the outputs, so the first check can fail; the simple kernels split
-// no sum, and are checked to be invariant in both modes.
+// no sum, and are checked to be invariant in both modes. With quant, the
+// stacks are int8 and int4 (bf16: the tensor-core path).
 template <typename E>
-void batch_invariance(const std::vector<int>& sizes, bool split_k) {
-  std::printf("batch-invariant mode, %s: probe token at T =", dtype_name<E>());
+void batch_invariance(const std::vector<int>& sizes, bool split_k, bool quant = false) {
+  std::printf("batch-invariant mode, %s%s: probe token at T =", dtype_name<E>(),
+              quant ? " with int8 and int4 stacks" : "");
   for (int T : sizes) std::printf(" %d", T);
   std::printf(" on the A100 and the H200\n");
-  for (int invariant = 1; invariant >= 0; --invariant) {
+  // Quantized stacks: the mode on only (the float runs show the mode off
+  // differing).
+  for (int invariant = 1; invariant >= (quant ? 1 : 0); --invariant) {
     std::vector<ProbeRun> runs;
     for (Device dev : {kH200, kA100})
-      for (int T : sizes) runs.push_back(probe_run<E>(dev, T, invariant != 0));
+      for (int T : sizes) runs.push_back(probe_run<E>(dev, T, invariant != 0, quant));
     bool same_bits = true, same_clusters_per_device = true;
     std::string cls;
     for (size_t i = 0; i < runs.size(); ++i) {
@@ -743,7 +765,8 @@ void simple_fused_too_large(Device dev, int r) {
 // adapter) must get bitwise the same h, g and y rows, rows without an adapter
 // must keep y's input bits, and some poisoned token's output must change
 // (so that the check can fail). A cluster's bases are shared by its
-// adapters, so poisoning them may change every token of that cluster.
+// adapters, so poisoning them may change every token of that cluster. In
+// quantized tables (int4 and int8 slices) the poisoned element is a scale.
 
 struct IsolationCase {
   Device dev;
@@ -751,6 +774,7 @@ struct IsolationCase {
   bool invariant;
   int x_lead = 0;  // > 0: x and y one element off alignment (the simple kernels' scalar loads)
   float cluster_poison, adapter_poison;
+  bool quant = false;
 };
 
 // The outputs of every op, per op a row of raw bits per token.
@@ -765,10 +789,10 @@ void isolation_case(const IsolationCase& ic) {
   const int T = ic.T, d = ic.d, lead = ic.x_lead;
   cudaSetDevice(ic.dev);
   jdlora::set_batch_invariant(ic.invariant);
-  std::printf("isolation on %s: T=%d d=%d %s, batch-invariant %s, cluster tables <- %g, adapter tables <- %g%s\n",
+  std::printf("isolation on %s: T=%d d=%d %s, batch-invariant %s, cluster tables <- %g, adapter tables <- %g%s%s\n",
               emu::rt().devices[ic.dev].name, T, d, dtype_name<E>(), ic.invariant ? "on" : "off",
               static_cast<double>(ic.cluster_poison), static_cast<double>(ic.adapter_poison),
-              lead ? ", misaligned" : "");
+              lead ? ", misaligned" : "", ic.quant ? ", int4 and int8 tables" : "");
   // The poisoned adapter shares its cluster with another adapter; a third
   // adapter is elsewhere; some tokens have none.
   constexpr int kBad = 0;
@@ -796,24 +820,25 @@ void isolation_case(const IsolationCase& ic) {
     for (size_t i = 0; i < n; ++i) (*b)[i] = fromf<E>(randn() * scale);
     return b;
   };
-  std::vector<std::unique_ptr<Buf<E>>> V, U, Sg, Af, Bf;
+  Tables<E> V, U, Af, Bf;
+  std::vector<std::unique_ptr<Buf<E>>> Sg;
   std::vector<bool> diag(S);
+  const std::vector<QuantFormat> shrink_q = {q4(8), q8()}, expand_q = {q8(), q4(8)};
   for (int s = 0; s < S; ++s) {
     diag[s] = s == 1;
-    V.push_back(filled(static_cast<size_t>(C) * r * d, 1.f / std::sqrt(float(d))));
-    U.push_back(filled(static_cast<size_t>(C) * widths[s] * r, 1.f / std::sqrt(float(r))));
+    const QuantFormat fs = ic.quant ? shrink_q[s] : QuantFormat{}, fe = ic.quant ? expand_q[s] : QuantFormat{};
+    V.push_back(std::make_unique<Table<E>>(C, r, d, fs, 1.f / std::sqrt(float(d)), rng));
+    U.push_back(std::make_unique<Table<E>>(C, widths[s], r, fe, 1.f / std::sqrt(float(r)), rng));
     Sg.push_back(filled(static_cast<size_t>(A) * r * (diag[s] ? 1 : r), 1.f));
-    Af.push_back(filled(static_cast<size_t>(A) * r * d, 1.f / std::sqrt(float(d))));
-    Bf.push_back(filled(static_cast<size_t>(A) * widths[s] * r, 1.f / std::sqrt(float(r))));
+    Af.push_back(std::make_unique<Table<E>>(A, r, d, fs, 1.f / std::sqrt(float(d)), rng));
+    Bf.push_back(std::make_unique<Table<E>>(A, widths[s], r, fe, 1.f / std::sqrt(float(r)), rng));
   }
   Buf<float> scales(static_cast<size_t>(S) * A), h(static_cast<size_t>(S) * T * r), g(h.n);
   for (size_t i = 0; i < scales.n; ++i) scales[i] = 0.5f + 0.1f * static_cast<float>(i % 7);
   std::vector<float> hin(h.n);
   for (float& v : hin) v = randn();
   const StackList Sl = core_list(Sg, diag, r);
-  auto stacks = [&](std::vector<std::unique_ptr<Buf<E>>>& b, bool expand_side) {
-    return stack_list(b, widths, offsets, r, d, expand_side);
-  };
+  auto stacks = [&](const Tables<E>& t, bool) { return table_list(t, offsets); };
   const Activation xa{xb.data + lead, x_ld, d}, ya{yb.data + lead, y_ld, ycols};
   const Intermediate ha{h.data, static_cast<int64_t>(T) * r, r, r}, ga{g.data, static_cast<int64_t>(T) * r, r, r};
   const DType dt = dtype_of<E>();
@@ -887,16 +912,21 @@ void isolation_case(const IsolationCase& ic) {
     return row;
   };
 
+  // A random element of matrix n of t: its value, or its scale if quantized.
+  auto spot = [&](Table<E>& t, int n) -> std::pair<Buf<E>*, size_t> {
+    const size_t row = static_cast<size_t>(n) * t.rows + randint(t.rows);
+    const int col = randint(t.cols);
+    if (t.vals) return {t.vals.get(), row * t.cols + col};
+    return {t.scales.get(), row * t.sld + col / t.group};
+  };
   // Poisons one element of each table of the group, runs every op, restores.
   auto poison_run = [&](bool cluster, float value) {
     std::vector<std::pair<Buf<E>*, size_t>> spots;
     if (cluster) {
-      spots = {{V[0].get(), (static_cast<size_t>(bad_cluster) * r + randint(r)) * d + randint(d)},
-               {U[1].get(), (static_cast<size_t>(bad_cluster) * widths[1] + randint(widths[1])) * r + randint(r)}};
+      spots = {spot(*V[0], bad_cluster), spot(*U[1], bad_cluster)};
     } else {
-      spots = {{Sg[0].get(), (static_cast<size_t>(kBad) * r + randint(r)) * r + randint(r)},
-               {Af[1].get(), (static_cast<size_t>(kBad) * r + randint(r)) * d + randint(d)},
-               {Bf[0].get(), (static_cast<size_t>(kBad) * widths[0] + randint(widths[0])) * r + randint(r)}};
+      spots = {{Sg[0].get(), (static_cast<size_t>(kBad) * r + randint(r)) * r + randint(r)}, spot(*Af[1], kBad),
+               spot(*Bf[0], kBad)};
     }
     std::vector<E> saved;
     for (auto [b, i] : spots) {
@@ -1057,11 +1087,11 @@ void attributes_queried_once() {
 }
 
 template <typename E>
-void isolation_grid(const std::vector<Device>& devs, int T, int d, int x_lead, int& k) {
+void isolation_grid(const std::vector<Device>& devs, int T, int d, int x_lead, int& k, bool quant = false) {
   const float poisons[] = {NAN, INFINITY, -INFINITY, 1e30f};
   for (Device dev : devs)
     for (bool inv : {false, true}) {
-      isolation_case<E>({dev, T, d, inv, x_lead, poisons[k % 4], poisons[(k + 1) % 4]});
+      isolation_case<E>({dev, T, d, inv, x_lead, poisons[k % 4], poisons[(k + 1) % 4], quant});
       ++k;
     }
 }
@@ -1212,21 +1242,130 @@ int main(int argc, char** argv) {
     ops_case<bf16>(c);
   }
 
-  // Batch-invariant mode: the tensor-core path (bf16) and the simple
-  // kernels (fp32), from a single token to prefill tiles.
+  // Quantized stacks: int8 and int4, groups of 6 to 128 values and whole
+  // rows, slices of both formats in one op, rows padded past the packed row,
+  // every dtype, against the dequantised values. fp16/bf16 rows that allow
+  // it take the tensor-core kernels (on both architectures, with and without
+  // clusters, decode and prefill tiles); fp32, rows off alignment, groups
+  // that split a vector and a refused opt-in take the simple kernels, with
+  // vector and scalar loads.
+  {
+    OpsCase a = ops("quantized fp32, mixed slices", kA100, 9, 12, 3, 256, 64, {64, 32, 40}, "zipf");
+    a.shrink_q = {q4(32), q8(), q4(128)};
+    a.expand_q = {q8(), q4(32), q4(64)};
+    a.x_lead = 4, a.x_extra = 4, a.y_lead = 4, a.y_extra = 4, a.gap = 4;
+    a.expect_simple = true;
+    a.expect_fused = "fused<f32,4,q>";
+    ops_case<float>(a);
+    OpsCase b = ops("quantized fp16, padded rows", kH200, 7, 10, 3, 384, 32, {128, 64, 64}, "distinct");
+    b.shrink_q = {q8(64, 16), q4(64, 8), q8(0, 8)};
+    b.expand_q = {q4(32, 8), q8(16, 8), q4(8, 4)};
+    b.expect_tc = true;
+    b.expect_fused = "tc_fused<f16,16,q>";
+    ops_case<__half>(b);
+    OpsCase c = ops("quantized bf16, strided x and y", kA100, 21, 15, 4, 512, 64, {96, 40}, "skewed");
+    c.shrink_q = {q4(128, 16), q8(32)};
+    c.expand_q = {q4(64), q8(32, 8)};
+    c.x_lead = 8, c.x_extra = 8, c.y_lead = 8, c.y_extra = 8, c.gap = 8;
+    c.expect_tc = true;
+    c.expect_fused = "tc_fused<bf16,16,q>";
+    c.expect_cluster = 1;
+    ops_case<bf16>(c);
+    OpsCase h = ops("quantized bf16, d_in split over a cluster", kH200, 16, 12, 3, 1024, 32, {64, 32}, "uniform");
+    h.shrink_q = {q4(128), q8()};
+    h.expand_q = {q8(), q4(32)};
+    h.ops = 1 | 2 | 32;
+    h.expect_tc = true;
+    h.expect_fused = "tc_fused<bf16,16,q>";
+    h.expect_cluster = 8;
+    ops_case<bf16>(h);
+    // The tensor-core tiles at r = 128 need the refused opt-in: simple kernels.
+    OpsCase r = ops("quantized, opt-in refused: fallback", kA100NoOptIn, 9, 6, 2, 256, 128, {64}, "uniform");
+    r.shrink_q = {q4(64)};
+    r.expand_q = {q8()};
+    r.ops = 1 | 8 | 32;
+    r.expect_simple = true;
+    r.expect_fused = "fused<bf16,8,q>";
+    ops_case<bf16>(r);
+    // One element per load: x and y off alignment, odd padding and bases,
+    // int8 groups of odd length, int4 values in high and low nibbles alike.
+    OpsCase m = ops("quantized fp16, scalar loads", kH200, 13, 9, 3, 222, 16, {40, 24}, "uniform");
+    m.shrink_q = {q4(74, 3, 1), q8(37, 1, 3)};
+    m.expand_q = {q4(16, 3, 1), q8(8, 1, 1)};
+    m.x_lead = 1, m.x_extra = 5, m.y_lead = 1, m.y_extra = 3, m.gap = 1;
+    m.expect_simple = true;
+    m.expect_fused = "fused<f16,1,q>";
+    ops_case<__half>(m);
+    OpsCase o = ops("quantized fp32, d_in 111", kH200, 3, 5, 2, 111, 8, {24}, "uniform");
+    o.shrink_q = {q8()};
+    o.expand_q = {q4(8)};
+    o.expect_fused = "fused<f32,1,q>";
+    ops_case<float>(o);
+    // Aligned rows whose groups are no multiple of the vector.
+    OpsCase g = ops("quantized bf16, short groups", kA100, 5, 6, 2, 96, 24, {48}, "zipf");
+    g.shrink_q = {q8(12)};
+    g.expand_q = {q4(6)};
+    g.expect_simple = true;
+    g.expect_fused = "fused<bf16,1,q>";
+    ops_case<bf16>(g);
+    // Only one side of fused quantized, its rows padded off the vector
+    // alignment, the other side float.
+    OpsCase e = ops("quantized expand side only", kA100, 11, 8, 2, 128, 16, {64, 32}, "identical");
+    e.expand_q = {q4(16, 2), q8()};
+    e.ops = 8 | 16 | 32;
+    e.expect_simple = true;
+    e.expect_fused = "fused<bf16,1,q>";
+    ops_case<bf16>(e);
+    OpsCase f = ops("quantized shrink side only", kH200, 5, 8, 2, 128, 16, {64, 32}, "uniform");
+    f.shrink_q = {q8(0, 4), q4(32)};
+    f.ops = 1 | 2 | 32;
+    f.expect_simple = true;
+    f.expect_fused = "fused<f16,1,q>";
+    ops_case<__half>(f);
+    // And aligned: the tensor-core kernels with one side float.
+    f.name = "quantized shrink side only, aligned";
+    f.shrink_q = {q8(0, 8), q4(32)};
+    f.expect_simple = false;
+    f.expect_tc = true;
+    f.expect_fused = "tc_fused<f16,16,q>";
+    ops_case<__half>(f);
+    OpsCase n = ops("quantized, no adapter in the batch", kA100, 6, 4, 2, 64, 16, {32}, "all_none");
+    n.shrink_q = {q4(32)};
+    n.expand_q = {q8()};
+    n.expect_tc = true;
+    ops_case<bf16>(n);
+    if (!quick) {
+      OpsCase pf = ops("quantized bf16 prefill", kH200, 1030, 40, 3, 64, 16, {64}, "zipf");
+      pf.shrink_q = {q4(32)};
+      pf.expand_q = {q8()};
+      pf.ops = 1 | 8 | 32;
+      pf.expect_tc = true;
+      pf.expect_fused = "tc_fused<bf16,64,q>";
+      ops_case<bf16>(pf);
+    }
+  }
+
+  // Batch-invariant mode: the tensor-core path (bf16, float and quantized
+  // stacks) and the simple kernels (fp32), from a single token to prefill
+  // tiles.
   // (2200 tokens: the default H200 cluster drops from 8 to 4.)
   batch_invariance<bf16>({1, 37, 2200}, true);
   batch_invariance<float>({1, 37, 1030}, false);
+  batch_invariance<bf16>({1, 37, 1030}, true, /*quant=*/true);
 
   // Tenant isolation on the tensor-core kernels (bf16, fp16) and the simple
   // ones (fp32; fp16 off alignment), both devices, both modes, decode and
-  // (not --quick) prefill batches.
+  // (not --quick) prefill batches, float and quantized tables.
   {
     int k = 0;
     isolation_grid<bf16>({kA100, kH200}, 37, 136, 0, k);
     isolation_grid<__half>({kA100, kH200}, 29, 200, 0, k);
     isolation_grid<float>({kA100, kH200}, 23, 72, 0, k);
     isolation_grid<__half>({kH200}, 19, 111, 1, k);
+    // Quantized tables: the tensor-core kernels (bf16), the simple ones (fp16
+    // off alignment).
+    isolation_grid<bf16>({kH200}, 37, 136, 0, k, true);
+    isolation_grid<__half>({kA100}, 19, 112, 1, k, true);
     if (!quick) {
       isolation_grid<bf16>({kH200}, 1030, 64, 0, k);
       isolation_grid<__half>({kA100}, 1030, 64, 0, k);

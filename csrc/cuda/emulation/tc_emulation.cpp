@@ -3,7 +3,8 @@
 // reference: shrink (jd and lora), expand (jd and lora) and fused, decode and
 // prefill tiles, cluster sizes 1 to 8, several shrink steps, ranks 8 to 128,
 // fp16 and bf16, popularity patterns, corrupt metadata, q/k/v slices with
-// column offsets. Not part of the library build; run it with
+// column offsets, float and int8/int4 weight stacks. Not part of the library
+// build; run it with
 //
 //   csrc/cuda/emulation/run.sh          (from the repository root)
 //
@@ -43,15 +44,19 @@ struct Case {
   int k_tile;
   int span_tiles;
   bool corrupt;
+  std::vector<QuantFormat> shrink_q, expand_q;  // per slice: V and A, U and B (empty: float)
 };
 
-template <typename E, typename Cfg>
+template <typename E, typename Cfg, bool Q>
 void run_case(const Case& c) {
   const int T = c.T, A = c.A, C = c.C, d = c.d, r = c.r;
   const int S = static_cast<int>(c.widths.size());
   const double tol = std::is_same_v<E, __nv_bfloat16> ? 1.6e-2 : 2e-3;
   std::printf("%s: T=%d A=%d C=%d d=%d r=%d S=%d %s M=%d cl=%d k_tile=%d %s\n", c.name.c_str(), T, A, C, d, r, S,
               c.pattern.c_str(), Cfg::M, c.cl, c.k_tile, std::is_same_v<E, __nv_bfloat16> ? "bf16" : "fp16");
+  if (Q)
+    std::printf("  shrink stacks %s, expand stacks %s\n", format_names(c.shrink_q).c_str(),
+                format_names(c.expand_q).c_str());
 
   std::vector<int> mapping = token_mapping(c.pattern, T, A);
   std::vector<int> ac(A);
@@ -81,26 +86,22 @@ void run_case(const Case& c) {
   }
 
   Buf<E> x(static_cast<size_t>(T) * d), y(static_cast<size_t>(T) * c.ycols);
-  std::vector<Buf<E>*> V, U, Sg, Af, Bf;
-  std::vector<bool> diag(S);
-  for (int s = 0; s < S; ++s) {
-    diag[s] = s == 1;
-    V.push_back(new Buf<E>(static_cast<size_t>(C) * r * d));
-    U.push_back(new Buf<E>(static_cast<size_t>(C) * c.widths[s] * r));
-    Sg.push_back(new Buf<E>(static_cast<size_t>(A) * r * (diag[s] ? 1 : r)));
-    Af.push_back(new Buf<E>(static_cast<size_t>(A) * r * d));
-    Bf.push_back(new Buf<E>(static_cast<size_t>(A) * c.widths[s] * r));
-  }
   auto fill = [](Buf<E>& b, float scale) {
     for (size_t i = 0; i < b.n; ++i) b[i] = from_f<E>(randn() * scale);
   };
   fill(x, 1.f);
+  Tables<E> V, U, Af, Bf;
+  std::vector<std::unique_ptr<Buf<E>>> Sg;
+  std::vector<bool> diag(S);
   for (int s = 0; s < S; ++s) {
-    fill(*V[s], 1.f / std::sqrt(d));
-    fill(*U[s], 1.f / std::sqrt(r));
+    diag[s] = s == 1;
+    const QuantFormat fs = format_of(c.shrink_q, s), fe = format_of(c.expand_q, s);
+    V.push_back(std::make_unique<Table<E>>(C, r, d, fs, 1.f / std::sqrt(d), rng));
+    U.push_back(std::make_unique<Table<E>>(C, c.widths[s], r, fe, 1.f / std::sqrt(r), rng));
+    Sg.push_back(std::make_unique<Buf<E>>(static_cast<size_t>(A) * r * (diag[s] ? 1 : r)));
     fill(*Sg[s], diag[s] ? 1.f : 1.f / std::sqrt(r));
-    fill(*Af[s], 1.f / std::sqrt(d));
-    fill(*Bf[s], 1.f / std::sqrt(r));
+    Af.push_back(std::make_unique<Table<E>>(A, r, d, fs, 1.f / std::sqrt(d), rng));
+    Bf.push_back(std::make_unique<Table<E>>(A, c.widths[s], r, fe, 1.f / std::sqrt(r), rng));
   }
   Buf<float> scales(static_cast<size_t>(S) * A);
   for (size_t i = 0; i < scales.n; ++i) scales[i] = 0.5f + std::uniform_real_distribution<float>(0, 1)(rng);
@@ -109,20 +110,8 @@ void run_case(const Case& c) {
   std::vector<E> y0(y.n);
   for (size_t i = 0; i < y.n; ++i) y0[i] = from_f<E>(randn());
 
-  auto stack_list = [&](std::vector<Buf<E>*>& bufs, auto rows_of, auto cols_of) {
-    StackList l{};
-    l.num_slices = S;
-    for (int s = 0; s < S; ++s) {
-      const int rows = rows_of(s), cols = cols_of(s);
-      l.stack[s] = WeightStack{bufs[s]->data, static_cast<int64_t>(rows) * cols, cols, rows, cols};
-      l.col_offset[s] = c.offsets[s];
-    }
-    return l;
-  };
-  const StackList Vl = stack_list(V, [&](int) { return r; }, [&](int) { return d; });
-  const StackList Al = stack_list(Af, [&](int) { return r; }, [&](int) { return d; });
-  const StackList Ul = stack_list(U, [&](int s) { return c.widths[s]; }, [&](int) { return r; });
-  const StackList Bl = stack_list(Bf, [&](int s) { return c.widths[s]; }, [&](int) { return r; });
+  const StackList Vl = table_list(V, c.offsets), Al = table_list(Af, c.offsets);
+  const StackList Ul = table_list(U, c.offsets), Bl = table_list(Bf, c.offsets);
   StackList Sl{};
   Sl.num_slices = S;
   for (int s = 0; s < S; ++s) {
@@ -157,7 +146,9 @@ void run_case(const Case& c) {
   };
   auto guards = [&]() {
     bool ok = x.guards_ok() && y.guards_ok() && h.guards_ok() && gin.guards_ok();
-    for (int s = 0; s < S; ++s) ok = ok && V[s]->guards_ok() && U[s]->guards_ok() && Sg[s]->guards_ok();
+    for (int s = 0; s < S; ++s)
+      ok = ok && V[s]->guards_ok() && U[s]->guards_ok() && Sg[s]->guards_ok() && Af[s]->guards_ok() &&
+           Bf[s]->guards_ok();
     if (!ok) {
       ++failures;
       std::printf("  FAIL: guard bytes overwritten\n");
@@ -173,7 +164,7 @@ void run_case(const Case& c) {
     p.scales = lora ? Scales{scales.data, A, 1} : Scales{nullptr, 0, 0};
     p.seg = lora ? seg_l : seg_c;
     for (size_t i = 0; i < h.n; ++i) h[i] = NAN;
-    launch_clustered([&] { tc::tc_shrink_kernel<E, Cfg>(p, a); }, S, layout(tc::Kernel::kShrink));
+    launch_clustered([&] { tc::tc_shrink_kernel<E, Cfg, Q>(p, a); }, S, layout(tc::Kernel::kShrink));
     double err = 0, ref_max = 1;
     for (int s = 0; s < S; ++s)
       for (int t = 0; t < T; ++t) {
@@ -181,8 +172,8 @@ void run_case(const Case& c) {
         for (int i = 0; i < r; ++i) {
           double ref = 0;
           if (grp >= 0) {
-            const E* w = (lora ? Af[s] : V[s])->data + (static_cast<size_t>(grp) * r + i) * d;
-            for (int k = 0; k < d; ++k) ref += static_cast<double>(to_f(w[k])) * to_f(x[static_cast<size_t>(t) * d + k]);
+            const Table<E>& w = lora ? *Af[s] : *V[s];
+            for (int k = 0; k < d; ++k) ref += w.at(grp, i, k) * to_f(x[static_cast<size_t>(t) * d + k]);
             if (lora) ref *= scales[static_cast<size_t>(s) * A + grp];
           }
           const double got = h[(static_cast<size_t>(s) * T + t) * r + i];
@@ -207,7 +198,7 @@ void run_case(const Case& c) {
     for (int s = 0; s < S; ++s) spans += (c.widths[s] + a.span - 1) / a.span;
     for (int by = 0; by < spans; ++by)
       for (int w = 0; w < windows; ++w)
-        emu::run_cluster([&] { tc::tc_expand_kernel<E, Cfg>(p, a); },
+        emu::run_cluster([&] { tc::tc_expand_kernel<E, Cfg, Q>(p, a); },
                          uint3{static_cast<unsigned>(windows), static_cast<unsigned>(spans), 1},
                          static_cast<unsigned>(w), static_cast<unsigned>(by), 1, Cfg::kThreads,
                          layout(tc::Kernel::kExpand));
@@ -219,9 +210,9 @@ void run_case(const Case& c) {
       if (grp >= 0)
         for (int s = 0; s < S; ++s)
           for (int j = 0; j < c.widths[s]; ++j) {
-            const E* w = (lora ? Bf[s] : U[s])->data + (static_cast<size_t>(grp) * c.widths[s] + j) * r;
+            const Table<E>& w = lora ? *Bf[s] : *U[s];
             double acc = 0;
-            for (int i = 0; i < r; ++i) acc += static_cast<double>(to_f(w[i])) * gin[(static_cast<size_t>(s) * T + t) * r + i];
+            for (int i = 0; i < r; ++i) acc += w.at(grp, j, i) * gin[(static_cast<size_t>(s) * T + t) * r + i];
             ref[c.offsets[s] + j] += acc;
           }
       for (int j = 0; j < c.ycols; ++j) {
@@ -247,7 +238,7 @@ void run_case(const Case& c) {
     p.r = r;
     p.num_adapters = A;
     for (size_t i = 0; i < y.n; ++i) y[i] = y0[i];
-    launch_clustered([&] { tc::tc_fused_kernel<E, Cfg>(p, a); }, S, layout(tc::Kernel::kFused));
+    launch_clustered([&] { tc::tc_fused_kernel<E, Cfg, Q>(p, a); }, S, layout(tc::Kernel::kFused));
     double err = 0, ref_max = 1;
     for (int t = 0; t < T; ++t) {
       std::vector<double> ref(c.ycols);
@@ -256,10 +247,8 @@ void run_case(const Case& c) {
       if (cl >= 0 && slot >= 0)
         for (int s = 0; s < S; ++s) {
           std::vector<double> hv(r, 0.0), gv(r, 0.0);
-          for (int i = 0; i < r; ++i) {
-            const E* w = V[s]->data + (static_cast<size_t>(cl) * r + i) * d;
-            for (int k = 0; k < d; ++k) hv[i] += static_cast<double>(to_f(w[k])) * to_f(x[static_cast<size_t>(t) * d + k]);
-          }
+          for (int i = 0; i < r; ++i)
+            for (int k = 0; k < d; ++k) hv[i] += V[s]->at(cl, i, k) * to_f(x[static_cast<size_t>(t) * d + k]);
           for (int i = 0; i < r; ++i) {
             if (diag[s]) {
               gv[i] = to_f(Sg[s]->data[static_cast<size_t>(slot) * r + i]) * hv[i];
@@ -269,9 +258,8 @@ void run_case(const Case& c) {
             }
           }
           for (int j = 0; j < c.widths[s]; ++j) {
-            const E* w = U[s]->data + (static_cast<size_t>(cl) * c.widths[s] + j) * r;
             double acc = 0;
-            for (int i = 0; i < r; ++i) acc += static_cast<double>(to_f(w[i])) * gv[i];
+            for (int i = 0; i < r; ++i) acc += U[s]->at(cl, j, i) * gv[i];
             ref[c.offsets[s] + j] += acc;
           }
         }
@@ -284,7 +272,6 @@ void run_case(const Case& c) {
     report("jd_fused y", err / ref_max, tol);
     guards();
   }
-  for (int s = 0; s < S; ++s) delete V[s], delete U[s], delete Sg[s], delete Af[s], delete Bf[s];
 }
 
 Case make(const std::string& name, int T, int A, int C, int d, int r, std::vector<int> widths,
@@ -302,11 +289,18 @@ Case make(const std::string& name, int T, int A, int C, int d, int r, std::vecto
 
 template <typename T>
 void run(const Case& c) {
+  const bool q = !c.shrink_q.empty() || !c.expand_q.empty();
   if (c.M == 16) {
-    run_case<T, tc::DecodeTile>(c);
+    q ? run_case<T, tc::DecodeTile, true>(c) : run_case<T, tc::DecodeTile, false>(c);
   } else {
-    run_case<T, tc::PrefillTile>(c);
+    q ? run_case<T, tc::PrefillTile, true>(c) : run_case<T, tc::PrefillTile, false>(c);
   }
+}
+
+Case quantized(Case c, std::vector<QuantFormat> shrink_q, std::vector<QuantFormat> expand_q) {
+  c.shrink_q = std::move(shrink_q);
+  c.expand_q = std::move(expand_q);
+  return c;
 }
 
 }  // namespace
@@ -337,6 +331,24 @@ int main(int argc, char** argv) {
     run<bf16>(make("prefill distinct adapters", 100, 120, 5, 128, 16, {64, 16}, "distinct", 64, 4, 64, 1, false, 8));
     run<__half>(make("prefill r=64 k_tile 128", 80, 9, 3, 384, 64, {128}, "zipf", 64, 8, 128));
   }
+  // Quantized stacks, dequantised into the shared-memory tiles: int8 and int4
+  // slices in one call, groups of 8 to 128 values and whole rows, padded
+  // rows, a d_in split whose last share ends inside a tile, corrupt metadata.
+  run<bf16>(quantized(make("quantized decode, mixed slices", 37, 60, 4, 256, 16, {64, 16, 16}, "distinct", 16, 2, 64,
+                           1, false, 8),
+                      {q4(32), q8(), q4(128, 8)}, {q8(), q4(8), q4(16, 4)}));
+  run<__half>(quantized(make("quantized decode, short last share", 20, 10, 3, 200, 32, {136, 24}, "uniform", 16, 4,
+                             64, 2, false, 16),
+                        {q4(40, 4), q8(8)}, {q8(0, 8), q4(8)}));
+  run<bf16>(quantized(make("quantized decode, corrupt metadata", 40, 20, 4, 128, 16, {64}, "uniform", 16, 4, 64, 1,
+                           true),
+                      {q4(64)}, {q8()}));
+  run<__half>(quantized(make("quantized prefill", 130, 50, 6, 256, 32, {64}, "zipf", 64, 8, 64), {q8(64, 8)},
+                        {q4(32)}));
+  if (!quick)
+    run<bf16>(quantized(make("quantized prefill r=64 k_tile 128", 96, 12, 3, 384, 64, {128, 16}, "skewed", 64, 1,
+                             128, 2),
+                        {q4(128), q8(32, 16)}, {q4(64, 8), q8(16)}));
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "all cases match", failures);
   return failures ? 1 : 0;
 }

@@ -1,6 +1,7 @@
 // Device helpers shared by the CUDA kernels: element conversions, vector
-// loads, warp and block reductions, and the walk over the segments that a
-// block's tile of sorted positions touches.
+// loads, readers of float and quantized weight stacks, warp and block
+// reductions, and the walk over the segments that a block's tile of sorted
+// positions touches.
 //
 // Grids are sized from host-known values only (num_tokens, slices, widths),
 // never from metadata in device memory, so every launch can be captured in a
@@ -86,6 +87,128 @@ __device__ __forceinline__ void load_shared(const float* p, float (&out)[VEC]) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out[i] = p[i];
   }
+}
+
+// ---------------------------------------------------------------------------
+// Weight stacks in any format (params.h: Quant). Kernels take a matrix of a
+// stack through with_matrix, which picks the reader once per matrix: a float
+// stack keeps the plain loads above, and only a quantized one pays for
+// unpacking. Readers hand out rows; row(i).load<VEC>(k, out) gives values
+// [k, k + VEC) of row i as fp32. Kernels are compiled twice, with and without
+// the quantized reader (QUANT), so that the float instances keep their
+// registers and occupancy; the launchers pick QUANT from the stacks.
+
+template <typename T>
+struct FloatRow {
+  const T* p;
+  template <int VEC>
+  __device__ __forceinline__ void load(int k, float (&out)[VEC]) const {
+    load_f32<T, VEC>(p + k, out);
+  }
+};
+
+template <typename T>
+struct FloatMatrix {
+  const T* data;
+  int64_t ld;
+  __device__ __forceinline__ FloatRow<T> row(int i) const { return {data + i * ld}; }
+};
+
+// N bytes (1, 2, 4, 8 or 16; the caller guarantees N-byte alignment) in one
+// read-only load, as little-endian 32-bit words.
+template <int N>
+__device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)[(N + 3) / 4]) {
+  if constexpr (N == 16) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  } else if constexpr (N == 8) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x;
+    w[1] = v.y;
+  } else if constexpr (N == 4) {
+    w[0] = __ldg(reinterpret_cast<const unsigned int*>(p));
+  } else if constexpr (N == 2) {
+    w[0] = __ldg(reinterpret_cast<const unsigned short*>(p));
+  } else {
+    static_assert(N == 1, "1, 2, 4, 8 or 16 bytes");
+    w[0] = __ldg(p);
+  }
+}
+
+// A row of an int8 or int4 matrix and the scales of its groups. Value c is
+// float(q) * float(scale[c / group]), one fp32 rounding, as the format
+// defines it.
+template <typename T>
+struct QuantRow {
+  const unsigned char* p;
+  const T* scales;
+  int group;
+  bool int4;
+
+  // With VEC > 1 the launcher guarantees that the values share one group and
+  // that their VEC (int8) or VEC / 2 (int4) bytes are aligned to that size.
+  template <int VEC>
+  __device__ __forceinline__ void load(int k, float (&out)[VEC]) const {
+    const float s = to_float(__ldg(scales + k / group));
+    if (int4) {
+      constexpr int kBytes = VEC > 1 ? VEC / 2 : 1;
+      uint32_t w[(kBytes + 3) / 4];
+      load_words<kBytes>(p + k / 2, w);
+      const int first = VEC > 1 ? 0 : (k & 1);  // nibble of value k: k is even when VEC > 1
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int nib = first + e;
+        const int q = static_cast<int>((w[nib / 8] >> (4 * (nib % 8))) & 15u) - 8;
+        out[e] = static_cast<float>(q) * s;
+      }
+    } else {
+      uint32_t w[(VEC + 3) / 4];
+      load_words<VEC>(p + k, w);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int q = static_cast<int8_t>(w[e / 4] >> (8 * (e % 4)));
+        out[e] = static_cast<float>(q) * s;
+      }
+    }
+  }
+};
+
+template <typename T>
+struct QuantMatrix {
+  const unsigned char* data;
+  int64_t ld;  // bytes per row
+  const T* scales;
+  int64_t scales_ld;
+  int group;
+  bool int4;
+  __device__ __forceinline__ QuantRow<T> row(int i) const {
+    return {data + i * ld, scales + i * scales_ld, group, int4};
+  }
+};
+
+// Matrix n of a quantized stack w.
+template <typename T>
+__device__ __forceinline__ QuantMatrix<T> quant_matrix(const WeightStack& w, int n) {
+  return {static_cast<const unsigned char*>(w.data) + n * w.stride_n, w.stride_row,
+          static_cast<const T*>(w.scales.data) + n * w.scales.stride_n, w.scales.stride_row, w.scales.group,
+          w.quant == Quant::kInt4};
+}
+
+// Calls f(matrix) with the reader of matrix n of w; without QUANT, w must be
+// a float stack. Block-uniform (the format is a launch parameter), so f may
+// synchronise.
+template <typename T, bool QUANT, typename F>
+__device__ __forceinline__ void with_matrix(const WeightStack& w, int n, F&& f) {
+  if constexpr (QUANT) {
+    if (w.quant != Quant::kNone) {
+      f(quant_matrix<T>(w, n));
+      return;
+    }
+  }
+  f(FloatMatrix<T>{static_cast<const T*>(w.data) + n * w.stride_n, w.stride_row});
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -11,16 +11,17 @@ inline constexpr int kExpandCols = kExpandThreads;  // one output column per thr
 
 // acc[i] = wrow . g_i for the n tokens whose fp32 g rows lie in shared memory
 // at s_g + i * r. One thread owns one output column: it reads its weight row
-// (r contiguous elements) once and reuses it for every token of the tile,
-// while all threads read the same g values (shared-memory broadcast).
-template <typename T, int VEC>
-__device__ __forceinline__ void expand_column(const T* __restrict__ wrow, int r, const float* s_g,
-                                              int n, float (&acc)[kMaxTileTokens]) {
+// (r contiguous values, a row reader of common.cuh) once and reuses it for
+// every token of the tile, while all threads read the same g values
+// (shared-memory broadcast).
+template <int VEC, typename Row>
+__device__ __forceinline__ void expand_column(const Row& wrow, int r, const float* s_g, int n,
+                                              float (&acc)[kMaxTileTokens]) {
 #pragma unroll
   for (int i = 0; i < kMaxTileTokens; ++i) acc[i] = 0.f;
   for (int k = 0; k < r; k += VEC) {
     float w[VEC];
-    load_f32<T, VEC>(wrow + k, w);
+    wrow.template load<VEC>(k, w);
 #pragma unroll
     for (int i = 0; i < kMaxTileTokens; ++i) {
       if (i < n) {
@@ -50,7 +51,7 @@ __device__ __forceinline__ void add_to_y(const Activation& y, int64_t col, const
 // Grid: x = tiles of tile_tokens sorted positions, y = column tiles of
 // kExpandCols over all slices, slice after slice. Slices must write disjoint
 // columns of y (their blocks run concurrently).
-template <typename T, int VEC>
+template <typename T, int VEC, bool QUANT>
 __global__ void __launch_bounds__(kExpandThreads)
     expand_kernel(const __grid_constant__ ExpandParams p, int tile_tokens) {
   float* s_g = dynamic_shared<float>();  // [kMaxTileTokens][r]
@@ -82,8 +83,7 @@ __global__ void __launch_bounds__(kExpandThreads)
     __syncthreads();
     if (col >= w.rows) return;
     float acc[kMaxTileTokens];
-    expand_column<T, VEC>(static_cast<const T*>(w.data) + group * w.stride_n + col * w.stride_row, r,
-                          s_g, n, acc);
+    with_matrix<T, QUANT>(w, group, [&](const auto& W) { expand_column<VEC>(W.row(col), r, s_g, n, acc); });
     add_to_y<T>(p.y, p.weights.col_offset[s] + col, s_tok, n, acc);
   });
 }

@@ -17,7 +17,7 @@ inline constexpr int kFusedThreads = 32 * kFusedWarps;
 // h = V x, g = S_a h and y += U g back to back. Slices are independent (own
 // V, S, U and columns of y), so spreading them over blocks adds parallelism
 // without repeating any work.
-template <typename T, int VEC>
+template <typename T, int VEC, bool QUANT>
 __global__ void __launch_bounds__(kFusedThreads)
     fused_kernel(const __grid_constant__ FusedParams p, int tile_tokens) {
   float* s_hg = dynamic_shared<float>();  // h then g: [kMaxTileTokens][r] each
@@ -43,10 +43,11 @@ __global__ void __launch_bounds__(kFusedThreads)
     const int n = stage_tokens(p.seg, pos, len, s_tok, &s_count, p.token_lora_mapping, p.num_adapters,
                                s_slot);
 
-    const T* Vc = static_cast<const T*>(V.data) + group * V.stride_n;
-    for (int row0 = 0; row0 < r; row0 += kFusedWarps * kShrinkRowsPerWarp)
-      shrink_rows<T, VEC>(Vc, V.stride_row, r, row0, x, p.x.stride_t, p.x.cols, s_tok, n,
-                          [&](int i, int row, float v) { s_h[i * r + row] = v; });
+    with_matrix<T, QUANT>(V, group, [&](const auto& Vc) {
+      for (int row0 = 0; row0 < r; row0 += kFusedWarps * kShrinkRowsPerWarp)
+        shrink_rows<T, VEC>(Vc, r, row0, x, p.x.stride_t, p.x.cols, s_tok, n,
+                            [&](int i, int row, float v) { s_h[i * r + row] = v; });
+    });
     __syncthreads();
 
     // A token of the segment whose slot is invalid gets g = 0: it adds nothing.
@@ -64,12 +65,13 @@ __global__ void __launch_bounds__(kFusedThreads)
     }
     __syncthreads();
 
-    const T* Uc = static_cast<const T*>(U.data) + group * U.stride_n;
-    for (int col = threadIdx.x; col < U.rows; col += blockDim.x) {
-      float acc[kMaxTileTokens];
-      expand_column<T, VEC>(Uc + col * U.stride_row, r, s_g, n, acc);
-      add_to_y<T>(p.y, p.expand.col_offset[s] + col, s_tok, n, acc);
-    }
+    with_matrix<T, QUANT>(U, group, [&](const auto& Uc) {
+      for (int col = threadIdx.x; col < U.rows; col += blockDim.x) {
+        float acc[kMaxTileTokens];
+        expand_column<VEC>(Uc.row(col), r, s_g, n, acc);
+        add_to_y<T>(p.y, p.expand.col_offset[s] + col, s_tok, n, acc);
+      }
+    });
   });
 }
 

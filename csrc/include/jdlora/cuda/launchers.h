@@ -2,6 +2,7 @@
 // Shrink, expand and fused calls that qualify run the tensor-core kernels
 // (tc_launchers.h: fp16/bf16, aligned rows, r a multiple of 8 up to 128);
 // the others, fp32, jd_core and build_batch_meta run the simple kernels.
+// Both dequantise int8 and int4 weight stacks (params.h: Quant).
 //
 // Plain C++: callable from code compiled without nvcc. Each launcher enqueues
 // its kernels on `stream` and returns: it allocates nothing and never waits

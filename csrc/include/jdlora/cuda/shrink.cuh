@@ -13,14 +13,14 @@ inline constexpr int kShrinkWarps = 4;
 inline constexpr int kShrinkThreads = 32 * kShrinkWarps;
 inline constexpr int kShrinkRowsPerBlock = kShrinkWarps * kShrinkRowsPerWarp;
 
-// Rows [row0 + warp * RW, + RW) of W (rows x d, row stride ldw) times the x
-// rows of the n tokens in s_tok; the lanes split d, then reduce. Calls
-// store(i, row, value) once per (token i, row), from one lane. Warp-level
-// only: no block barrier, so warps without rows simply return.
-template <typename T, int VEC, typename Store>
-__device__ __forceinline__ void shrink_rows(const T* __restrict__ W, int64_t ldw, int rows, int row0,
-                                            const T* __restrict__ x, int64_t ldx, int d,
-                                            const int* s_tok, int n, Store&& store) {
+// Rows [row0 + warp * RW, + RW) of W (rows x d, a matrix reader of
+// common.cuh) times the x rows of the n tokens in s_tok; the lanes split d,
+// then reduce. Calls store(i, row, value) once per (token i, row), from one
+// lane. Warp-level only: no block barrier, so warps without rows simply
+// return.
+template <typename T, int VEC, typename Matrix, typename Store>
+__device__ __forceinline__ void shrink_rows(const Matrix& W, int rows, int row0, const T* __restrict__ x,
+                                            int64_t ldx, int d, const int* s_tok, int n, Store&& store) {
   constexpr int RW = kShrinkRowsPerWarp;
   const int lane = threadIdx.x & 31;
   const int rbase = row0 + static_cast<int>(threadIdx.x >> 5) * RW;
@@ -37,7 +37,7 @@ __device__ __forceinline__ void shrink_rows(const T* __restrict__ W, int64_t ldw
 #pragma unroll
     for (int q = 0; q < RW; ++q) {
       if (rbase + q < rows) {
-        load_f32<T, VEC>(W + (rbase + q) * ldw + k, w[q]);
+        W.row(rbase + q).template load<VEC>(k, w[q]);
       } else {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) w[q][e] = 0.f;
@@ -71,7 +71,7 @@ __device__ __forceinline__ void shrink_rows(const T* __restrict__ W, int64_t ldw
 
 // Grid: x = tiles of tile_tokens sorted positions, y = slice * row_tiles +
 // tile of kShrinkRowsPerBlock rows of h.
-template <typename T, int VEC>
+template <typename T, int VEC, bool QUANT>
 __global__ void __launch_bounds__(kShrinkThreads)
     shrink_kernel(const __grid_constant__ ShrinkParams p, int tile_tokens, int row_tiles) {
   __shared__ int s_tok[kMaxTileTokens];
@@ -99,9 +99,10 @@ __global__ void __launch_bounds__(kShrinkThreads)
     }
     const float scale =
         p.scales.data != nullptr ? p.scales.data[s * p.scales.stride_s + group * p.scales.stride_a] : 1.f;
-    const T* W = static_cast<const T*>(w.data) + group * w.stride_n;
-    shrink_rows<T, VEC>(W, w.stride_row, r, row0, x, p.x.stride_t, p.x.cols, s_tok, n,
-                        [&](int i, int row, float v) { h[s_tok[i] * p.h.stride_t + row] = v * scale; });
+    with_matrix<T, QUANT>(w, group, [&](const auto& W) {
+      shrink_rows<T, VEC>(W, r, row0, x, p.x.stride_t, p.x.cols, s_tok, n,
+                          [&](int i, int row, float v) { h[s_tok[i] * p.h.stride_t + row] = v * scale; });
+    });
   });
 }
 

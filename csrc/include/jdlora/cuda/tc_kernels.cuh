@@ -23,6 +23,11 @@
 // Tiles: DecodeTile (M = 16) for small batches, where the time goes into
 // reading weights; PrefillTile (M = 64) for large ones, where each weight
 // tile is reused by more tokens.
+//
+// Quantized weight stacks (the QUANT instances) are dequantised on the way
+// into the weight tiles (store_dequant8): plain stores in place of the
+// asynchronous copies, published by the same pipeline barriers, so the MMA
+// loops are those of float stacks.
 #pragma once
 
 #include <climits>
@@ -222,7 +227,7 @@ struct Shares {
   __device__ __forceinline__ int end(int q) const { return min(d_in, begin(q) + share); }
 };
 
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool QUANT>
 __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const T* __restrict__ x,
                                              int64_t ldx, const WeightStack& W, int r, const Shares& sh,
                                              int k_tile, T* x_ring, T* w_ring, float* h_tile, int hs) {
@@ -279,6 +284,15 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
       }
     }
     T* dst = w_ring + (q % S) * r * xs;
+    if (QUANT && W.quant != Quant::kNone) {
+      const QuantMatrix<T> wq = quant_matrix<T>(W, pl.run_group[run]);
+      for (int idx = tid; idx < r * chunks; idx += Cfg::kThreads) {
+        const int row = idx / chunks;
+        const int col = k0 + (idx - row * chunks) * 8;
+        store_dequant8<T>(dst + row * xs + (col - k0), wq, row, col, col < kend);
+      }
+      return;
+    }
     const T* wg = w_data + pl.run_group[run] * W.stride_n;
     for (int idx = tid; idx < r * chunks; idx += Cfg::kThreads) {
       const int row = idx / chunks;
@@ -332,7 +346,7 @@ __device__ __forceinline__ void shrink_phase(const WindowPlan<Cfg::M>& pl, const
 // share order, so that the sum is bitwise the one a cluster of k_split
 // blocks forms in reduce_rows (batch-invariant mode on devices without
 // clusters).
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool QUANT>
 __device__ __forceinline__ void shrink_shares(const WindowPlan<Cfg::M>& pl, const Activation& x,
                                               const WeightStack& W, int r, const TcArgs& a, int rank,
                                               T* x_ring, T* w_ring, float* h_tile, int hs) {
@@ -344,8 +358,8 @@ __device__ __forceinline__ void shrink_shares(const WindowPlan<Cfg::M>& pl, cons
   sh.first = a.cl > 1 ? rank : 0;
   sh.last = a.cl > 1 ? rank + 1 : parts;
   sh.d_in = d_in;
-  shrink_phase<T, Cfg>(pl, static_cast<const T*>(x.data), x.stride_t, W, r, sh, a.k_tile, x_ring, w_ring, h_tile,
-                       hs);
+  shrink_phase<T, Cfg, QUANT>(pl, static_cast<const T*>(x.data), x.stride_t, W, r, sh, a.k_tile, x_ring, w_ring,
+                              h_tile, hs);
 }
 
 // ---------------------------------------------------------------------------
@@ -389,7 +403,7 @@ __device__ __forceinline__ int g_row_shift(const float* row, int r) {
 // overlap the cluster exchange), kBody runs the rest, kAll both.
 enum class Part : int { kPrologue, kBody, kAll };
 
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool QUANT>
 __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>& pl, const float* g_tile,
                                              int gs, int r, int r_pad, const WeightStack& U, int c0, int c1,
                                              T* __restrict__ y, int64_t ldy, int64_t y_col0,
@@ -419,12 +433,21 @@ __device__ __forceinline__ void expand_phase(Part part, const WindowPlan<Cfg::M>
     const int run = q - jt * nruns;
     const int n0 = c0 + jt * N;
     T* dst = u_ring + (q % S) * N * us;
-    const T* ug = u_data + pl.run_group[run] * U.stride_n;
-    for (int idx = tid; idx < N * uchunks; idx += Cfg::kThreads) {
-      const int row = idx / uchunks;
-      const int k = (idx - row * uchunks) * 8;
-      const bool ok = n0 + row < c1 && k < r;
-      cp_async16(dst + row * us + k, ok ? ug + (n0 + row) * U.stride_row + k : u_data, ok);
+    if (QUANT && U.quant != Quant::kNone) {
+      const QuantMatrix<T> uq = quant_matrix<T>(U, pl.run_group[run]);
+      for (int idx = tid; idx < N * uchunks; idx += Cfg::kThreads) {
+        const int row = idx / uchunks;
+        const int k = (idx - row * uchunks) * 8;
+        store_dequant8<T>(dst + row * us + k, uq, n0 + row, k, n0 + row < c1 && k < r);
+      }
+    } else {
+      const T* ug = u_data + pl.run_group[run] * U.stride_n;
+      for (int idx = tid; idx < N * uchunks; idx += Cfg::kThreads) {
+        const int row = idx / uchunks;
+        const int k = (idx - row * uchunks) * 8;
+        const bool ok = n0 + row < c1 && k < r;
+        cp_async16(dst + row * us + k, ok ? ug + (n0 + row) * U.stride_row + k : u_data, ok);
+      }
     }
     if (run == 0) {
       T* ydst = y_ring + (jt % S) * M * ys;
@@ -547,7 +570,7 @@ __device__ __forceinline__ int slice_of_span(const StackList& l, int span, int& 
 // Kernels. Grid x: window * cl + rank (clusters along x); grid y: slice (or
 // slice and column span for expand).
 
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool QUANT>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tc_shrink_kernel(const __grid_constant__ ShrinkParams p, const TcArgs a) {
   constexpr int M = Cfg::M;
@@ -566,8 +589,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   build_plan<M>(p.seg, static_cast<int>(blockIdx.x) / cl * M, pl);
 
-  shrink_shares<T, Cfg>(pl, p.x, p.weights.stack[s], r, a, rank, reinterpret_cast<T*>(smem + L.x_ring),
-                        reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
+  shrink_shares<T, Cfg, QUANT>(pl, p.x, p.weights.stack[s], r, a, rank, reinterpret_cast<T*>(smem + L.x_ring),
+                               reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
   cluster_barrier(cl);
 
   // Each block sums and writes its share of the rows; rows without a run
@@ -592,7 +615,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   cluster_barrier(cl);
 }
 
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool QUANT>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tc_expand_kernel(const __grid_constant__ ExpandParams p, const TcArgs a) {
   constexpr int M = Cfg::M;
@@ -624,9 +647,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     const bool ok = pl.run_of[row] >= 0 && k < r;
     cp_async16(g_tile + row * gs + k, ok ? gsrc + pl.tok[row] * p.g.stride_t + k : gsrc, ok);
   }
-  expand_phase<T, Cfg>(Part::kAll, pl, g_tile, gs, r, a.r_pad, U, c0, c1, static_cast<T*>(p.y.data),
-                       p.y.stride_t, p.weights.col_offset[s], reinterpret_cast<T*>(smem + L.u_ring),
-                       reinterpret_cast<T*>(smem + L.y_ring));
+  expand_phase<T, Cfg, QUANT>(Part::kAll, pl, g_tile, gs, r, a.r_pad, U, c0, c1, static_cast<T*>(p.y.data),
+                              p.y.stride_t, p.weights.col_offset[s], reinterpret_cast<T*>(smem + L.u_ring),
+                              reinterpret_cast<T*>(smem + L.y_ring));
 }
 
 // Starts moving the S rows that fused_core reads for rows [row0, row0 + rows)
@@ -677,7 +700,7 @@ __device__ __forceinline__ void fused_core(const WindowPlan<Cfg::M>& pl, const W
   }
 }
 
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool QUANT>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tc_fused_kernel(const __grid_constant__ FusedParams p, const TcArgs a) {
   constexpr int M = Cfg::M;
@@ -698,8 +721,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   build_plan<M>(p.seg, static_cast<int>(blockIdx.x) / cl * M, pl, p.token_lora_mapping, p.num_adapters);
 
   // 1. Partial h over this block's share of d_in.
-  shrink_shares<T, Cfg>(pl, p.x, p.shrink.stack[s], r, a, rank, reinterpret_cast<T*>(smem + L.x_ring),
-                        reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
+  shrink_shares<T, Cfg, QUANT>(pl, p.x, p.shrink.stack[s], r, a, rank, reinterpret_cast<T*>(smem + L.x_ring),
+                               reinterpret_cast<T*>(smem + L.w_ring), h_tile, hs);
 
   // This block's share of the slice's columns. Its first weight and y tiles
   // and the core's S rows do not depend on h: start fetching them now, so
@@ -711,8 +734,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   T* y = static_cast<T*>(p.y.data);
   T* u_ring = reinterpret_cast<T*>(smem + L.u_ring);
   T* y_ring = reinterpret_cast<T*>(smem + L.y_ring);
-  expand_phase<T, Cfg>(Part::kPrologue, pl, g_tile, hs, r, a.r_pad, U, c0, c1, y, p.y.stride_t,
-                       p.expand.col_offset[s], u_ring, y_ring);
+  expand_phase<T, Cfg, QUANT>(Part::kPrologue, pl, g_tile, hs, r, a.r_pad, U, c0, c1, y, p.y.stride_t,
+                              p.expand.col_offset[s], u_ring, y_ring);
   const int rows = M / cl;
   const int row0 = rank * rows;
   prefetch_core_rows<T>(pl, p.core.stack[s], p.core.diagonal[s], r, row0, rows);
@@ -740,8 +763,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 
   // 4. y += U g over this block's columns.
-  expand_phase<T, Cfg>(Part::kBody, pl, g_tile, hs, r, a.r_pad, U, c0, c1, y, p.y.stride_t,
-                       p.expand.col_offset[s], u_ring, y_ring);
+  expand_phase<T, Cfg, QUANT>(Part::kBody, pl, g_tile, hs, r, a.r_pad, U, c0, c1, y, p.y.stride_t,
+                              p.expand.col_offset[s], u_ring, y_ring);
   // No block may leave while another still reads its h or g tile.
   cluster_barrier(cl);
 }

@@ -7,7 +7,9 @@
 //   * fp16/bf16, r a multiple of 8 in [8, 128], and rows that allow 16-byte
 //     accesses (16-byte aligned bases; strides, d_in, each d_out and each
 //     y column offset multiples of 8 elements; h/g strides multiples of 4);
-//     anything else, and fp32, takes the simple kernels;
+//     a quantized stack instead needs its bytes of 8 values aligned for one
+//     load (8-byte int8 rows, 4-byte int4 rows) and scale groups of a
+//     multiple of 8 values; anything else, and fp32, takes the simple kernels;
 //   * num_tokens < kPrefillMinTokens: decode tiles (16 sorted positions per
 //     block); otherwise prefill tiles (64);
 //   * an sm_90 device running an image compiled for sm_90: shrink and fused

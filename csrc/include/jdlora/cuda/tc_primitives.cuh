@@ -1,7 +1,7 @@
 // Building blocks of the tensor-core kernels above the hardware layer
 // (tc_hw.cuh): MMA operand packing, fp32 -> two half-precision terms for
-// operands that are fp32 in the op contract, and the multi-stage
-// copy/compute pipeline.
+// operands that are fp32 in the op contract, dequantised weight tiles, and
+// the multi-stage copy/compute pipeline.
 //
 // JDLORA_TC_HW_HEADER, when defined, names a replacement of tc_hw.cuh: a host
 // emulation of the same functions runs these kernels without a GPU
@@ -72,6 +72,25 @@ __device__ __forceinline__ void split_pair(float2 v, uint32_t& hi, uint32_t& lo)
   hi = pack_pair<T>(v.x, v.y);
   const float2 h = unpack_pair<T>(hi);
   lo = pack_pair<T>(residual_or_zero(v.x, h.x), residual_or_zero(v.y, h.y));
+}
+
+// Values [k, k + 8) of row `row` of a quantized matrix into 16 bytes of
+// shared memory (zeros where !ok, as a predicated-off copy leaves them):
+// float(q) * float(scale) in fp32, then rounded to T, the MMA operand type,
+// as a table of T holding those values would have them. The launcher
+// guarantees that the 8 values share a scale group and that their bytes
+// are aligned for one load. A plain store: the pipeline's barrier that
+// publishes a step's copies publishes it too.
+template <typename T>
+__device__ __forceinline__ void store_dequant8(T* dst, const QuantMatrix<T>& m, int row, int k, bool ok) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (ok) {
+    float f[8];
+    m.row(row).template load<8>(k, f);
+    v = make_uint4(pack_pair<T>(f[0], f[1]), pack_pair<T>(f[2], f[3]), pack_pair<T>(f[4], f[5]),
+                   pack_pair<T>(f[6], f[7]));
+  }
+  *reinterpret_cast<uint4*>(dst) = v;
 }
 
 // D += A B for one m16n8k16 tile, but only in the rows a lane owns for the
