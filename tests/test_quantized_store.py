@@ -193,3 +193,26 @@ def test_a_store_with_wrong_packed_lengths_is_refused(tmp_path, adapters):
         load_store(store)
     with pytest.raises(StoreError, match=r"tensor .*::U is \[2, \d+, 3\] in bases-.*, the manifest implies"):
         StoreReader(store).read_module_bases(0)
+
+
+def test_a_quantized_store_is_served_through_the_cache(tmp_path, adapters):
+    """The serving tiers read a quantized store's bases dequantised (their quantized form is not kept on the
+    device yet): each token gets the stored reconstruction of its own adapter, and base-model tokens nothing."""
+    from jdlora_ops.serving import AdapterCache, BatchPlanner
+    from serving_data import reference_output
+
+    store = tmp_path / "store"
+    save_store(store, _quantized_result(adapters), dtype=torch.float32)
+    res = load_store(store)
+    planner = BatchPlanner(AdapterCache(str(store), device="cpu", dtype=torch.float32), 64)
+    names = res.adapter_names
+    adapters_of_batch, counts = [names[0], None, names[-1], names[1], names[0]], [3, 2, 1, 4, 2]
+    gen = torch.Generator().manual_seed(5)
+    with planner.prepare(adapters_of_batch, counts) as plan:
+        for spec in res.module_specs:
+            x = torch.randn(plan.num_tokens, spec.d_in, generator=gen)
+            y0 = torch.randn(plan.num_tokens, spec.d_out, generator=gen)
+            y = y0.clone()
+            plan.apply(spec.name, x, y)
+            ref = reference_output(res, {}, adapters_of_batch, counts, spec.name, x, y0)
+            torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)

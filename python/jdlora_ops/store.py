@@ -78,7 +78,8 @@ __all__ = ["StoreError", "NonFiniteStoreError", "save_store", "load_store", "rea
            "file_sha256", "check_target", "new_staging_dir", "CollectionReader", "StoreReader", "tensor_bytes", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "jdlora-store"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 4  # what this library reads; each store is written at the lowest version that describes it
+_VERSION_RESIDUALS = 3
 MANIFEST = "manifest.json"
 _OWNED = re.compile(
     r"^(bases|cores|individual)-[0-9a-f]{16}\.safetensors$|^\.(manifest|bases|cores|individual)\..*\.tmp$"
@@ -385,7 +386,7 @@ def _manifest(c: CompressedCollection, files: dict, dtype: torch.dtype) -> dict:
     extra = {k: v for k, v in c.metadata.items() if k not in ("ranks", "configs", "base_model")}
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if residuals else 2,
+        "format_version": _VERSION_RESIDUALS if residuals else 2,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "base_model": c.metadata.get("base_model"),
         "method": c.method,
