@@ -516,3 +516,33 @@ def test_serving_slot_reuse_leaks_nothing(kind):
     assert landed == slot, f"the newcomer took slot {landed}, not the previous tenant's slot {slot}"
     for name in want:
         assert torch.equal(bits(got[name]), bits(want[name])), f"{name}: the slot's previous tenant leaked"
+
+
+# --- quantized tables ------------------------------------------------------------
+
+QUANT_TARGETS = [("jd_shrink", "V"), ("jd_expand", "U"), ("jd_fused", "V"), ("jd_fused", "U"),
+                 ("lora_shrink", "lora_A"), ("lora_expand", "lora_B")]
+
+
+def quantized(t: dict, fmt: str) -> dict:
+    """The case's tables with every shrink and expand stack quantized (4-bit: groups of 32, capped at r)."""
+    from jdlora_ops.quant import quantize
+
+    return {**t, **{k: [quantize(w, fmt, 32 if fmt == "int4" else None) for w in t[k]]
+                    for k in ("V", "U", "lora_A", "lora_B")}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("op,target", QUANT_TARGETS, ids=[f"{o}-{t}" for o, t in QUANT_TARGETS])
+def test_op_isolation_quantized_scales(op, target, fmt, dtype):
+    """A poisoned scale of one cluster's (or adapter's) quantized table changes that group's tokens only."""
+    case = Case("zipf", 19, 16, dtype, seed_of("quantized", op, target, fmt, str(dtype)), aligned=True)
+    writes, affected = case.poison_site(target)
+    clean = case.run(op, quantized(case.tables(), fmt))
+    for label, value in POISONS.items():
+        t = quantized(case.tables(), fmt)
+        for name, s, (slot, row, col) in writes:
+            table = t[name][s]
+            table.scales[slot, row, col // table.group_size] = value
+        check_op(case, op, clean, case.run(op, t), affected, f"{op}, {fmt} scale of {target} = {label}")
